@@ -1,0 +1,39 @@
+"""gflows: G-equivariant normalizing flows with exact likelihoods."""
+
+from gflows.flow import Compose, Flow, Inverse, StandardNormal, Transform
+from gflows.groups import Group, GroupElement, get_group
+from gflows.models import g_residual_flow
+from gflows.nn import update_lipschitz
+from gflows.transforms import (
+    ActNorm,
+    ConvergenceError,
+    Dequantize,
+    GResidualBlock,
+    Logit,
+    ResidualTransform,
+    Squeeze,
+    logdet_mode,
+)
+
+__all__ = [
+    "ActNorm",
+    "Compose",
+    "ConvergenceError",
+    "Dequantize",
+    "Flow",
+    "GResidualBlock",
+    "Group",
+    "GroupElement",
+    "Inverse",
+    "Logit",
+    "ResidualTransform",
+    "Squeeze",
+    "StandardNormal",
+    "Transform",
+    "g_residual_flow",
+    "get_group",
+    "logdet_mode",
+    "update_lipschitz",
+]
+
+__version__ = "0.1.0"

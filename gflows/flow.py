@@ -1,0 +1,147 @@
+r"""The transform contract, compositions and flows.
+
+Every gflows layer is a :class:`Transform`: an ``nn.Module`` mapping data to noise (the nflows
+convention) with
+
+* ``forward(x, context=None) -> (z, logabsdet)``, ``logabsdet = log|det dz/dx|`` of shape ``[batch]``;
+* ``inverse(z, context=None) -> (x, logabsdet)``, ``logabsdet = log|det dx/dz|`` of shape ``[batch]``.
+
+A :class:`Flow` pairs a transform with a base distribution on the noise side:
+:math:`\log p(x) = \log p_Z(f(x)) + \log|\det J_f(x)|`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gflows._checks import check_event
+
+__all__ = ["Compose", "Flow", "Inverse", "StandardNormal", "Transform"]
+
+
+class Transform(nn.Module):
+    """Base class of invertible layers (data -> noise).
+
+    Subclasses set ``event_shape`` (the shape of one sample) and implement :meth:`forward` and
+    :meth:`inverse`, each returning the output and ``log|det J|`` of shape ``[batch]``.
+    """
+
+    event_shape: tuple[int, ...]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def check(self, x: Tensor, what: str = "input") -> None:
+        """Validate ``x`` against this layer's event shape (see :func:`gflows._checks.check_event`)."""
+        check_event(x, self.event_shape, f"{type(self).__name__} {what}")
+
+
+class Compose(Transform):
+    """Chain of transforms applied left to right; log-dets add up.
+
+    Args:
+        transforms: the layers, first applied first in the data -> noise direction. Each layer's
+            output event shape must be the next layer's input event shape.
+    """
+
+    def __init__(self, *transforms: Transform | Iterable[Transform]):
+        super().__init__()
+        flat: list[Transform] = []
+        for t in transforms:
+            flat.extend(t if not isinstance(t, nn.Module) else [t])
+        if not flat:
+            raise ValueError("Compose needs at least one transform")
+        self.transforms = nn.ModuleList(flat)
+        self.event_shape = tuple(flat[0].event_shape)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(x.shape[0])
+        for t in self.transforms:
+            x, ladj = t(x, context)
+            total = total + ladj
+        return x, total
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = z.new_zeros(z.shape[0])
+        for t in reversed(self.transforms):
+            z, ladj = t.inverse(z, context)
+            total = total + ladj
+        return z, total
+
+
+class Inverse(Transform):
+    """The inverse of a transform: swaps ``forward`` and ``inverse``."""
+
+    def __init__(self, transform: Transform, event_shape: Sequence[int] | None = None):
+        super().__init__()
+        self.transform = transform
+        self.event_shape = tuple(event_shape if event_shape is not None else transform.event_shape)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse(x, context)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform(z, context)
+
+
+class StandardNormal(nn.Module):
+    """Standard normal distribution on an event of any shape.
+
+    It is invariant under every orthogonal action, in particular every permutation of pixels
+    and the sign flip, so a flow with an equivariant transform has an invariant density.
+    """
+
+    def __init__(self, event_shape: Sequence[int]):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        self.register_buffer("_dummy", torch.zeros(()), persistent=False)
+        self._dim = math.prod(self.event_shape)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        check_event(z, self.event_shape, "StandardNormal input")
+        sq = z.reshape(z.shape[0], -1).pow(2).sum(1)
+        return -0.5 * sq - 0.5 * self._dim * math.log(2 * math.pi)
+
+    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+        return temperature * torch.randn(
+            n, *self.event_shape, device=self._dummy.device, dtype=self._dummy.dtype
+        )
+
+
+class Flow(nn.Module):
+    r"""A normalizing flow :math:`x = f^{-1}(z)`, :math:`z \sim` base.
+
+    Args:
+        transform: data -> noise transform.
+        base: distribution of the noise, with ``log_prob(z)`` and ``sample(n)``; defaults to
+            :class:`StandardNormal` on ``transform.event_shape``.
+    """
+
+    def __init__(self, transform: Transform, base: nn.Module | None = None):
+        super().__init__()
+        self.transform = transform
+        self.base = base if base is not None else StandardNormal(transform.event_shape)
+
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Log-density of ``x``, shape ``[batch]``."""
+        z, ladj = self.transform(x, context)
+        return self.base.log_prob(z) + ladj
+
+    def sample(self, n: int, context: Tensor | None = None) -> Tensor:
+        """Draw ``n`` samples."""
+        z = self.base.sample(n)
+        x, _ = self.transform.inverse(z, context)
+        return x
+
+    def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples and their log-densities in one pass through the inverse."""
+        z = self.base.sample(n)
+        x, ladj = self.transform.inverse(z, context)
+        return x, self.base.log_prob(z) + ladj

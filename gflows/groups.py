@@ -1,0 +1,158 @@
+r"""Symmetry groups of the pixel grid and of periodic lattices, backed by escnn gspaces.
+
+A :class:`Group` names a subgroup of O(2) acting on the plane, built with escnn
+(``trivialOnR2``, ``flip2dOnR2``, ``rot2dOnR2(N)``, ``flipRot2dOnR2(N)``). It acts on a batch of
+images (or periodic lattice fields) ``[..., H, W]`` by moving pixels:
+
+* an element is a pair ``(flip, k)`` of escnn's fibre group; it acts as a reflection
+  ``x[..., :, ::-1]`` (if ``flip``) followed by a rotation by ``2 pi k / N`` counter-clockwise,
+  the same convention as escnn's ``GeometricTensor.transform``;
+* rotations by multiples of 90 degrees and the reflections map the square grid onto itself, so for
+  those *grid-exact* elements :meth:`Group.act` is an exact permutation of pixels, and a network
+  built from escnn convolutions is equivariant up to float round-off;
+* for ``N`` not dividing 4 (C3, C8, D8, ...) the other elements rotate by angles that do not map
+  pixels to pixels: :meth:`Group.act` then interpolates (through escnn) and equivariance holds only
+  approximately, with an error that shrinks with the band-limit of the filters and the image size.
+
+Names: ``trivial``, ``flip`` (= ``d1``), ``c2``, ``c4``, ``d2``, ``d4``, and ``cN`` / ``dN`` for any N.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+__all__ = ["Group", "GroupElement", "get_group"]
+
+
+@dataclass(frozen=True)
+class GroupElement:
+    """An element ``rotation(2 pi k / N) o reflection^flip`` of C_N or D_N."""
+
+    flip: bool
+    k: int
+    n: int
+
+    @property
+    def angle(self) -> float:
+        return 2 * math.pi * self.k / self.n
+
+    @property
+    def grid_exact(self) -> bool:
+        """Whether the element maps the square pixel grid onto itself."""
+        return (4 * self.k) % self.n == 0
+
+    @property
+    def quarter_turns(self) -> int:
+        if not self.grid_exact:
+            raise ValueError(f"{self} is not a multiple of 90 degrees")
+        return (4 * self.k // self.n) % 4
+
+    def __str__(self) -> str:
+        return f"({'flip, ' if self.flip else ''}rot {360 * self.k / self.n:g} deg)"
+
+
+class Group:
+    """A finite subgroup of O(2) acting on the plane, with its escnn gspace.
+
+    Args:
+        name: ``trivial``, ``flip``/``d1``, ``cN`` or ``dN`` (case-insensitive), for example ``d4``.
+    """
+
+    def __init__(self, name: str):
+        m = re.fullmatch(r"(trivial|flip|[cd]\d+)", str(name).strip().lower())
+        if m is None:
+            raise ValueError(
+                f"unknown group {name!r}: expected 'trivial', 'flip', 'cN' or 'dN' (e.g. 'c4', 'd4')"
+            )
+        key = m.group(1)
+        if key == "flip":
+            key = "d1"
+        if key == "c1":
+            key = "trivial"
+        self.name = key
+        if key == "trivial":
+            self.flips, self.n = False, 1
+        else:
+            self.flips, self.n = key[0] == "d", int(key[1:])
+            if self.n < 1:
+                raise ValueError(f"unknown group {name!r}: N must be >= 1")
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Group) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    @property
+    def order(self) -> int:
+        """Number of elements, which is also the size of a regular field."""
+        return self.n * (2 if self.flips else 1)
+
+    @cached_property
+    def gspace(self):
+        """The escnn gspace (``escnn.gspaces``) of this group acting on R^2."""
+        from escnn import gspaces
+
+        if self.name == "trivial":
+            return gspaces.trivialOnR2()
+        if self.flips and self.n == 1:
+            return gspaces.flip2dOnR2()
+        if self.flips:
+            return gspaces.flipRot2dOnR2(self.n)
+        return gspaces.rot2dOnR2(self.n)
+
+    @property
+    def elements(self) -> list[GroupElement]:
+        return [GroupElement(f, k, self.n) for f in ((False, True) if self.flips else (False,))
+                for k in range(self.n)]
+
+    @property
+    def grid_elements(self) -> list[GroupElement]:
+        """The elements that map the pixel grid onto itself (exact action)."""
+        return [g for g in self.elements if g.grid_exact]
+
+    def escnn_element(self, g: GroupElement):
+        """The escnn group element corresponding to ``g``."""
+        G = self.gspace.fibergroup
+        if self.name == "trivial":
+            return G.identity
+        if self.flips and self.n == 1:
+            return G.element(int(g.flip))
+        if self.flips:
+            return G.element((int(g.flip), g.k))
+        return G.element(g.k)
+
+    def act(self, g: GroupElement, x: Tensor) -> Tensor:
+        """Apply ``g`` to scalar fields ``x[..., H, W]`` (images or periodic lattices).
+
+        Exact (a permutation of pixels) for grid-exact elements; otherwise an interpolation through
+        escnn, only approximately a group action (see the module docstring).
+        """
+        if g.n != self.n:
+            raise ValueError(f"{g} is not an element of {self}")
+        if x.shape[-1] != x.shape[-2] and g.grid_exact and g.quarter_turns % 2:
+            raise ValueError(f"a 90 degree rotation needs square inputs, got {tuple(x.shape[-2:])}")
+        if g.grid_exact:
+            y = torch.flip(x, (-1,)) if g.flip else x
+            return torch.rot90(y, g.quarter_turns, (-2, -1))
+        from escnn import nn as enn
+
+        shape = x.shape
+        flat = x.reshape(-1, 1, *shape[-2:])
+        ft = enn.FieldType(self.gspace, [self.gspace.trivial_repr])
+        y = enn.GeometricTensor(flat, ft).transform(self.escnn_element(g)).tensor
+        return y.reshape(shape)
+
+
+def get_group(group: str | Group) -> Group:
+    """Return ``group`` itself or the :class:`Group` of that name."""
+    return group if isinstance(group, Group) else Group(group)

@@ -1,0 +1,183 @@
+r"""Equivariant convolutional maps built on escnn's steerable convolutions.
+
+A :class:`GConv2d` is a convolution whose filter is escnn ``R2Conv``'s expansion in a basis of
+G-steerable kernels, so ``conv(g . x) = g . conv(x)`` for every element ``g`` of the group (exactly
+for grid-exact elements, see :mod:`gflows.groups`). Fields are scalar (trivial representation: one
+channel each, moved around by the group) or regular (``|G|`` channels each, moved and permuted).
+For the trivial group both are plain channels and the layer is an ordinary convolution through
+the same code path.
+
+:class:`GConvNet` stacks them ``scalar -> regular -> ... -> regular -> scalar`` with a pointwise
+activation between layers; pointwise maps commute with the permutation representations
+(scalar and regular), so the stack is equivariant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gflows.groups import Group, get_group
+
+__all__ = ["GConv2d", "GConvNet", "LipSwish", "field_type"]
+
+PADDING_MODES = ("zeros", "circular")
+
+
+def field_type(group: Group, n_fields: int, kind: str):
+    """escnn ``FieldType`` of ``n_fields`` ``'scalar'`` or ``'regular'`` fields of ``group``."""
+    gs = group.gspace
+    if kind == "scalar":
+        rep = gs.trivial_repr
+    elif kind == "regular":
+        rep = gs.regular_repr
+    else:
+        raise ValueError(f"unknown field kind {kind!r}: expected 'scalar' or 'regular'")
+    from escnn import nn as enn
+
+    return enn.FieldType(gs, n_fields * [rep])
+
+
+class GConv2d(nn.Module):
+    """Steerable 2D convolution between scalar/regular fields of a group.
+
+    Args:
+        group: the symmetry group (name or :class:`~gflows.groups.Group`).
+        in_fields: ``(n, kind)`` of the input, ``kind`` in ``{'scalar', 'regular'}``.
+        out_fields: ``(n, kind)`` of the output.
+        kernel_size: odd kernel size; the output has the input's spatial size.
+        padding_mode: ``'zeros'`` or ``'circular'`` (periodic lattices).
+        bias: add an equivariant bias.
+    """
+
+    def __init__(
+        self,
+        group: str | Group,
+        in_fields: tuple[int, str],
+        out_fields: tuple[int, str],
+        kernel_size: int = 3,
+        padding_mode: str = "zeros",
+        bias: bool = True,
+    ):
+        super().__init__()
+        from escnn import nn as enn
+
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"unknown padding_mode {padding_mode!r}: expected one of {PADDING_MODES}")
+        self.group = get_group(group)
+        self.in_type = field_type(self.group, *in_fields)
+        self.out_type = field_type(self.group, *out_fields)
+        self.kernel_size = kernel_size
+        self.padding_mode = padding_mode
+        self.r2conv = enn.R2Conv(self.in_type, self.out_type, kernel_size, padding=0, bias=bias)
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_type.size
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_type.size
+
+    def expanded(self) -> tuple[Tensor, Tensor | None]:
+        """The dense filter ``[out, in, k, k]`` and bias, differentiable in the basis weights."""
+        return self.r2conv.expand_parameters()
+
+    def pad(self, x: Tensor) -> Tensor:
+        p = self.kernel_size // 2
+        if p == 0:
+            return x
+        mode = "circular" if self.padding_mode == "circular" else "constant"
+        return F.pad(x, (p, p, p, p), mode=mode)
+
+    def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The convolution with an explicit filter (used with normalised filters)."""
+        return F.conv2d(self.pad(x), weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.expanded()
+        return self.conv(x, w, b)
+
+
+class LipSwish(nn.Module):
+    r"""LipSwish :math:`x \sigma(\beta x) / 1.1` with :math:`\beta = \mathrm{softplus}(\rho) > 0`.
+
+    Its Lipschitz constant is at most 1 (Chen et al. 2019, Residual Flows). One :math:`\beta`
+    per field, shared by a field's channels, so it commutes with the group's permutation of them.
+
+    Args:
+        n_fields: number of fields.
+        field_size: channels per field (1 for scalar fields, ``|G|`` for regular ones).
+    """
+
+    def __init__(self, n_fields: int = 1, field_size: int = 1):
+        super().__init__()
+        self.field_size = field_size
+        # softplus(0.5413) = 1: start from the plain swish.
+        self.rho = nn.Parameter(torch.full((n_fields,), 0.5413))
+
+    def forward(self, x: Tensor) -> Tensor:
+        beta = F.softplus(self.rho).repeat_interleave(self.field_size)
+        beta = beta.view(1, -1, *([1] * (x.dim() - 2)))
+        return x * torch.sigmoid(beta * x) / 1.1
+
+
+class GConvNet(nn.Module):
+    """``scalar -> regular -> ... -> regular -> scalar`` stack of :class:`GConv2d` and LipSwish.
+
+    Args:
+        group: the symmetry group.
+        in_channels: scalar input channels.
+        out_channels: scalar output channels.
+        hidden_fields: regular fields per hidden layer (``hidden_fields * |G|`` channels).
+        kernel_sizes: one kernel size per convolution; ``len(kernel_sizes) - 1`` hidden layers.
+        padding_mode: ``'zeros'`` or ``'circular'``.
+        conv: the convolution class (a :class:`GConv2d` subclass), with ``conv_kwargs``.
+        bias: biases in the convolutions.
+        activation: activation factory ``(n_fields, field_size) -> nn.Module``.
+    """
+
+    def __init__(
+        self,
+        group: str | Group,
+        in_channels: int,
+        out_channels: int,
+        hidden_fields: int,
+        kernel_sizes: Sequence[int] = (3, 1, 3),
+        padding_mode: str = "zeros",
+        conv: type[GConv2d] = GConv2d,
+        conv_kwargs: dict | None = None,
+        bias: bool = True,
+        activation=LipSwish,
+    ):
+        super().__init__()
+        self.group = get_group(group)
+        if len(kernel_sizes) < 1:
+            raise ValueError("kernel_sizes must name at least one convolution")
+        fields = [(in_channels, "scalar")]
+        fields += [(hidden_fields, "regular")] * (len(kernel_sizes) - 1)
+        fields += [(out_channels, "scalar")]
+        layers: list[nn.Module] = []
+        for i, k in enumerate(kernel_sizes):
+            layers.append(
+                conv(self.group, fields[i], fields[i + 1], k, padding_mode, bias, **(conv_kwargs or {}))
+            )
+            if i < len(kernel_sizes) - 1:
+                layers.append(activation(hidden_fields, self.group.order))
+        self.layers = nn.ModuleList(layers)
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(math.prod(p.shape) for p in self.parameters())

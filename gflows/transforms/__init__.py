@@ -1,0 +1,21 @@
+"""Invertible layers, one family a module."""
+
+from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
+from gflows.transforms.reshape import Squeeze
+from gflows.transforms.residual import (
+    ConvergenceError,
+    GResidualBlock,
+    ResidualTransform,
+    logdet_mode,
+)
+
+__all__ = [
+    "ActNorm",
+    "ConvergenceError",
+    "Dequantize",
+    "GResidualBlock",
+    "Logit",
+    "ResidualTransform",
+    "Squeeze",
+    "logdet_mode",
+]

@@ -1,0 +1,175 @@
+import math
+
+import pytest
+import torch
+from conftest import GROUPS
+from helpers import autograd_logdet, bad_inputs, max_equivariance_error, max_reconstruction_error
+
+import gflows
+from gflows.nn.lipschitz import LipschitzGConv2d
+from gflows.transforms.residual import ConvergenceError, GResidualBlock, logdet_mode
+
+SHAPES = [(2, 4, 4), (3, 4, 4)]
+
+
+def block(group, shape=(2, 4, 4), **kw):
+    kw.setdefault("hidden_fields", 2)
+    return GResidualBlock(group, shape, **kw)
+
+
+def trained(group, shape=(2, 4, 4), steps=3, **kw):
+    """A block after a few optimiser steps, so its weights are not at initialisation."""
+    b = block(group, shape, **kw)
+    opt = torch.optim.Adam(b.parameters(), lr=0.05)
+    for _ in range(steps):
+        x = torch.randn(8, *shape)
+        y, ld = b(x)
+        loss = (0.5 * y.pow(2).sum((1, 2, 3)) - ld).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return b
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("group", GROUPS)
+def test_reconstruction(group, shape):
+    b = trained(group, shape).eval()
+    x = torch.randn(4, *shape)
+    assert max_reconstruction_error(b, x) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("group", GROUPS)
+def test_exact_logdet_matches_autograd_jacobian(group, shape):
+    b = trained(group, shape).eval()
+    x = torch.randn(3, *shape)
+    assert math.prod(shape) <= 64
+    with logdet_mode(b, "exact"):
+        _, ld = b(x)
+        reference = autograd_logdet(b, x)
+    assert torch.allclose(ld, reference, atol=1e-4), (ld, reference)
+    # The inverse reports minus the forward log-det at the preimage.
+    with logdet_mode(b, "exact"), torch.no_grad():
+        z, _ = b(x)
+        _, ld_inv = b.inverse(z)
+    assert torch.allclose(ld_inv, -ld, atol=1e-4)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("group", GROUPS)
+def test_estimator_is_unbiased(group, training):
+    """The Russian-roulette estimator is stochastic: its mean is checked to 3 standard errors."""
+    b = trained(group).train(training)
+    x = torch.randn(1, 2, 4, 4)
+    with logdet_mode(b, "exact"), torch.no_grad():
+        exact = float(b(x)[1])
+    # One roulette draw per call is shared by the batch, so calls (not rows) are the independent
+    # draws: average each call, then take the standard error over calls.
+    with torch.no_grad():
+        means = torch.stack([b(x.expand(32, -1, -1, -1))[1].mean() for _ in range(200)])
+    se = float(means.std() / math.sqrt(len(means)))
+    assert abs(float(means.mean()) - exact) <= 3 * se, (float(means.mean()), exact, se)
+    assert se < 0.05  # the check has power: the estimator is not wildly noisy
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_neumann_gradient_is_unbiased(group):
+    """Mean Neumann-series gradient over many draws lies within 3 standard errors of the exact one."""
+    b = trained(group)
+    x = torch.randn(1, 2, 4, 4)
+    params = [p for p in b.parameters() if p.requires_grad]
+    with logdet_mode(b, "exact"):
+        exact = torch.cat([g.flatten() for g in torch.autograd.grad(b(x)[1].sum(), params, materialize_grads=True)])
+    draws = []
+    for _ in range(100):
+        _, ld = b(x.expand(16, -1, -1, -1))
+        draws.append(torch.cat([g.flatten() for g in torch.autograd.grad(ld.mean(), params, materialize_grads=True)]))
+    draws = torch.stack(draws)
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    # A per-coordinate 3-sigma band fails by chance for ~0.3% of coordinates: allow 2% outside.
+    outside = ((mean - exact).abs() > 3 * se + 1e-6).float().mean()
+    assert outside <= 0.02, float(outside)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_memory_saving_matches_plain_backward(group):
+    b = trained(group)
+    x = torch.randn(4, 2, 4, 4, requires_grad=True)
+    grads = []
+    for saving in (False, True):
+        b.memory_saving = saving
+        torch.manual_seed(1)
+        y, ld = b(x)
+        loss = (0.5 * y.pow(2).sum((1, 2, 3)) - ld).mean()
+        grads.append(torch.autograd.grad(loss, [x, *b.parameters()]))
+    for g0, g1 in zip(*grads, strict=True):
+        assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4)
+
+
+def test_memory_saving_refuses_unequal_weights():
+    b = block("trivial", memory_saving=True)
+    _, ld = b(torch.randn(3, 2, 4, 4))
+    with pytest.raises(RuntimeError, match="weighs every sample"):
+        (ld * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_equivariance_and_invariant_log_prob(group):
+    flow = gflows.Flow(gflows.Compose(trained(group), gflows.ActNorm((2, 4, 4)), trained(group)))
+    flow.eval()
+    G = gflows.Group(group)
+    x = torch.randn(3, 2, 4, 4)
+    assert max_equivariance_error(flow.transform, G, x) <= 1e-5
+    with logdet_mode(flow, "exact"):
+        lp = flow.log_prob(x)
+        for g in G.grid_elements:
+            assert torch.allclose(flow.log_prob(G.act(g, x)), lp, atol=1e-4)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_lipschitz_bound_after_training(group):
+    """Each normalised convolution's operator norm, from its dense matrix, is at most c + 1e-3."""
+    b = trained(group, steps=5)
+    convs = [m for m in b.modules() if isinstance(m, LipschitzGConv2d)]
+    assert len(convs) == 3
+    for conv in convs:
+        with torch.no_grad():
+            w, _ = conv.normalised()
+        shape = (conv.in_channels, 4, 4)
+        dense = torch.autograd.functional.jacobian(
+            lambda u, conv=conv, w=w: conv.conv(u.view(1, *shape), w).flatten(),
+            torch.zeros(math.prod(shape)),
+        )
+        assert float(torch.linalg.matrix_norm(dense, ord=2)) <= b.coeff + 1e-3
+    # And the whole branch: the largest singular value of J_g at random points.
+    for _ in range(3):
+        x = torch.randn(math.prod((2, 4, 4)))
+        jac = torch.autograd.functional.jacobian(lambda v: b.g(v.view(1, 2, 4, 4)).flatten(), x)
+        assert float(torch.linalg.matrix_norm(jac, ord=2)) <= b.coeff + 1e-3
+
+
+def test_inverse_refuses_to_return_unconverged_result():
+    b = trained("c4", max_iters=2, atol=0.0, rtol=0.0)
+    z = torch.randn(2, 2, 4, 4)
+    with pytest.raises(ConvergenceError, match=r"max \|f\(x\) - y\| = "):
+        b.inverse(z)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_bad_input(group):
+    b = block(group)
+    for x, err, word in bad_inputs((2, 4, 4)):
+        with pytest.raises(err, match=word):
+            b(x)
+        with pytest.raises(err, match=word):
+            b.inverse(x)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="coeff"):
+        block("c4", coeff=1.0)
+    with pytest.raises(ValueError, match="logdet"):
+        block("c4", logdet="approximate")
+    with pytest.raises(ValueError, match="unknown group"):
+        block("c4x")
