@@ -144,4 +144,5 @@ class Flow(nn.Module):
         """Draw ``n`` samples and their log-densities in one pass through the inverse."""
         z = self.base.sample(n)
         x, ladj = self.transform.inverse(z, context)
-        return x, self.base.log_prob(z) + ladj
+        # log q(x) = log p(z) + log|det dz/dx| = log p(z) - log|det dx/dz|.
+        return x, self.base.log_prob(z) - ladj

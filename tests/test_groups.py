@@ -1,0 +1,63 @@
+import pytest
+import torch
+from escnn import nn as enn
+
+from gflows.groups import Group, get_group
+
+
+@pytest.mark.parametrize(
+    "name, order, n_exact",
+    [("trivial", 1, 1), ("flip", 2, 2), ("c2", 2, 2), ("c4", 4, 4), ("d2", 4, 4), ("d4", 8, 8),
+     ("c8", 8, 4), ("d8", 16, 8), ("c3", 3, 1), ("D6", 12, 4)],
+)
+def test_orders_and_grid_exact_elements(name, order, n_exact):
+    G = Group(name)
+    assert G.order == len(G.elements) == order
+    assert len(G.grid_elements) == n_exact
+    assert G.gspace.fibergroup.order() == order
+
+
+@pytest.mark.parametrize("name", ["flip", "c2", "c4", "d2", "d4", "c8", "d8"])
+def test_act_matches_escnn_on_grid_exact_elements(name):
+    G = Group(name)
+    x = torch.randn(2, 1, 5, 5)
+    ft = enn.FieldType(G.gspace, [G.gspace.trivial_repr])
+    for g in G.grid_elements:
+        ref = enn.GeometricTensor(x, ft).transform(G.escnn_element(g)).tensor
+        assert torch.equal(G.act(g, x), ref), g
+
+
+@pytest.mark.parametrize("name", ["c4", "d4", "d2"])
+def test_grid_action_is_a_group_action(name):
+    G = Group(name)
+    x = torch.randn(3, 6, 6)
+    images = {g: G.act(g, x) for g in G.grid_elements}
+    for g in G.grid_elements:
+        for h in G.grid_elements:
+            composed = G.act(g, images[h])
+            assert any(torch.equal(composed, im) for im in images.values())
+
+
+def test_non_grid_elements_are_only_approximate():
+    """A 45 degree rotation interpolates: a smooth image survives, a checkerboard does not."""
+    G = Group("c8")
+    g = next(e for e in G.elements if not e.grid_exact)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 33), torch.linspace(-1, 1, 33), indexing="ij")
+    smooth = torch.exp(-4 * (xx**2 + yy**2))[None, None]
+    assert float((G.act(g, smooth) - smooth).abs().max()) < 0.05  # radial: nearly invariant
+    board = ((torch.arange(33)[:, None] + torch.arange(33)[None]) % 2).float()[None, None]
+    back = G.act(g.__class__(False, 7, 8), G.act(g, board))
+    assert float((back - board).abs().max()) > 0.1
+
+
+def test_unknown_names_and_lookup():
+    with pytest.raises(ValueError, match="unknown group 'so2'"):
+        Group("so2")
+    assert get_group("D4") == Group("d4")
+    assert Group("c1") == Group("trivial") and Group("d1") == Group("flip")
+
+
+def test_rotation_needs_square_input():
+    G = Group("c4")
+    with pytest.raises(ValueError, match="square"):
+        G.act(G.elements[1], torch.zeros(1, 4, 6))

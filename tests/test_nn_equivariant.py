@@ -1,0 +1,57 @@
+import pytest
+import torch
+from conftest import GROUPS
+
+from gflows.groups import Group
+from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_convnet_is_equivariant(group, padding_mode):
+    net = GConvNet(group, 2, 3, hidden_fields=2, kernel_sizes=(3, 3), padding_mode=padding_mode)
+    G = Group(group)
+    x = torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        y = net(x)
+        assert y.shape == (2, 3, 6, 6)
+        for g in G.grid_elements:
+            assert float((net(G.act(g, x)) - G.act(g, y)).abs().max()) <= 1e-5
+
+
+def test_trivial_group_is_an_unconstrained_convolution():
+    """Same code path, but no symmetry is imposed: the trivial net is not rotation equivariant."""
+    torch.manual_seed(3)
+    net = GConvNet("trivial", 1, 1, hidden_fields=4, kernel_sizes=(3, 3))
+    G = Group("c4")
+    x = torch.randn(2, 1, 6, 6)
+    with torch.no_grad():
+        err = (net(G.act(G.elements[1], x)) - G.act(G.elements[1], net(x))).abs().max()
+    assert float(err) > 1e-2
+    conv = GConv2d("trivial", (1, "scalar"), (4, "scalar"), 3)
+    assert conv.r2conv.weights.numel() >= 4 * 5  # at least 5 of the 9 kernel dimensions are free
+    assert conv.in_channels == 1 and conv.out_channels == 4
+
+
+@pytest.mark.parametrize("group, size", [("trivial", 1), ("c4", 4), ("d4", 8)])
+def test_hidden_width_is_fields_times_group_order(group, size):
+    conv = GConv2d(group, (1, "scalar"), (3, "regular"), 1)
+    assert conv.out_channels == 3 * size
+
+
+def test_lipswish_is_1_lipschitz():
+    act = LipSwish(2, 3)
+    with torch.no_grad():
+        act.rho.copy_(torch.tensor([-2.0, 3.0]))
+    x = torch.linspace(-8, 8, 4001).repeat(6, 1).T.reshape(4001, 6, 1, 1).requires_grad_(True)
+    (d,) = torch.autograd.grad(act(x).sum(), x)
+    assert float(d.abs().max()) <= 1.0
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="odd"):
+        GConv2d("c4", (1, "scalar"), (1, "scalar"), 2)
+    with pytest.raises(ValueError, match="padding_mode"):
+        GConv2d("c4", (1, "scalar"), (1, "scalar"), 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="field kind"):
+        GConv2d("c4", (1, "vector"), (1, "scalar"), 3)

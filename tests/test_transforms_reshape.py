@@ -1,0 +1,41 @@
+import pytest
+import torch
+from helpers import bad_inputs
+
+from gflows.groups import Group
+from gflows.transforms.reshape import Squeeze
+
+
+def test_squeeze_roundtrip_layout_and_volume():
+    s = Squeeze((2, 4, 4))
+    x = torch.randn(3, 2, 4, 4)
+    z, ld = s(x)
+    assert z.shape == (3, 8, 2, 2) and torch.equal(ld, torch.zeros(3))
+    assert torch.equal(z[:, 4 * 1 + 2 * 1 + 0], x[:, 1, 1::2, 0::2])  # channel 4c + 2i + j
+    assert torch.equal(s.inverse(z)[0], x)
+
+
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_group_permutes_the_four_subpixel_channels(group):
+    """As documented: g moves the coarse grid and permutes each channel's four sub-pixels."""
+    G, s = Group(group), Squeeze((1, 4, 4))
+    x = torch.randn(1, 1, 4, 4)
+    z = s(x)[0]
+    for g in G.grid_elements:
+        zg = s(G.act(g, x))[0]
+        moved = G.act(g, z)  # coarse grid moved, channels not yet permuted
+        perm = [next(j for j in range(4) if torch.equal(zg[:, i], moved[:, j])) for i in range(4)]
+        assert sorted(perm) == [0, 1, 2, 3]
+        if g.quarter_turns or g.flip:
+            assert perm != [0, 1, 2, 3]
+
+
+def test_bad_input_and_odd_sizes():
+    with pytest.raises(ValueError, match="even"):
+        Squeeze((1, 3, 4))
+    s = Squeeze((2, 4, 4))
+    for x, err, word in bad_inputs((2, 4, 4)):
+        with pytest.raises(err, match=word):
+            s(x)
+    with pytest.raises(ValueError, match="event shape"):
+        s.inverse(torch.zeros(1, 2, 4, 4))
