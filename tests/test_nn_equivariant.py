@@ -29,8 +29,17 @@ def test_trivial_group_is_an_unconstrained_convolution():
         err = (net(G.act(G.elements[1], x)) - G.act(G.elements[1], net(x))).abs().max()
     assert float(err) > 1e-2
     conv = GConv2d("trivial", (1, "scalar"), (4, "scalar"), 3)
-    assert conv.r2conv.weights.numel() >= 4 * 5  # at least 5 of the 9 kernel dimensions are free
     assert conv.in_channels == 1 and conv.out_channels == 4
+
+
+@pytest.mark.parametrize("group, dim", [("trivial", 9), ("c4", 9 * 4), ("d4", 9 * 8)])
+def test_filter_basis_spans_every_equivariant_3x3_kernel(group, dim):
+    """One regular field to one: G acts freely on the 8 x 8 (or |G|^2) channel pairs, so the space of
+    equivariant 3x3 kernels has dimension 9 |G|; the trivial group gets every 3x3 kernel."""
+    conv = GConv2d(group, (1, "regular"), (1, "regular"), 3)
+    n = conv.r2conv.weights.numel()
+    basis = torch.stack([conv.r2conv.basisexpansion(w) for w in torch.eye(n)]).reshape(n, -1)
+    assert n == dim and int(torch.linalg.matrix_rank(basis)) == dim
 
 
 @pytest.mark.parametrize("group, size", [("trivial", 1), ("c4", 4), ("d4", 8)])

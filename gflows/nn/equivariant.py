@@ -28,6 +28,12 @@ __all__ = ["GConv2d", "GConvNet", "LipSwish", "field_type"]
 PADDING_MODES = ("zeros", "circular")
 
 
+def _full_band(r: float) -> float:
+    # escnn's default cut-off drops the highest angular frequencies, leaving 6 of the 9 dimensions
+    # of a 3x3 kernel; 4 per unit radius keeps the whole space of equivariant grid kernels.
+    return 4.0 * max(r, 1.0)
+
+
 def field_type(group: Group, n_fields: int, kind: str):
     """escnn ``FieldType`` of ``n_fields`` ``'scalar'`` or ``'regular'`` fields of ``group``."""
     gs = group.gspace
@@ -75,7 +81,9 @@ class GConv2d(nn.Module):
         self.out_type = field_type(self.group, *out_fields)
         self.kernel_size = kernel_size
         self.padding_mode = padding_mode
-        self.r2conv = enn.R2Conv(self.in_type, self.out_type, kernel_size, padding=0, bias=bias)
+        self.r2conv = enn.R2Conv(
+            self.in_type, self.out_type, kernel_size, padding=0, bias=bias, frequencies_cutoff=_full_band
+        )
 
     @property
     def in_channels(self) -> int:

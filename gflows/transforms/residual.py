@@ -125,10 +125,14 @@ class ResidualTransform(Transform):
         weights = [(1 - self.geom_p) ** -max(k - n_exact, 0) for k in range(0, n + 1)]
         return n, weights
 
+    def _probe(self, x: Tensor) -> Tensor:
+        """Hutchinson probe with E[v v^T] = I."""
+        return torch.randn_like(x)
+
     def _series(self, gx: Tensor, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor | None]:
         """Russian-roulette estimate and, with Neumann gradients, the surrogate for backward."""
         n, weights = self._roulette()
-        v = torch.randn_like(x)
+        v = self._probe(x)
         w, estimate = v, x.new_zeros(x.shape[0])
         neumann = v if self.neumann_grad and create_graph else None
         for k in range(1, n + 1):

@@ -1,0 +1,28 @@
+# Set-up and entry points. Every target creates .venv and installs what is missing first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test train lint bench clean
+
+$(STAMP): pyproject.toml
+	@bash .ci/setup.sh
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+train: $(STAMP)
+	$(BIN)/python train.py $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_residual_block.py
+
+clean:
+	rm -rf $(VENV)
