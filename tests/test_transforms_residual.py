@@ -158,7 +158,7 @@ def test_lipschitz_bound_after_training(group):
             w, _ = conv.normalised()
         shape = (conv.in_channels, 4, 4)
         dense = torch.autograd.functional.jacobian(
-            lambda u, conv=conv, w=w: conv.conv(u.view(1, *shape), w).flatten(),
+            lambda u, conv=conv, w=w, shape=shape: conv.conv(u.view(1, *shape), w).flatten(),
             torch.zeros(math.prod(shape)),
         )
         assert float(torch.linalg.matrix_norm(dense, ord=2)) <= b.coeff + 1e-3
