@@ -5,9 +5,12 @@ from gflows.groups import Group, GroupElement, get_group
 from gflows.models import g_residual_flow
 from gflows.nn import update_lipschitz
 from gflows.transforms import (
+    GIAF,
     ActNorm,
+    Butterfly,
     ConvergenceError,
     Dequantize,
+    GCoupling,
     GResidualBlock,
     Logit,
     ResidualTransform,
@@ -17,10 +20,13 @@ from gflows.transforms import (
 
 __all__ = [
     "ActNorm",
+    "Butterfly",
     "Compose",
     "ConvergenceError",
     "Dequantize",
     "Flow",
+    "GCoupling",
+    "GIAF",
     "GResidualBlock",
     "Group",
     "GroupElement",

@@ -57,3 +57,11 @@ def bad_inputs(shape: tuple[int, ...]) -> list[tuple[object, type, str]]:
     if len(shape) == 3:
         cases.append((torch.zeros(2, c, spatial[0] + 2, spatial[1]), ValueError, "height"))
     return cases
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    """Move every parameter off its (often identity) initialisation, so checks are not vacuous."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module

@@ -58,3 +58,34 @@ def test_flow_log_prob_against_change_of_variables():
 def test_compose_needs_layers():
     with pytest.raises(ValueError, match="at least one"):
         Compose()
+
+
+def mixed_transform(group, shape=(4, 4, 4)):
+    """G-residual, G-coupling, G-IAF and butterfly layers in one flow."""
+    from helpers import perturb
+
+    torch.manual_seed(4)
+    layers = [
+        gflows.GResidualBlock(group, shape, hidden_fields=2),
+        perturb(gflows.GCoupling(group, shape, hidden_fields=2, kernel_sizes=(3, 3)), 0.1),
+        perturb(gflows.Butterfly(shape), 0.1),
+        perturb(gflows.GIAF(group, shape, n_blocks=2, hidden_fields=2, kernel_sizes=(3, 3)), 0.1),
+    ]
+    return Compose(layers).eval()
+
+
+@pytest.mark.parametrize("group", ["trivial", "c4", "d4"])
+def test_mixed_flow_passes_the_battery(group):
+    from helpers import max_equivariance_error, max_reconstruction_error
+
+    t = mixed_transform(group)
+    G = gflows.Group(group)
+    x = torch.randn(2, 4, 4, 4)
+    assert max_reconstruction_error(t, x) <= 1e-5
+    assert max_equivariance_error(t, G, x) <= 1e-5
+    flow = Flow(t)
+    with gflows.logdet_mode(t, "exact"):
+        assert torch.allclose(t(x)[1], autograd_logdet(t, x), atol=1e-4)
+        lp = flow.log_prob(x)
+        for g in G.grid_elements:
+            assert torch.allclose(flow.log_prob(G.act(g, x)), lp, atol=1e-4)

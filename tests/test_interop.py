@@ -65,3 +65,26 @@ class _Affine(gflows.Transform):
     def inverse(self, z, context=None):
         ld = -torch.log(torch.tensor(self.scale)) * z[0].numel()
         return (z - self.shift) / self.scale, ld.expand(z.shape[0])
+
+
+@pytest.mark.parametrize("kind", ["coupling", "iaf", "butterfly", "squeeze", "logit"])
+def test_every_layer_wraps_into_nflows_and_zuko(kind):
+    from helpers import perturb
+
+    torch.manual_seed(0)
+    layer = {
+        "coupling": lambda: perturb(gflows.GCoupling("d4", SHAPE, hidden_fields=2, kernel_sizes=(3, 3)), 0.1),
+        "iaf": lambda: perturb(gflows.GIAF("d4", SHAPE, hidden_fields=2, kernel_sizes=(3, 3)), 0.1),
+        "butterfly": lambda: perturb(gflows.Butterfly(SHAPE), 0.1),
+        "squeeze": lambda: gflows.Squeeze(SHAPE),
+        "logit": lambda: gflows.Logit(SHAPE),
+    }[kind]()
+    x = torch.rand(3, *SHAPE) * 0.8 + 0.1
+    z, ld = layer(x)
+    nz, nld = to_nflows(layer)(x)
+    assert torch.allclose(nz, z) and torch.allclose(nld, ld)
+    assert torch.allclose(to_nflows(layer).inverse(z)[0], x, atol=1e-5)
+    zt = to_zuko(layer)()
+    zz, zld = zt.call_and_ladj(x)
+    assert torch.allclose(zz, z) and torch.allclose(zld, ld)
+    assert torch.allclose(zt.inv(z), x, atol=1e-5)

@@ -1,5 +1,8 @@
 """Invertible layers, one family a module."""
 
+from gflows.transforms.autoregressive import GIAF
+from gflows.transforms.butterfly import Butterfly
+from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.reshape import Squeeze
 from gflows.transforms.residual import (
@@ -11,6 +14,9 @@ from gflows.transforms.residual import (
 
 __all__ = [
     "ActNorm",
+    "Butterfly",
+    "GCoupling",
+    "GIAF",
     "ConvergenceError",
     "Dequantize",
     "GResidualBlock",

@@ -1,0 +1,76 @@
+"""Butterfly channel mixing vs a dense LU-parametrised mix (Glow / nflows LULinear) vs a dense
+matrix with torch.linalg.slogdet: forward with log-det plus inverse, for n = 64 .. 4096.
+
+All three run interleaved in one process on the same inputs; the script prints median times, the
+speed-ups and the fitted scaling exponent ``t ~ n^p`` of each.
+
+    python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+from nflows.transforms.lu import LULinear
+
+from gflows.transforms.butterfly import Butterfly
+
+
+def dense_step(w: torch.Tensor, x: torch.Tensor) -> None:
+    y = x @ w.T
+    ld = torch.linalg.slogdet(w).logabsdet
+    xr = torch.linalg.solve(w, y.T).T
+    _ = ld, xr
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=64, help="batch rows (pixels x images)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
+    a = p.parse_args()
+    torch.manual_seed(0)
+    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, GPU: no; rows {a.rows}, median of {a.repeats}")
+    print(f"{'n':>6} {'butterfly ms':>13} {'LU ms':>10} {'dense ms':>10} {'LU/bfly':>9} {'dense/bfly':>11}")
+    res: dict[str, list[float]] = {"butterfly": [], "lu": [], "dense": []}
+    with torch.no_grad():
+        for n in a.sizes:
+            bf, lu = Butterfly((n,)), LULinear(n, identity_init=False)
+            w = torch.linalg.qr(torch.randn(n, n))[0]
+            x = torch.randn(a.rows, n)
+            fns = {
+                "butterfly": lambda bf=bf, x=x: (bf(x), bf.inverse(x)),
+                "lu": lambda lu=lu, x=x: (lu(x), lu.inverse(x)),
+                "dense": lambda w=w, x=x: dense_step(w, x),
+            }
+            for f in fns.values():
+                f()
+            times = {k: [] for k in fns}
+            for _ in range(a.repeats):
+                for k, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            for k in res:
+                res[k].append(med[k])
+            print(f"{n:6d} {med['butterfly'] * 1e3:13.3f} {med['lu'] * 1e3:10.3f} {med['dense'] * 1e3:10.3f} "
+                  f"{med['lu'] / med['butterfly']:9.2f} {med['dense'] / med['butterfly']:11.2f}")
+    logn = [math.log(n) for n in a.sizes]
+    for k, v in res.items():
+        ly = [math.log(t) for t in v]
+        mx, my = statistics.mean(logn), statistics.mean(ly)
+        slope = sum((u - mx) * (w_ - my) for u, w_ in zip(logn, ly, strict=True)) / sum(
+            (u - mx) ** 2 for u in logn)
+        print(f"fitted exponent {k:10s} t ~ n^{slope:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+r"""G-coupling flows: affine and additive coupling with G-equivariant conditioners.
+
+Map:      ``y_a = x_a``, ``y_b = x_b * exp(s(x_a)) + t(x_a)`` (additive: ``s = 0``).
+Inverse:  ``x_b = (y_b - t(y_a)) * exp(-s(y_a))``.
+Log-det:  ``sum s(x_a)`` over the ``b`` entries.
+
+The split is a union of fibres that the group maps onto themselves, and ``s, t`` are
+G-equivariant (escnn steerable convolutions between scalar fields), so the layer commutes with the
+group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020):
+
+* ``mask='channel'``: the first ``split`` channels condition the rest; every grid element.
+* ``mask='checkerboard'``: sites of parity ``(i + j) % 2 == parity`` condition the others (all
+  channels). Exact for the elements that map the parity pattern onto itself (:func:`parity_preserving`):
+  translations by ``(di, dj)`` with ``di + dj`` even when ``padding_mode='circular'`` on an even
+  lattice, and the rotations/reflections about a site. With :meth:`~gflows.groups.Group.act`, which
+  rotates about the centre of the array, on an even ``L x L`` array those are the identity, the
+  half turn and the two diagonal reflections; the others swap the two sublattices.
+* ``squeeze_levels = L``: the input is a ``L``-times squeezed image, on which the group also
+  permutes the ``4^L`` sub-pixel channels of every original channel (see :mod:`.reshape`). The
+  split then keeps each original channel's sub-pixels in one half, and the conditioner runs on the
+  un-squeezed (depth-to-space) ``a`` part and squeezes its output back: it sees scalar fields on the
+  fine grid, so it is equivariant between the squeezed tensors' true representations.
+* ``sign_symmetric=True``: ``t`` is odd (no biases, tanh activations) and ``s`` even (a function of
+  ``|x_a|``), so the layer also commutes with ``x -> -x`` (the Z2 symmetry of phi^4).
+
+Numerical safety: the log-scale is soft-bounded, ``s = B tanh(s_raw / B)`` with ``B = scale_bound``,
+so ``|s| < B`` (as in the lattice flows), and the last convolution starts at zero (identity map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gflows.flow import Transform
+from gflows.groups import Group, GroupElement, get_group
+from gflows.nn.equivariant import GConvNet, LipSwish
+
+__all__ = ["Conditioner", "GCoupling", "checkerboard", "parity_preserving"]
+
+
+def checkerboard(h: int, w: int, parity: int = 0) -> Tensor:
+    """``[1, 1, h, w]`` mask, 1 where ``(i + j) % 2 == parity``."""
+    i = torch.arange(h)[:, None]
+    j = torch.arange(w)[None, :]
+    return (((i + j) % 2) == parity).float()[None, None]
+
+
+def parity_preserving(group: Group, g: GroupElement, h: int, w: int) -> bool:
+    """Whether ``group.act(g, .)`` maps the checkerboard pattern of an ``h x w`` grid onto itself."""
+    m = checkerboard(h, w)
+    return bool(torch.equal(group.act(g, m), m))
+
+
+class _Tanh(nn.Tanh):
+    def __init__(self, n_fields: int = 1, field_size: int = 1):
+        super().__init__()
+
+
+class Conditioner(nn.Module):
+    """Equivariant map from ``a`` channels to ``(s, t)`` for ``n_out`` channels.
+
+    Args:
+        group: symmetry group.
+        n_in, n_out: scalar channels in and out (per ``s`` and per ``t``).
+        hidden_fields, kernel_sizes, padding_mode: of the :class:`~gflows.nn.equivariant.GConvNet`.
+        affine: also produce a log-scale ``s`` (else ``s = 0``).
+        sign_symmetric: odd ``t``, even ``s``.
+        scale_bound: soft bound ``B`` on ``|s|``.
+    """
+
+    def __init__(
+        self,
+        group: str | Group,
+        n_in: int,
+        n_out: int,
+        hidden_fields: int = 8,
+        kernel_sizes: Sequence[int] = (3, 3, 3),
+        padding_mode: str = "zeros",
+        affine: bool = True,
+        sign_symmetric: bool = False,
+        scale_bound: float = 3.0,
+    ):
+        super().__init__()
+        self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
+        self.n_out = n_out
+
+        def net(n, odd=False):
+            m = GConvNet(group, n_in, n, hidden_fields, kernel_sizes, padding_mode, bias=not odd,
+                         activation=_Tanh if odd else LipSwish)
+            last = m.layers[-1].r2conv
+            with torch.no_grad():  # identity at initialisation
+                last.weights.zero_()
+                if last.bias is not None:
+                    last.bias.zero_()
+            return m
+
+        if sign_symmetric:
+            self.t_net = net(n_out, odd=True)
+            self.s_net = net(n_out) if affine else None
+        else:
+            self.net = net(2 * n_out if affine else n_out)
+
+    def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        if self.sign_symmetric:
+            t = self.t_net(xa)
+            s_raw = self.s_net(xa.abs()) if self.affine else torch.zeros_like(t)
+        else:
+            out = self.net(xa)
+            if self.affine:
+                s_raw, t = out[:, : self.n_out], out[:, self.n_out :]
+            else:
+                s_raw, t = torch.zeros_like(out), out
+        s = self.scale_bound * torch.tanh(s_raw / self.scale_bound)
+        return s, t
+
+
+class GCoupling(Transform):
+    """G-equivariant affine or additive coupling layer (see the module docstring).
+
+    Args:
+        group: symmetry group, e.g. ``'d4'``.
+        event_shape: ``(C, H, W)``.
+        mask: ``'channel'`` or ``'checkerboard'``.
+        split: with ``mask='channel'``, the number of conditioning channels (default ``C // 2``,
+            rounded to whole squeezed fields); ``flip=True`` conditions the first part on the second.
+        parity: with ``mask='checkerboard'``, which sublattice conditions the other.
+        squeeze_levels: how many times the input has been squeezed (``mask='channel'`` only).
+        affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode: see
+            :class:`Conditioner`.
+    """
+
+    def __init__(
+        self,
+        group: str | Group,
+        event_shape: Sequence[int],
+        mask: str = "channel",
+        split: int | None = None,
+        flip: bool = False,
+        parity: int = 0,
+        squeeze_levels: int = 0,
+        affine: bool = True,
+        sign_symmetric: bool = False,
+        scale_bound: float = 3.0,
+        hidden_fields: int = 8,
+        kernel_sizes: Sequence[int] = (3, 3, 3),
+        padding_mode: str = "zeros",
+    ):
+        super().__init__()
+        self.group = get_group(group)
+        self.event_shape = tuple(int(s) for s in event_shape)
+        c, h, w = self.event_shape
+        self.mask_kind, self.flip, self.levels = mask, bool(flip), int(squeeze_levels)
+        fibre = 4**self.levels
+        if mask == "channel":
+            if c % fibre:
+                raise ValueError(f"{c} channels are not whole fields of {fibre} squeezed sub-pixels")
+            split = split if split is not None else (c // fibre // 2) * fibre
+            if split % fibre or not 0 < split < c:
+                raise ValueError(
+                    f"split {split} must lie strictly between 0 and {c} and keep each channel's "
+                    f"{fibre} squeezed sub-pixels together"
+                )
+            self.split = split
+            n_a, n_b = (c - split, split) if flip else (split, c - split)
+            n_in, n_out = n_a // fibre, n_b // fibre
+        elif mask == "checkerboard":
+            if self.levels:
+                raise ValueError("checkerboard masks act on unsqueezed grids: use squeeze_levels=0")
+            self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
+            n_in, n_out = c, c
+        else:
+            raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
+        self.conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
+                                       padding_mode, affine, sign_symmetric, scale_bound)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = x[:, : self.split], x[:, self.split :]
+        return (b, a) if self.flip else (a, b)
+
+    def _join(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.cat([b, a] if self.flip else [a, b], 1)
+
+    def _params(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mask_kind == "checkerboard":
+            s, t = self.conditioner(xa * (1 - self.mask_b))
+            return s * self.mask_b, t * self.mask_b
+        r = 2**self.levels
+        s, t = self.conditioner(F.pixel_shuffle(xa, r) if r > 1 else xa)
+        return (F.pixel_unshuffle(s, r), F.pixel_unshuffle(t, r)) if r > 1 else (s, t)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check(x)
+        if self.mask_kind == "checkerboard":
+            s, t = self._params(x)
+            return x * torch.exp(s) + t, s.flatten(1).sum(1)
+        a, b = self._split(x)
+        s, t = self._params(a)
+        return self._join(a, b * torch.exp(s) + t), s.flatten(1).sum(1)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check(z)
+        if self.mask_kind == "checkerboard":
+            s, t = self._params(z)  # the conditioning sites are unchanged by the map
+            return (z - t) * torch.exp(-s), -s.flatten(1).sum(1)
+        a, b = self._split(z)
+        s, t = self._params(a)
+        return self._join(a, (b - t) * torch.exp(-s)), -s.flatten(1).sum(1)

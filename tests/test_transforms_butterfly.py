@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+from conftest import GROUPS
+from helpers import autograd_logdet, bad_inputs, max_equivariance_error, max_reconstruction_error, perturb
+
+from gflows.groups import Group
+from gflows.transforms.butterfly import Butterfly
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 12, 16, 64, 100, 256, 1024])
+def test_against_dense_matrix(n):
+    torch.manual_seed(n)
+    b = perturb(Butterfly((n,)).double(), 0.2)
+    dense = b.matrix()
+    x = torch.randn(4, n, dtype=torch.float64)
+    y, ld = b(x)
+    assert torch.allclose(y, x @ dense.T, atol=1e-10)
+    assert torch.allclose(b.inverse(x)[0], x @ torch.linalg.inv(dense).T, atol=1e-8)
+    assert torch.allclose(ld, torch.linalg.slogdet(dense).logabsdet.expand(4), atol=1e-8)
+    mixed = 2 ** int(math.log2(n))  # indices past the largest power of two: identity block
+    assert torch.equal(dense[mixed:], torch.eye(n, dtype=dense.dtype)[mixed:])
+
+
+def test_inits():
+    assert torch.equal(Butterfly((8,), init="identity").matrix(), torch.eye(8))
+    q = Butterfly((16,), init="orthogonal").matrix()
+    assert torch.allclose(q @ q.T, torch.eye(16), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown init"):
+        Butterfly((4,), init="lu")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_channel_mixing_on_images(group):
+    b = perturb(Butterfly((4, 4, 4)), 0.2)
+    x = torch.randn(3, 4, 4, 4)
+    assert max_reconstruction_error(b, x) <= 1e-5
+    assert torch.allclose(b(x)[1], autograd_logdet(b, x[:2]).repeat(2)[:3], atol=1e-4)
+    assert max_equivariance_error(b, Group(group), x) <= 1e-5
+    ref = torch.einsum("ij,bjhw->bihw", b.matrix(), x)
+    assert torch.allclose(b(x)[0], ref, atol=1e-5)
+
+
+def test_bad_input():
+    b = Butterfly((2, 4, 4))
+    for x, err, word in bad_inputs((2, 4, 4)):
+        with pytest.raises(err, match=word):
+            b(x)

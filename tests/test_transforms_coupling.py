@@ -1,0 +1,117 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import GROUPS
+from helpers import (
+    autograd_logdet,
+    bad_inputs,
+    max_equivariance_error,
+    max_reconstruction_error,
+    perturb,
+)
+
+from gflows.groups import Group
+from gflows.transforms.coupling import GCoupling, parity_preserving
+
+CONFIGS = {
+    "affine": dict(shape=(2, 4, 4), kw={}),
+    "additive": dict(shape=(3, 4, 4), kw=dict(affine=False, split=1)),
+    "sign": dict(shape=(2, 4, 4), kw=dict(sign_symmetric=True, flip=True)),
+    "squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1)),
+    "checkerboard": dict(shape=(1, 6, 6), kw=dict(mask="checkerboard", padding_mode="circular")),
+}
+
+
+def layer(group, name):
+    cfg = CONFIGS[name]
+    torch.manual_seed(1)
+    return perturb(GCoupling(group, cfg["shape"], hidden_fields=2, kernel_sizes=(3, 3), **cfg["kw"]))
+
+
+def squeezed_act(G):
+    return lambda g, y: F.pixel_unshuffle(G.act(g, F.pixel_shuffle(y, 2)), 2)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_reconstruction_and_exact_logdet(group, name):
+    t = layer(group, name)
+    x = torch.randn(3, *CONFIGS[name]["shape"])
+    assert max_reconstruction_error(t, x) <= 1e-5
+    z, ld = t(x)
+    assert torch.allclose(ld, autograd_logdet(t, x), atol=1e-4)
+    assert torch.allclose(t.inverse(z)[1], -ld, atol=1e-5)
+    assert ld.abs().max() > 1e-3 or name == "additive"  # the perturbed layer is not the identity
+
+
+@pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_equivariance_every_grid_element(group, name):
+    G = Group(group)
+    x = torch.randn(3, *CONFIGS[name]["shape"])
+    act = squeezed_act(G) if name == "squeezed" else None
+    if name == "squeezed":
+        err = max(float((layer(group, name)(act(g, x))[0] - act(g, layer(group, name)(x)[0])).abs().max())
+                  for g in G.grid_elements)
+    else:
+        err = max_equivariance_error(layer(group, name), G, x)
+    assert err <= 1e-5
+
+
+def test_squeezed_layer_would_break_equivariance_without_unsqueezed_conditioner():
+    """The same split treated as 8 scalar channels is not D4-equivariant: the fix is needed."""
+    G = Group("d4")
+    torch.manual_seed(1)
+    naive = perturb(GCoupling("d4", (8, 2, 2), split=4, hidden_fields=2, kernel_sizes=(3, 3)))
+    x = torch.randn(3, 8, 2, 2)
+    act = squeezed_act(G)
+    err = max(float((naive(act(g, x))[0] - act(g, naive(x)[0])).abs().max()) for g in G.grid_elements)
+    assert err > 1e-2
+
+
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_checkerboard_exact_on_parity_preserving_subgroup_only(group):
+    G, t = Group(group), layer(group, "checkerboard")
+    x = torch.randn(2, 1, 6, 6)
+    y = t(x)[0]
+    kept = [g for g in G.grid_elements if parity_preserving(G, g, 6, 6)]
+    swapped = [g for g in G.grid_elements if g not in kept]
+    assert {str(g) for g in kept} >= {"(rot 0 deg)", "(rot 180 deg)"} and swapped
+    for g in kept:
+        assert float((t(G.act(g, x))[0] - G.act(g, y)).abs().max()) <= 1e-5
+    for g in swapped:
+        assert float((t(G.act(g, x))[0] - G.act(g, y)).abs().max()) > 1e-3
+    # Translations on the periodic lattice: even ones are symmetries, odd ones swap sublattices.
+    for shift, exact in [((1, 1), True), ((2, 0), True), ((1, 0), False)]:
+        err = float((t(torch.roll(x, shift, (2, 3)))[0] - torch.roll(y, shift, (2, 3))).abs().max())
+        assert (err <= 1e-5) == exact, (shift, err)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_sign_symmetry(group):
+    t = layer(group, "sign")
+    x = torch.randn(3, 2, 4, 4)
+    y, ld = t(x)
+    y_neg, ld_neg = t(-x)
+    assert torch.allclose(y_neg, -y, atol=1e-6) and torch.allclose(ld_neg, ld, atol=1e-5)
+
+
+def test_log_scale_is_bounded():
+    t = GCoupling("c4", (2, 4, 4), hidden_fields=2, kernel_sizes=(3, 3), scale_bound=1.5)
+    perturb(t, scale=50.0)
+    _, ld = t(torch.randn(2, 2, 4, 4) * 100)
+    assert float(ld.abs().max()) <= 1.5 * 16
+
+
+@pytest.mark.parametrize("name", ["affine", "checkerboard"])
+def test_bad_input_and_settings(name):
+    t = layer("c4", name)
+    for x, err, word in bad_inputs(CONFIGS[name]["shape"]):
+        with pytest.raises(err, match=word):
+            t(x)
+        with pytest.raises(err, match=word):
+            t.inverse(x)
+    with pytest.raises(ValueError, match="unknown mask"):
+        GCoupling("c4", (2, 4, 4), mask="stripes")
+    with pytest.raises(ValueError, match="sub-pixels together"):
+        GCoupling("c4", (8, 2, 2), squeeze_levels=1, split=2)
