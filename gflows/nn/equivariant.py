@@ -106,6 +106,8 @@ class GConv2d(nn.Module):
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The convolution with an explicit filter (used with normalised filters)."""
+        if self.padding_mode == "zeros":  # let the kernel pad: no padded copy of the input
+            return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
         return F.conv2d(self.pad(x), weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:

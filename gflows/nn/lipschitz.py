@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.groups import Group
@@ -27,21 +28,23 @@ __all__ = ["LipschitzGConv2d", "operator_norm", "update_lipschitz"]
 
 
 def _power_iteration(
-    op, u: Tensor, tol: float, max_iters: int
+    op, u: Tensor, tol: float, max_iters: int, adjoint=None
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Power iteration for the top singular triple of the linear map ``op`` from ``u``.
 
     Stops when the eigen-residual ``|W^T W u - sigma^2 u| / sigma^2`` is below ``tol``: unlike the
     change of ``sigma`` between iterations, it stays large while ``u`` still mixes in a singular
     vector whose value is close to the top one. Returns ``(sigma, u, v, iterations)`` with unit
-    ``u``, ``v`` and ``op(u) = sigma v``.
+    ``u``, ``v`` and ``op(u) = sigma v``. ``adjoint`` defaults to the exact vector-Jacobian product.
     """
-    _, adjoint = torch.func.vjp(op, torch.zeros_like(u))
+    if adjoint is None:
+        _, vjp = torch.func.vjp(op, torch.zeros_like(u))
+        adjoint = lambda v: vjp(v)[0]  # noqa: E731
     u = u / u.norm().clamp_min(1e-12)
     for it in range(1, max_iters + 1):
         v = op(u)
         sigma = v.norm().clamp_min(1e-12)
-        (wtw_u,) = adjoint(v / sigma)  # = W^T W u / sigma
+        wtw_u = adjoint(v / sigma)  # = W^T W u / sigma
         residual = float((wtw_u - sigma * u).norm() / sigma)
         u = wtw_u / wtw_u.norm().clamp_min(1e-12)
         if residual <= tol:
@@ -114,7 +117,11 @@ class LipschitzGConv2d(GConv2d):
         # near-top singular value still hides in it.
         u = self.u.to(weight.dtype)
         u = u / u.norm().clamp_min(1e-12) + 0.3 * torch.randn_like(u) / u.numel() ** 0.5
-        sigma, u, v, n = _power_iteration(lambda x: self.conv(x, weight), u, self.tol, iters)
+        adjoint = None
+        if self.padding_mode == "zeros":  # cheaper than autograd's vector-Jacobian product
+            p = self.kernel_size // 2
+            adjoint = lambda v: F.conv_transpose2d(v, weight, padding=p)  # noqa: E731
+        sigma, u, v, n = _power_iteration(lambda x: self.conv(x, weight), u, self.tol, iters, adjoint)
         self.u.copy_(u)
         self.v.copy_(v)
         self.sigma.copy_(sigma)

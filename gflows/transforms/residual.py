@@ -259,6 +259,8 @@ class GResidualBlock(ResidualTransform):
         kernel_sizes: kernel size of each convolution of ``g`` (Residual Flows use 3, 1, 3).
         coeff: Lipschitz bound ``c`` of every convolution; ``Lip(g) <= c^len(kernel_sizes)``.
         padding_mode: ``'zeros'`` for images, ``'circular'`` for periodic lattices.
+        lipschitz_kwargs: power-iteration options (``tol``, ``max_iters``, ``init_iters``) of
+            :class:`~gflows.nn.lipschitz.LipschitzGConv2d`.
         **kwargs: log-det and inverse options of :class:`ResidualTransform`.
     """
 
@@ -270,6 +272,7 @@ class GResidualBlock(ResidualTransform):
         kernel_sizes: Sequence[int] = (3, 1, 3),
         coeff: float = 0.98,
         padding_mode: str = "zeros",
+        lipschitz_kwargs: dict | None = None,
         **kwargs,
     ):
         if len(event_shape) != 3:
@@ -277,10 +280,9 @@ class GResidualBlock(ResidualTransform):
         if not 0 < coeff < 1:
             raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
         c, h, w = (int(s) for s in event_shape)
-        g = GConvNet(
-            group, c, c, hidden_fields, kernel_sizes, padding_mode,
-            conv=LipschitzGConv2d, conv_kwargs={"input_hw": (h, w), "coeff": coeff},
-        )
+        conv_kwargs = {"input_hw": (h, w), "coeff": coeff, **(lipschitz_kwargs or {})}
+        g = GConvNet(group, c, c, hidden_fields, kernel_sizes, padding_mode,
+                     conv=LipschitzGConv2d, conv_kwargs=conv_kwargs)
         super().__init__(g, event_shape, **kwargs)
         self.group = g.group
         self.coeff = coeff
