@@ -32,6 +32,11 @@ class Transform(nn.Module):
 
     event_shape: tuple[int, ...]
 
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """Event shape of the output (the noise side); the input's unless the layer reshapes."""
+        return tuple(self.event_shape)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -61,6 +66,10 @@ class Compose(Transform):
         self.transforms = nn.ModuleList(flat)
         self.event_shape = tuple(flat[0].event_shape)
 
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.transforms[-1].out_shape
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = x.new_zeros(x.shape[0])
         for t in self.transforms:
@@ -82,7 +91,11 @@ class Inverse(Transform):
     def __init__(self, transform: Transform, event_shape: Sequence[int] | None = None):
         super().__init__()
         self.transform = transform
-        self.event_shape = tuple(event_shape if event_shape is not None else transform.event_shape)
+        self.event_shape = tuple(event_shape if event_shape is not None else transform.out_shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.transform.event_shape)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.transform.inverse(x, context)
@@ -121,13 +134,13 @@ class Flow(nn.Module):
     Args:
         transform: data -> noise transform.
         base: distribution of the noise, with ``log_prob(z)`` and ``sample(n)``; defaults to
-            :class:`StandardNormal` on ``transform.event_shape``.
+            :class:`StandardNormal` on ``transform.out_shape``.
     """
 
     def __init__(self, transform: Transform, base: nn.Module | None = None):
         super().__init__()
         self.transform = transform
-        self.base = base if base is not None else StandardNormal(transform.event_shape)
+        self.base = base if base is not None else StandardNormal(transform.out_shape)
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Log-density of ``x``, shape ``[batch]``."""

@@ -1,5 +1,5 @@
 """Model builders."""
 
-from gflows.models.image import g_residual_flow
+from gflows.models.image import FLOW_KINDS, g_residual_flow, image_flow, image_model
 
-__all__ = ["g_residual_flow"]
+__all__ = ["FLOW_KINDS", "g_residual_flow", "image_flow", "image_model"]

@@ -1,4 +1,11 @@
-"""Builders of image flows from a few settings."""
+"""Builders of image flows from a few settings.
+
+Multiscale models follow Residual Flows / Glow: at each scale ``blocks_per_scale`` blocks, each
+followed by ActNorm, and a squeeze between scales. Every layer is equivariant for the grid-exact
+elements of the group: after ``s`` squeezes the blocks run their networks on the un-squeezed grid
+and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel, so the squeezed
+tensors carry their true representation (see :mod:`gflows.transforms.reshape`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,83 @@ from collections.abc import Sequence
 
 from gflows.flow import Compose, Flow, Transform
 from gflows.groups import Group
-from gflows.transforms.elementwise import ActNorm
+from gflows.transforms.autoregressive import GIAF
+from gflows.transforms.butterfly import Butterfly
+from gflows.transforms.coupling import GCoupling
+from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
+from gflows.transforms.reshape import Squeeze
 from gflows.transforms.residual import GResidualBlock
 
-__all__ = ["g_residual_flow"]
+__all__ = ["FLOW_KINDS", "g_residual_flow", "image_flow", "image_model"]
+
+FLOW_KINDS = ("residual", "coupling", "iaf", "glow_butterfly")
+
+
+def _block(kind: str, group, shape, level: int, index: int, hidden_fields: int, kw: dict) -> list[Transform]:
+    if kind == "residual":
+        return [GResidualBlock(group, shape, hidden_fields, squeeze_levels=level, **kw)]
+    if kind == "coupling":
+        return [GCoupling(group, shape, squeeze_levels=level, flip=bool(index % 2),
+                          hidden_fields=hidden_fields, **kw)]
+    if kind == "iaf":
+        if level:
+            raise ValueError("iaf models are single-scale: set n_scales=1")
+        return [GIAF(group, shape, n_blocks=shape[0], hidden_fields=hidden_fields, **kw)]
+    if kind == "glow_butterfly":
+        # Butterfly channel mixing commutes with pixel moves but not with the sub-pixel
+        # permutations a squeeze brings in: this model is equivariant only at scale 0.
+        return [Butterfly(shape), GCoupling(group, shape, squeeze_levels=level, flip=bool(index % 2),
+                                            hidden_fields=hidden_fields, **kw)]
+    raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
+
+
+def image_flow(
+    kind: str,
+    group: str | Group,
+    event_shape: Sequence[int],
+    n_scales: int = 1,
+    blocks_per_scale: int = 2,
+    hidden_fields: int = 8,
+    actnorm: bool = True,
+    **block_kwargs,
+) -> Compose:
+    """A multiscale transform of ``kind`` in :data:`FLOW_KINDS` (see the module docstring).
+
+    Args:
+        kind: ``'residual'``, ``'coupling'``, ``'iaf'`` or ``'glow_butterfly'``.
+        group: symmetry group; ``'trivial'`` gives the ordinary model through the same code.
+        event_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2^(n_scales - 1)``.
+        n_scales: number of scales (``n_scales - 1`` squeezes).
+        blocks_per_scale: blocks per scale.
+        hidden_fields: regular fields per hidden layer of each block's network.
+        actnorm: ActNorm after each block.
+        **block_kwargs: passed to every block.
+    """
+    if kind not in FLOW_KINDS:
+        raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
+    shape = tuple(int(s) for s in event_shape)
+    layers: list[Transform] = []
+    for level in range(n_scales):
+        if level:
+            sq = Squeeze(shape)
+            layers.append(sq)
+            shape = sq.out_shape
+        for i in range(blocks_per_scale):
+            layers += _block(kind, group, shape, level, i, hidden_fields, block_kwargs)
+            if actnorm:
+                layers.append(ActNorm(shape, field_size=4**level))
+    return Compose(layers)
+
+
+def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 32, 32),
+                alpha: float = 0.05, **kwargs) -> Flow:
+    """Flow on 8-bit images: uniform dequantisation, logit(alpha), then :func:`image_flow`.
+
+    ``-flow.log_prob(x) / (D ln 2)`` is then the bits per dimension of integer images ``x``,
+    counting every log-det of the preprocessing and the 256 bins.
+    """
+    shape = tuple(event_shape)
+    return Flow(Compose(Dequantize(shape), Logit(shape, alpha), image_flow(kind, group, shape, **kwargs)))
 
 
 def g_residual_flow(
@@ -24,18 +104,6 @@ def g_residual_flow(
 
     Every layer commutes with the grid-exact elements of ``group`` acting on the pixels, and the
     standard-normal base is invariant, so ``log_prob`` is G-invariant.
-
-    Args:
-        group: symmetry group, e.g. ``'d4'``; ``'trivial'`` gives the ordinary residual flow.
-        event_shape: ``(C, H, W)``.
-        n_blocks: number of residual blocks.
-        hidden_fields: regular fields per hidden layer of each block.
-        actnorm: put an ActNorm after each block.
-        **block_kwargs: options of :class:`~gflows.transforms.residual.GResidualBlock`.
     """
-    layers: list[Transform] = []
-    for _ in range(n_blocks):
-        layers.append(GResidualBlock(group, event_shape, hidden_fields, **block_kwargs))
-        if actnorm:
-            layers.append(ActNorm(event_shape))
-    return Flow(Compose(layers))
+    return Flow(image_flow("residual", group, event_shape, 1, n_blocks, hidden_fields, actnorm,
+                           **block_kwargs))

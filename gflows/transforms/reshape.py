@@ -34,7 +34,11 @@ class Squeeze(Transform):
         if h % 2 or w % 2:
             raise ValueError(f"Squeeze needs even height and width, got {(h, w)}")
         self.event_shape = (c, h, w)
-        self.out_shape = (4 * c, h // 2, w // 2)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.event_shape
+        return (4 * c, h // 2, w // 2)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)

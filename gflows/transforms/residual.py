@@ -29,10 +29,11 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.flow import Transform
-from gflows.groups import Group
+from gflows.groups import Group, get_group
 from gflows.nn.equivariant import GConvNet
 from gflows.nn.lipschitz import LipschitzGConv2d
 
@@ -249,6 +250,21 @@ class _MemorySaving(torch.autograd.Function):
         return (None, *out)
 
 
+class _AtFineGrid(nn.Module):
+    """Run ``net`` on the un-squeezed (depth-to-space) input and squeeze its output back.
+
+    Squeezing is a permutation of entries, so Lipschitz constants are unchanged, and the network
+    sees scalar fields on the fine grid, where the group acts by moving pixels only.
+    """
+
+    def __init__(self, net: nn.Module, levels: int):
+        super().__init__()
+        self.net, self.r = net, 2**levels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pixel_unshuffle(self.net(F.pixel_shuffle(x, self.r)), self.r)
+
+
 class GResidualBlock(ResidualTransform):
     """G-residual block ``x + g(x)`` on scalar image channels, ``g`` G-equivariant, ``Lip(g) <= c``.
 
@@ -261,6 +277,9 @@ class GResidualBlock(ResidualTransform):
         padding_mode: ``'zeros'`` for images, ``'circular'`` for periodic lattices.
         lipschitz_kwargs: power-iteration options (``tol``, ``max_iters``, ``init_iters``) of
             :class:`~gflows.nn.lipschitz.LipschitzGConv2d`.
+        squeeze_levels: the input has been squeezed this many times; ``g`` then runs on the
+            un-squeezed grid (scalar fields, where the group only moves pixels) and squeezes its
+            output back, so the block is equivariant for the squeezed tensor's true representation.
         **kwargs: log-det and inverse options of :class:`ResidualTransform`.
     """
 
@@ -273,18 +292,24 @@ class GResidualBlock(ResidualTransform):
         coeff: float = 0.98,
         padding_mode: str = "zeros",
         lipschitz_kwargs: dict | None = None,
+        squeeze_levels: int = 0,
         **kwargs,
     ):
         if len(event_shape) != 3:
             raise ValueError(f"event_shape must be (C, H, W), got {tuple(event_shape)}")
+        r = 2**squeeze_levels
+        if event_shape[0] % (r * r):
+            raise ValueError(f"{event_shape[0]} channels are not whole fields of {r * r} sub-pixels")
         if not 0 < coeff < 1:
             raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
-        c, h, w = (int(s) for s in event_shape)
+        c, h, w = int(event_shape[0]) // (r * r), int(event_shape[1]) * r, int(event_shape[2]) * r
         conv_kwargs = {"input_hw": (h, w), "coeff": coeff, **(lipschitz_kwargs or {})}
         g = GConvNet(group, c, c, hidden_fields, kernel_sizes, padding_mode,
                      conv=LipschitzGConv2d, conv_kwargs=conv_kwargs)
+        if squeeze_levels:
+            g = _AtFineGrid(g, squeeze_levels)
         super().__init__(g, event_shape, **kwargs)
-        self.group = g.group
+        self.group = get_group(group)
         self.coeff = coeff
 
     @property
