@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 import gflows
-from gflows.models import g_residual_flow
+from gflows.models import g_residual_flow, image_flow, image_model
 
 
 def test_d4_residual_flow_on_rgb_images_is_invariant_and_samples():
@@ -24,12 +25,10 @@ def test_d4_residual_flow_on_rgb_images_is_invariant_and_samples():
     assert torch.isfinite(z).all()
 
 
-import pytest  # noqa: E402
-
-from gflows.models import image_flow, image_model  # noqa: E402
+KINDS = [("residual", 2), ("coupling", 2), ("iaf", 1), ("glow_butterfly", 1)]
 
 
-@pytest.mark.parametrize("kind, scales", [("residual", 2), ("coupling", 2), ("iaf", 1), ("glow_butterfly", 1)])
+@pytest.mark.parametrize("kind, scales", KINDS)
 def test_multiscale_builders_invert_and_are_equivariant(kind, scales):
     from helpers import max_equivariance_error, max_reconstruction_error, perturb
 

@@ -79,21 +79,27 @@ class Butterfly(Transform):
         per_position = torch.log(torch.abs(a * d - b * c)).sum()
         return (per_position * math.prod(self.event_shape[1:])).expand(batch).to(like.dtype)
 
+    def _coefficients(self, inverse: bool) -> Tensor:
+        """``[m, 4, n/2]``: per factor, the rows ``a, b, c, d`` of every pair's 2x2 block."""
+        a, b, c, d = self.weight.unbind(-1)
+        if inverse:
+            det = a * d - b * c
+            a, b, c, d = d / det, -b / det, -c / det, a / det
+        return torch.stack([a, b, c, d], 1)
+
     def _mix(self, r: Tensor, inverse: bool) -> Tensor:
         if self.m == 0:
             return r
         mixed, rest = r[:, : self.n_mixed], r[:, self.n_mixed :]
-        order = range(self.m, 0, -1) if inverse else range(1, self.m + 1)
-        for k in order:
-            a, b, c, d = (w.reshape(2 ** (k - 1), self.n_mixed // 2**k) for w in
-                          self.weight[k - 1].unbind(-1))
-            v = self._factor_view(mixed, k)
+        coef = self._coefficients(inverse)
+        for k in (range(self.m, 0, -1) if inverse else range(1, self.m + 1)):
+            blocks, width = 2 ** (k - 1), self.n_mixed // 2**k
+            a, b, c, d = coef[k - 1].view(4, blocks, width).unbind(0)
+            v = mixed.view(r.shape[0], blocks, 2, width)
             x0, x1 = v[:, :, 0], v[:, :, 1]
-            if inverse:
-                det = a * d - b * c
-                a, b, c, d = d / det, -b / det, -c / det, a / det
-            mixed = torch.stack([a * x0 + b * x1, c * x0 + d * x1], 2).reshape(r.shape[0], -1)
-        return torch.cat([mixed, rest], 1)
+            mixed = torch.stack([torch.addcmul(a * x0, b, x1), torch.addcmul(c * x0, d, x1)], 2)
+            mixed = mixed.view(r.shape[0], -1)
+        return torch.cat([mixed, rest], 1) if rest.shape[1] else mixed
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
