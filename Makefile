@@ -18,11 +18,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The main job; pass overrides with ARGS="preset=tiny data.verify=false ...".
 train: $(STAMP)
-	$(BIN)/python train.py $(ARGS)
+	$(BIN)/python train.py flow=g_residual data=cifar10 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_residual_block.py
+	$(BIN)/python benchmarks/bench_butterfly.py
 
 clean:
 	rm -rf $(VENV)

@@ -84,6 +84,17 @@ class GConv2d(nn.Module):
         self.r2conv = enn.R2Conv(
             self.in_type, self.out_type, kernel_size, padding=0, bias=bias, frequencies_cutoff=_full_band
         )
+        # Drop escnn's cache buffers so that the state_dict is the same in every mode (see train).
+        nn.Module.train(self.r2conv, True)
+        for name in ("filter", "expanded_bias"):
+            self.r2conv._buffers.pop(name, None)
+
+    def train(self, mode: bool = True) -> GConv2d:
+        # escnn's R2Conv.eval() caches its expanded filter as extra buffers, which would change the
+        # state_dict between modes; the filter is expanded here on every call instead.
+        nn.Module.train(self, mode)
+        nn.Module.train(self.r2conv, mode)
+        return self
 
     @property
     def in_channels(self) -> int:
