@@ -19,6 +19,7 @@ from gflows.groups import Group
 from gflows.models.image import image_model
 from gflows.nn.lipschitz import update_lipschitz
 from gflows.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gflows.training.distributed import reseed_for_step, setup, wrap
 
 __all__ = ["bits_per_dim", "build_model", "evaluate", "run"]
 
@@ -83,6 +84,14 @@ def _wandb(cfg, run_dir: Path):
 
     return wandb.init(project=cfg.wandb.project, dir=str(run_dir), mode=mode, reinit=True,
                       config=OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
+
+
+def _disabled(cfg):
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c["wandb"]["mode"] = "disabled"
+    return OmegaConf.create(c)
 
 
 def _lr(cfg, step: int) -> float:
@@ -171,6 +180,11 @@ def run(cfg) -> dict[str, Any]:
         print(json.dumps(result))
         return result
 
+    dd = setup(cfg.device)
+    if cfg.trainer.batch_size % dd.world:
+        raise ValueError(
+            f"trainer.batch_size {cfg.trainer.batch_size} does not split over {dd.world} processes"
+        )
     train_x = _data(cfg, "train")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
     step, restores, lr_scale = 0, 0, 1.0
@@ -191,25 +205,29 @@ def run(cfg) -> dict[str, Any]:
         print(f"resume: continuing from step {step} of {ckpt_path}")
 
     def checkpoint() -> None:
+        if not dd.main:
+            return
         save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema,
                          "step": step, "restores": restores, "lr_scale": lr_scale, "rng": rng_state()},
                         ckpt_path)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    wb = _wandb(cfg, run_dir)
+    wb = _wandb(cfg if dd.main else _disabled(cfg), run_dir)
+    train_module = wrap(model, dd)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.trainer.steps, initial=step, desc=f"{cfg.flow.name}/{group.name}",
-               disable=os.environ.get("CI") == "true")
+               disable=os.environ.get("CI") == "true" or not dd.main)
     bad, t0, last = 0, time.time(), {}
     while step < cfg.trainer.steps:
         model.train()
         lr = _lr(cfg, step) * lr_scale
         for pg in opt.param_groups:
             pg["lr"] = lr
-        x = _batch(train_x, step, cfg.trainer.batch_size, cfg.seed, cfg.data.hflip)
-        loss = bits_per_dim(model.log_prob(x), dims).mean()
-        if not torch.isfinite(loss):
+        x = dd.shard(_batch(train_x, step, cfg.trainer.batch_size, cfg.seed, cfg.data.hflip))
+        reseed_for_step(cfg.seed, step, dd, x.numel())
+        loss = bits_per_dim(train_module(x), dims).mean()
+        if not dd.all_finite(loss):
             bad += 1
             print(f"step {step}: non-finite loss skipped ({bad} in a row)")
             wb.log({"skipped_step": step}, step=step)
@@ -237,15 +255,17 @@ def run(cfg) -> dict[str, Any]:
         last = {"step": step, "loss_bpd": float(loss), "lr": lr, "grad_norm": float(gnorm),
                 "seconds": time.time() - t0}
         bar.set_postfix(bpd=f"{float(loss):.3f}")
-        with open(metrics, "a") as fh:
-            fh.write(json.dumps(last) + "\n")
+        if dd.main:
+            with open(metrics, "a") as fh:
+                fh.write(json.dumps(last) + "\n")
         if step % cfg.trainer.log_every == 0:
             wb.log({"train/bpd": float(loss), "lr": lr, "grad_norm": float(gnorm)}, step=step)
         if step % cfg.trainer.ckpt_every == 0 or step == cfg.trainer.steps:
             checkpoint()
     bar.close()
+    dd.barrier()
     result: dict[str, Any] = {"step": step, **({"train_bpd": last["loss_bpd"]} if last else {})}
-    if cfg.trainer.eval_at_end:
+    if cfg.trainer.eval_at_end and dd.main:
         ema_model = _with_ema(model, ema)
         result.update(evaluate(ema_model, _data(cfg, "test"), cfg.trainer.eval_batch_size, group))
         path = _save_samples(ema_model, cfg.sample.n, cfg.sample.temperature, cfg.sample.path)
