@@ -267,7 +267,8 @@ def run(cfg) -> dict[str, Any]:
     result: dict[str, Any] = {"step": step, **({"train_bpd": last["loss_bpd"]} if last else {})}
     if cfg.trainer.eval_at_end and dd.main:
         ema_model = _with_ema(model, ema)
-        result.update(evaluate(ema_model, _data(cfg, "test"), cfg.trainer.eval_batch_size, group))
+        orbit_group = group if cfg.trainer.get("eval_orbit", True) else None
+        result.update(evaluate(ema_model, _data(cfg, "test"), cfg.trainer.eval_batch_size, orbit_group))
         path = _save_samples(ema_model, cfg.sample.n, cfg.sample.temperature, cfg.sample.path)
         import wandb
 
