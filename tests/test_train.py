@@ -136,3 +136,13 @@ def test_non_finite_losses_are_skipped_then_restored_then_fatal(tmp_path, monkey
     with pytest.raises(RuntimeError, match="training diverged"):
         images.run(config(tmp_path, "trainer.steps=8", "trainer.max_bad_steps=1", "trainer.max_restores=1",
                           "trainer.eval_at_end=false"))
+
+
+def test_unknown_or_missing_device_is_refused(tmp_path):
+    from gflows.training.images import run
+
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        run(config(tmp_path, "device=tpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            run(config(tmp_path, "device=cuda"))

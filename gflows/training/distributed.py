@@ -51,6 +51,8 @@ def setup(device: str = "cpu") -> Dist:
     if world == 1:
         return Dist()
     if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size())
 
@@ -66,12 +68,13 @@ class LogProb(nn.Module):
         return self.flow.log_prob(x)
 
 
-def wrap(flow: nn.Module, d: Dist) -> nn.Module:
+def wrap(flow: nn.Module, d: Dist, device: torch.device | None = None) -> nn.Module:
     """The module to call for the training loss: ``LogProb`` under DDP when ``d.world > 1``."""
     module = LogProb(flow)
     if d.world == 1:
         return module
-    return nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+    ids = [device.index] if device is not None and device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -86,6 +86,17 @@ def _wandb(cfg, run_dir: Path):
                       config=OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
 
 
+def _device(name: str) -> torch.device:
+    """``cpu`` or ``cuda``; under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: expected 'cpu' or 'cuda'")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def _disabled(cfg):
     from omegaconf import OmegaConf
 
@@ -121,7 +132,7 @@ def evaluate(model: Flow, x: Tensor, batch_size: int, group: Group | None = None
     dims = x[0].numel()
     total, orbit_total = 0.0, 0.0
     for i in range(0, len(x), batch_size):
-        b = x[i : i + batch_size].float()
+        b = x[i : i + batch_size].float().to(model.base._dummy.device)
         total += float(bits_per_dim(model.log_prob(b), dims).sum())
         if group is not None and group.order > 1:
             lps = torch.stack([model.log_prob(group.act(g, b)) for g in group.grid_elements])
@@ -141,7 +152,7 @@ def _save_samples(model: Flow, n: int, temperature: float, path: str) -> str:
         z = model.base.sample(n, temperature)
         x, _ = model.transform.inverse(z)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x / 255.0, path, nrow=int(math.sqrt(n)) or 1)
+    save_image(x.cpu() / 255.0, path, nrow=int(math.sqrt(n)) or 1)
     print(f"samples: wrote {n} samples at temperature {temperature} to {path}")
     return path
 
@@ -163,6 +174,7 @@ def run(cfg) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg)  # validates the flow and group settings before any data is read
+    device = _device(cfg.device)
     group = Group(cfg.flow.group or cfg.group.name)
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -173,7 +185,7 @@ def run(cfg) -> dict[str, Any]:
             raise FileNotFoundError(f"no checkpoint at {ckpt_path}: train first (mode=train)")
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
-        model = _with_ema(model, state["ema"])
+        model = _with_ema(model, state["ema"]).to(device)
         if cfg.mode == "sample":
             return {"samples": _save_samples(model, cfg.sample.n, cfg.sample.temperature, cfg.sample.path)}
         result = evaluate(model, _data(cfg, "test"), cfg.trainer.eval_batch_size, group)
@@ -181,6 +193,7 @@ def run(cfg) -> dict[str, Any]:
         return result
 
     dd = setup(cfg.device)
+    model.to(device)
     if cfg.trainer.batch_size % dd.world:
         raise ValueError(
             f"trainer.batch_size {cfg.trainer.batch_size} does not split over {dd.world} processes"
@@ -192,13 +205,13 @@ def run(cfg) -> dict[str, Any]:
     # ActNorm's data-dependent initialisation sees the first batch.
     model.train()
     with torch.no_grad():
-        model.log_prob(_batch(train_x, 0, cfg.trainer.batch_size, cfg.seed, False))
+        model.log_prob(_batch(train_x, 0, cfg.trainer.batch_size, cfg.seed, False).to(device))
     ema = {k: p.detach().clone() for k, p in model.named_parameters()}
     if cfg.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        ema = state["ema"]
+        ema = {k: v.to(device) for k, v in state["ema"].items()}
         step, restores, lr_scale = state["step"], state["restores"], state["lr_scale"]
         set_rng_state(state["rng"])
         _truncate_metrics(metrics, step)
@@ -213,7 +226,7 @@ def run(cfg) -> dict[str, Any]:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     wb = _wandb(cfg if dd.main else _disabled(cfg), run_dir)
-    train_module = wrap(model, dd)
+    train_module = wrap(model, dd, device)
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.trainer.steps, initial=step, desc=f"{cfg.flow.name}/{group.name}",
@@ -224,7 +237,7 @@ def run(cfg) -> dict[str, Any]:
         lr = _lr(cfg, step) * lr_scale
         for pg in opt.param_groups:
             pg["lr"] = lr
-        x = dd.shard(_batch(train_x, step, cfg.trainer.batch_size, cfg.seed, cfg.data.hflip))
+        x = dd.shard(_batch(train_x, step, cfg.trainer.batch_size, cfg.seed, cfg.data.hflip)).to(device)
         reseed_for_step(cfg.seed, step, dd, x.numel())
         loss = bits_per_dim(train_module(x), dims).mean()
         if not dd.all_finite(loss):
@@ -239,7 +252,7 @@ def run(cfg) -> dict[str, Any]:
                 state = load_checkpoint(ckpt_path)
                 model.load_state_dict(state["model"])
                 opt.load_state_dict(state["optimizer"])
-                ema, step = state["ema"], state["step"]
+                ema, step = {k: v.to(device) for k, v in state["ema"].items()}, state["step"]
                 restores, lr_scale, bad = restores + 1, lr_scale * 0.5, 0
                 print(f"restored step {step} from {ckpt_path}; learning rate scaled by {lr_scale}")
             continue
