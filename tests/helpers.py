@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gflows.groups import Group
 
@@ -26,16 +27,20 @@ def max_reconstruction_error(transform, x: torch.Tensor) -> float:
     return float((xr - x).abs().max())
 
 
-def max_equivariance_error(transform, group: Group, x: torch.Tensor, act_out=None) -> float:
-    """``max_g |T(g.x) - g.T(x)|`` over the grid-exact elements of ``group``."""
-    act_out = act_out or group.act
+def max_equivariance_error(transform, group: Group, x: torch.Tensor, act=None) -> float:
+    """``max_g |T(g.x) - g.T(x)|`` over the grid-exact elements of ``group``; ``act(g, x)``
+    defaults to ``group.act`` (scalar fields)."""
+    act = act or group.act
     with torch.no_grad():
         y, _ = transform(x)
-        errs = [
-            float((transform(group.act(g, x))[0] - act_out(g, y)).abs().max())
-            for g in group.grid_elements
-        ]
+        errs = [float((transform(act(g, x))[0] - act(g, y)).abs().max()) for g in group.grid_elements]
     return max(errs)
+
+
+def squeezed_act(group: Group, levels: int = 1):
+    """The group's action on a tensor squeezed ``levels`` times: un-squeeze, move pixels, squeeze."""
+    r = 2**levels
+    return lambda g, y: F.pixel_unshuffle(group.act(g, F.pixel_shuffle(y, r)), r)
 
 
 def bad_inputs(shape: tuple[int, ...]) -> list[tuple[object, type, str]]:

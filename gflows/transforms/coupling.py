@@ -32,12 +32,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.equivariant import GConvNet, LipSwish
+from gflows.transforms.reshape import AtFineGrid
 
 __all__ = ["Conditioner", "GCoupling", "checkerboard", "parity_preserving"]
 
@@ -174,8 +174,9 @@ class GCoupling(Transform):
             n_in, n_out = c, c
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
-        self.conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
-                                       padding_mode, affine, sign_symmetric, scale_bound)
+        conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
+                                  padding_mode, affine, sign_symmetric, scale_bound)
+        self.conditioner = AtFineGrid(conditioner, self.levels) if self.levels else conditioner
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, b = x[:, : self.split], x[:, self.split :]
@@ -188,9 +189,7 @@ class GCoupling(Transform):
         if self.mask_kind == "checkerboard":
             s, t = self.conditioner(xa * (1 - self.mask_b))
             return s * self.mask_b, t * self.mask_b
-        r = 2**self.levels
-        s, t = self.conditioner(F.pixel_shuffle(xa, r) if r > 1 else xa)
-        return (F.pixel_unshuffle(s, r), F.pixel_unshuffle(t, r)) if r > 1 else (s, t)
+        return self.conditioner(xa)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)

@@ -18,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from gflows.flow import Transform
 
-__all__ = ["Squeeze"]
+__all__ = ["AtFineGrid", "Squeeze"]
 
 
 class Squeeze(Transform):
@@ -49,3 +49,23 @@ class Squeeze(Transform):
 
         check_event(z, self.out_shape, "Squeeze inverse input")
         return F.pixel_shuffle(z, 2), z.new_zeros(z.shape[0])
+
+
+class AtFineGrid(nn.Module):
+    """Run ``net`` on the un-squeezed (depth-to-space) input and squeeze its output(s) back.
+
+    For a tensor squeezed ``levels`` times, ``net`` then sees scalar fields on the fine grid, where
+    the group only moves pixels, so an equivariant ``net`` gives a map that is equivariant for the
+    squeezed tensors' true representation. Squeezing permutes entries: Lipschitz constants are
+    unchanged. A tuple output (for example a conditioner's ``(s, t)``) is squeezed entry by entry.
+    """
+
+    def __init__(self, net: nn.Module, levels: int):
+        super().__init__()
+        self.net, self.r = net, 2**levels
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        out = self.net(F.pixel_shuffle(x, self.r))
+        if isinstance(out, tuple):
+            return tuple(F.pixel_unshuffle(o, self.r) for o in out)
+        return F.pixel_unshuffle(out, self.r)

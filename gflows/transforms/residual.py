@@ -29,13 +29,13 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
 from gflows.nn.equivariant import GConvNet
 from gflows.nn.lipschitz import LipschitzGConv2d
+from gflows.transforms.reshape import AtFineGrid
 
 __all__ = [
     "ConvergenceError",
@@ -250,21 +250,6 @@ class _MemorySaving(torch.autograd.Function):
         return (None, *out)
 
 
-class _AtFineGrid(nn.Module):
-    """Run ``net`` on the un-squeezed (depth-to-space) input and squeeze its output back.
-
-    Squeezing is a permutation of entries, so Lipschitz constants are unchanged, and the network
-    sees scalar fields on the fine grid, where the group acts by moving pixels only.
-    """
-
-    def __init__(self, net: nn.Module, levels: int):
-        super().__init__()
-        self.net, self.r = net, 2**levels
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.pixel_unshuffle(self.net(F.pixel_shuffle(x, self.r)), self.r)
-
-
 class GResidualBlock(ResidualTransform):
     """G-residual block ``x + g(x)`` on scalar image channels, ``g`` G-equivariant, ``Lip(g) <= c``.
 
@@ -307,7 +292,7 @@ class GResidualBlock(ResidualTransform):
         g = GConvNet(group, c, c, hidden_fields, kernel_sizes, padding_mode,
                      conv=LipschitzGConv2d, conv_kwargs=conv_kwargs)
         if squeeze_levels:
-            g = _AtFineGrid(g, squeeze_levels)
+            g = AtFineGrid(g, squeeze_levels)
         super().__init__(g, event_shape, **kwargs)
         self.group = get_group(group)
         self.coeff = coeff
