@@ -122,15 +122,17 @@ def test_non_finite_losses_are_skipped_then_restored_then_fatal(tmp_path, monkey
         out = real(log_prob, dims)
         return out * float("nan") if poisoned.bad(calls["n"]) else out
 
-    # Steps 1-2 train and checkpoint; calls 3 and 4 are non-finite: with max_bad_steps=2 the run
-    # restores step 2 with half the learning rate, then finishes.
-    poisoned.bad = lambda n: n in (3, 4)
+    # Steps 1-2 train and checkpoint, step 3 trains; calls 4 and 5 are non-finite: with
+    # max_bad_steps=2 the run restores step 2 with half the learning rate, then finishes.
+    poisoned.bad = lambda n: n in (4, 5)
     monkeypatch.setattr(images, "bits_per_dim", poisoned)
     out = images.run(config(tmp_path, "trainer.steps=4", "trainer.ckpt_every=2", "trainer.max_bad_steps=2",
                             "trainer.eval_at_end=false"))
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert out["step"] == 4 and ckpt["restores"] == 1 and ckpt["lr_scale"] == 0.5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the restore cut the curve back to step 2: no step logged twice
     # Always non-finite: restores run out and the run stops with a clear message.
     poisoned.bad = lambda n: True
     with pytest.raises(RuntimeError, match="training diverged"):

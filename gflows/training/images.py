@@ -207,14 +207,21 @@ def run(cfg) -> dict[str, Any]:
     with torch.no_grad():
         model.log_prob(_batch(train_x, 0, cfg.trainer.batch_size, cfg.seed, False).to(device))
     ema = {k: p.detach().clone() for k, p in model.named_parameters()}
-    if cfg.resume and ckpt_path.exists():
+
+    def load() -> dict[str, Any]:
+        """Weights, optimiser and EMA from the checkpoint; the logged curve is cut back to its step."""
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        ema = {k: v.to(device) for k, v in state["ema"].items()}
+        ema.update({k: v.to(device) for k, v in state["ema"].items()})
+        if dd.main:
+            _truncate_metrics(metrics, state["step"])
+        return state
+
+    if cfg.resume and ckpt_path.exists():
+        state = load()
         step, restores, lr_scale = state["step"], state["restores"], state["lr_scale"]
         set_rng_state(state["rng"])
-        _truncate_metrics(metrics, step)
         print(f"resume: continuing from step {step} of {ckpt_path}")
 
     def checkpoint() -> None:
@@ -249,10 +256,7 @@ def run(cfg) -> dict[str, Any]:
                 if restores >= cfg.trainer.max_restores or not ckpt_path.exists():
                     raise RuntimeError(f"training diverged: {bad} non-finite losses in a row at step {step}"
                                        f" after {restores} restores; lower trainer.lr")
-                state = load_checkpoint(ckpt_path)
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                ema, step = {k: v.to(device) for k, v in state["ema"].items()}, state["step"]
+                step = load()["step"]
                 restores, lr_scale, bad = restores + 1, lr_scale * 0.5, 0
                 print(f"restored step {step} from {ckpt_path}; learning rate scaled by {lr_scale}")
             continue
