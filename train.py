@@ -1,4 +1,8 @@
-"""Train, evaluate or sample gflows image models: ``python train.py flow=g_residual data=cifar10``."""
+"""Train, evaluate or sample gflows models from the Hydra configs in ``configs/``.
+
+    python train.py flow=g_residual data=cifar10            # exact-likelihood image model
+    python train.py data=phi4 data.preset=E2 flow=g_coupling  # lattice phi^4 sampler
+"""
 
 import hydra
 from omegaconf import DictConfig
@@ -6,8 +10,10 @@ from omegaconf import DictConfig
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from gflows.training.images import run
-
+    if cfg.data.name == "phi4":
+        from gflows.training.lattice import run
+    else:
+        from gflows.training.images import run
     run(cfg)
 
 

@@ -1,28 +1,74 @@
-"""Flows for periodic lattice fields ``[1, L, L]``."""
+r"""Flows for periodic lattice fields ``[1, L, L]``: the gflows symmetric sampler and the lattice
+review's RealNVP baseline, both stacks of checkerboard affine couplings with circular padding.
+
+Map, inverse and log-det are those of :class:`~gflows.transforms.coupling.GCoupling`, alternating
+the sublattice that conditions the other. Symmetries of every layer (hence of ``log q``, the
+standard-normal base having all of them), on an even ``L``:
+
+* translations by ``(di, dj)`` with ``di + dj`` even (circular convolutions keep the checkerboard);
+* the rotations and reflections about a *site* (D4 fixing a site keeps the checkerboard): with
+  ``group='d4'`` the conditioners are D4-steerable, so these hold exactly. With
+  :meth:`~gflows.groups.Group.act` (which rotates about the array centre, between sites) that is
+  ``act(g, .)`` followed by a one-site roll when ``g`` swaps the sublattices;
+* ``phi -> -phi`` with ``sign_symmetric``.
+
+Translations by an odd vector are not symmetries of a single layer (they swap the sublattices).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from gflows.flow import Compose, Flow
 from gflows.groups import Group
 from gflows.transforms.coupling import GCoupling
+from gflows.transforms.global_mode import OddZeroModeSpline
 
-__all__ = ["lattice_flow"]
+__all__ = ["lattice_flow", "realnvp_baseline"]
 
 
-def lattice_flow(L: int, n_layers: int = 8, hidden_fields: int = 4, group: str | Group = "d4",
-                 sign_symmetric: bool = True, kernel_sizes=(3, 3, 3), scale_bound: float = 3.0) -> Flow:
-    """Checkerboard affine couplings with circular padding and G-equivariant conditioners.
+def lattice_flow(
+    L: int,
+    n_layers: int = 16,
+    hidden_fields: int = 4,
+    group: str | Group = "d4",
+    sign_symmetric: bool = True,
+    kernel_sizes: Sequence[int] = (3, 3, 3),
+    scale_bound: float = 3.0,
+    activation: str = "lipswish",
+    final_tanh: bool = False,
+    zero_init: bool = True,
+    zero_mode_bins: int = 0,
+    zero_mode_bound: float = 1.0,
+) -> Flow:
+    """``n_layers`` checkerboard couplings on ``[1, L, L]`` with ``group``-equivariant conditioners.
 
-    Exact symmetries of every layer, hence of ``log q``: ``phi -> -phi`` (with ``sign_symmetric``),
-    translations that keep the checkerboard (``di + dj`` even) and the elements of ``group`` that
-    map the checkerboard onto itself (for :meth:`~gflows.groups.Group.act` on an even lattice: the
-    half turn and the diagonal reflections; see :func:`~gflows.transforms.coupling.parity_preserving`).
-    The standard-normal base has all of them.
+    Args:
+        L: lattice size.
+        n_layers: couplings (alternating parity).
+        hidden_fields: regular fields per hidden layer of each conditioner (``hidden_fields * |G|``
+            channels).
+        group, sign_symmetric, kernel_sizes, scale_bound, activation, final_tanh, zero_init: see
+            :class:`~gflows.transforms.coupling.Conditioner`.
+        zero_mode_bins: with ``> 0``, an :class:`~gflows.transforms.global_mode.OddZeroModeSpline`
+            of that many bins per side (range ``zero_mode_bound``) on the data side of the couplings.
     """
     layers = [
         GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2, sign_symmetric=sign_symmetric,
                   hidden_fields=hidden_fields, kernel_sizes=kernel_sizes, padding_mode="circular",
-                  scale_bound=scale_bound)
+                  scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
+                  zero_init=zero_init)
         for i in range(n_layers)
     ]
+    if zero_mode_bins:
+        layers.insert(0, OddZeroModeSpline((1, L, L), zero_mode_bins, zero_mode_bound))
     return Flow(Compose(layers))
+
+
+def realnvp_baseline(L: int, n_layers: int = 16, hidden: int = 8) -> Flow:
+    """The RealNVP of the lattice review (Albergo et al. 2021, arXiv 2101.08176, section 4):
+    ``n_layers`` affine checkerboard couplings, conditioner convolutions ``[1, hidden, hidden, 2]``
+    with kernel 3, circular padding, LeakyReLU, a final ``tanh`` on ``s`` and ``t``, default
+    initialisation. No symmetry beyond the checkerboard's translations."""
+    return lattice_flow(L, n_layers, hidden, "trivial", sign_symmetric=False, kernel_sizes=(3, 3, 3),
+                        activation="leaky_relu", final_tanh=True, zero_init=False)

@@ -43,8 +43,9 @@ def measure(phi: Tensor, bin_size: int | None = None) -> dict[str, tuple[float, 
 
     def xi(means: Tensor) -> Tensor:
         c0, c1, c2 = means[0, 4], means[0, 5], means[0, 6]
-        arg = torch.clamp((c0 + c2) / (2 * c1), min=1.0 + 1e-12)
-        return 1 / torch.acosh(arg)
+        arg = (c0 + c2) / (2 * c1)
+        # No decaying correlator (arg <= 1, e.g. a stuck chain): undefined, not a huge number.
+        return 1 / torch.acosh(arg) if arg > 1 else torch.tensor(float("nan"), dtype=arg.dtype)
 
     out = {
         "abs_m": binned_jackknife(cols[:, 0], bin_size),

@@ -65,6 +65,11 @@ class Phi4:
         return cls(L, *from_hopping(kappa, lam_h))
 
     @property
+    def hopping_parameters(self) -> tuple[float, float]:
+        """``(kappa, lambda_h)`` of the hopping form."""
+        return to_hopping(self.m2, self.lam)
+
+    @property
     def volume(self) -> int:
         return self.L * self.L
 

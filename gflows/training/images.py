@@ -19,6 +19,15 @@ from gflows.groups import Group
 from gflows.models.image import image_model
 from gflows.nn.lipschitz import update_lipschitz
 from gflows.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gflows.training.common import (
+    device_of,
+    disabled,
+    learning_rate,
+    log_metrics,
+    open_wandb,
+    skip_or_restore,
+    truncate_metrics,
+)
 from gflows.training.distributed import reseed_for_step, setup, wrap
 
 __all__ = ["bits_per_dim", "build_model", "evaluate", "run"]
@@ -70,46 +79,6 @@ def _batch(x: Tensor, step: int, batch_size: int, seed: int, hflip: bool) -> Ten
     return b
 
 
-def _wandb(cfg, run_dir: Path):
-    import wandb
-
-    mode = cfg.wandb.mode
-    if mode == "auto":
-        netrc = Path.home() / ".netrc"
-        logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
-            netrc.exists() and "api.wandb.ai" in netrc.read_text()
-        )
-        mode = "online" if logged_in else "offline"
-    from omegaconf import OmegaConf
-
-    return wandb.init(project=cfg.wandb.project, dir=str(run_dir), mode=mode, reinit=True,
-                      config=OmegaConf.to_container(cfg, resolve=True), name=run_dir.name)
-
-
-def _device(name: str) -> torch.device:
-    """``cpu`` or ``cuda``; under torchrun each process takes the GPU of its ``LOCAL_RANK``."""
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}: expected 'cpu' or 'cuda'")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device=cuda but no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _disabled(cfg):
-    from omegaconf import OmegaConf
-
-    c = OmegaConf.to_container(cfg, resolve=True)
-    c["wandb"]["mode"] = "disabled"
-    return OmegaConf.create(c)
-
-
-def _lr(cfg, step: int) -> float:
-    warm = max(1, int(cfg.trainer.warmup_steps))
-    return float(cfg.trainer.lr) * min(1.0, (step + 1) / warm)
-
-
 def _ema_update(ema: dict[str, Tensor], model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for k, p in model.named_parameters():
@@ -157,16 +126,6 @@ def _save_samples(model: Flow, n: int, temperature: float, path: str) -> str:
     return path
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the logged curve up to ``step``, so a resumed run continues it without overlap."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    os.replace(tmp, path)
-
-
 def run(cfg) -> dict[str, Any]:
     """Entry point of ``train.py``: train, evaluate or sample according to ``cfg.mode``."""
     if cfg.mode not in MODES:
@@ -174,7 +133,7 @@ def run(cfg) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg)  # validates the flow and group settings before any data is read
-    device = _device(cfg.device)
+    device = device_of(cfg.device)
     group = Group(cfg.flow.group or cfg.group.name)
     run_dir = Path(cfg.run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -215,7 +174,7 @@ def run(cfg) -> dict[str, Any]:
         opt.load_state_dict(state["optimizer"])
         ema.update({k: v.to(device) for k, v in state["ema"].items()})
         if dd.main:
-            _truncate_metrics(metrics, state["step"])
+            truncate_metrics(metrics, state["step"])
         return state
 
     if cfg.resume and ckpt_path.exists():
@@ -232,7 +191,7 @@ def run(cfg) -> dict[str, Any]:
                         ckpt_path)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    wb = _wandb(cfg if dd.main else _disabled(cfg), run_dir)
+    wb = open_wandb(cfg if dd.main else disabled(cfg), run_dir)
     train_module = wrap(model, dd, device)
     from tqdm import tqdm
 
@@ -241,7 +200,7 @@ def run(cfg) -> dict[str, Any]:
     bad, t0, last = 0, time.time(), {}
     while step < cfg.trainer.steps:
         model.train()
-        lr = _lr(cfg, step) * lr_scale
+        lr = learning_rate(cfg, step) * lr_scale
         for pg in opt.param_groups:
             pg["lr"] = lr
         x = dd.shard(_batch(train_x, step, cfg.trainer.batch_size, cfg.seed, cfg.data.hflip)).to(device)
@@ -249,13 +208,9 @@ def run(cfg) -> dict[str, Any]:
         loss = bits_per_dim(train_module(x), dims).mean()
         if not dd.all_finite(loss):
             bad += 1
-            print(f"step {step}: non-finite loss skipped ({bad} in a row)")
             wb.log({"skipped_step": step}, step=step)
             opt.zero_grad(set_to_none=True)
-            if bad >= cfg.trainer.max_bad_steps:
-                if restores >= cfg.trainer.max_restores or not ckpt_path.exists():
-                    raise RuntimeError(f"training diverged: {bad} non-finite losses in a row at step {step}"
-                                       f" after {restores} restores; lower trainer.lr")
+            if skip_or_restore(cfg, step, bad, restores, ckpt_path.exists()):
                 step = load()["step"]
                 restores, lr_scale, bad = restores + 1, lr_scale * 0.5, 0
                 print(f"restored step {step} from {ckpt_path}; learning rate scaled by {lr_scale}")
@@ -273,8 +228,7 @@ def run(cfg) -> dict[str, Any]:
                 "seconds": time.time() - t0}
         bar.set_postfix(bpd=f"{float(loss):.3f}")
         if dd.main:
-            with open(metrics, "a") as fh:
-                fh.write(json.dumps(last) + "\n")
+            log_metrics(metrics, last)
         if step % cfg.trainer.log_every == 0:
             wb.log({"train/bpd": float(loss), "lr": lr, "grad_norm": float(gnorm)}, step=step)
         if step % cfg.trainer.ckpt_every == 0 or step == cfg.trainer.steps:

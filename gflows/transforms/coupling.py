@@ -20,11 +20,15 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   split then keeps each original channel's sub-pixels in one half, and the conditioner runs on the
   un-squeezed (depth-to-space) ``a`` part and squeezes its output back: it sees scalar fields on the
   fine grid, so it is equivariant between the squeezed tensors' true representations.
-* ``sign_symmetric=True``: ``t`` is odd (no biases, tanh activations) and ``s`` even (a function of
-  ``|x_a|``), so the layer also commutes with ``x -> -x`` (the Z2 symmetry of phi^4).
+* ``sign_symmetric=True``: the conditioner's output is symmetrised over ``{x, -x}``,
+  ``s = (n_s(x_a) + n_s(-x_a)) / 2`` (even) and ``t = (n_t(x_a) - n_t(-x_a)) / 2`` (odd), so the layer
+  also commutes with ``x -> -x`` (the Z2 symmetry of phi^4) and every even ``s`` / odd ``t`` the net
+  can express is reachable (group averaging; one net call on the doubled batch).
 
 Numerical safety: the log-scale is soft-bounded, ``s = B tanh(s_raw / B)`` with ``B = scale_bound``,
 so ``|s| < B`` (as in the lattice flows), and the last convolution starts at zero (identity map).
+``final_tanh=True`` instead applies ``tanh`` to both ``s`` and ``t`` as the RealNVP of the lattice
+review does (Albergo et al. 2021, arXiv 2101.08176).
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ def parity_preserving(group: Group, g: GroupElement, h: int, w: int) -> bool:
     return bool(torch.equal(group.act(g, m), m))
 
 
-class _Tanh(nn.Tanh):
-    def __init__(self, n_fields: int = 1, field_size: int = 1):
-        super().__init__()
+ACTIVATIONS = {
+    "lipswish": LipSwish,
+    "leaky_relu": lambda n_fields, field_size: nn.LeakyReLU(),
+    "tanh": lambda n_fields, field_size: nn.Tanh(),
+}
 
 
 class Conditioner(nn.Module):
@@ -68,8 +74,13 @@ class Conditioner(nn.Module):
         n_in, n_out: scalar channels in and out (per ``s`` and per ``t``).
         hidden_fields, kernel_sizes, padding_mode: of the :class:`~gflows.nn.equivariant.GConvNet`.
         affine: also produce a log-scale ``s`` (else ``s = 0``).
-        sign_symmetric: odd ``t``, even ``s``.
+        sign_symmetric: even ``s``, odd ``t`` by symmetrising over ``{x, -x}``.
         scale_bound: soft bound ``B`` on ``|s|``.
+        activation: ``'lipswish'``, ``'leaky_relu'`` or ``'tanh'`` between convolutions (pointwise,
+            hence equivariant on scalar and regular fields).
+        final_tanh: ``s = tanh(s_raw)``, ``t = tanh(t_raw)`` (the lattice review's RealNVP) instead of
+            the soft bound.
+        zero_init: start the last convolution at zero, so the layer starts as the identity.
     """
 
     def __init__(
@@ -83,39 +94,39 @@ class Conditioner(nn.Module):
         affine: bool = True,
         sign_symmetric: bool = False,
         scale_bound: float = 3.0,
+        activation: str = "lipswish",
+        final_tanh: bool = False,
+        zero_init: bool = True,
     ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
         self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
+        self.final_tanh = final_tanh
         self.n_out = n_out
-
-        def net(n, odd=False):
-            m = GConvNet(group, n_in, n, hidden_fields, kernel_sizes, padding_mode, bias=not odd,
-                         activation=_Tanh if odd else LipSwish)
-            last = m.layers[-1].r2conv
-            with torch.no_grad():  # identity at initialisation
+        self.net = GConvNet(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
+                            padding_mode, activation=ACTIVATIONS[activation])
+        if zero_init:
+            last = self.net.layers[-1].r2conv
+            with torch.no_grad():
                 last.weights.zero_()
                 if last.bias is not None:
                     last.bias.zero_()
-            return m
-
-        if sign_symmetric:
-            self.t_net = net(n_out, odd=True)
-            self.s_net = net(n_out) if affine else None
-        else:
-            self.net = net(2 * n_out if affine else n_out)
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         if self.sign_symmetric:
-            t = self.t_net(xa)
-            s_raw = self.s_net(xa.abs()) if self.affine else torch.zeros_like(t)
+            plus, minus = self.net(torch.cat([xa, -xa])).chunk(2)
         else:
-            out = self.net(xa)
+            plus = self.net(xa)
+        s_raw = plus[:, : self.n_out] if self.affine else torch.zeros_like(plus[:, : self.n_out])
+        t = plus[:, -self.n_out :]
+        if self.sign_symmetric:
             if self.affine:
-                s_raw, t = out[:, : self.n_out], out[:, self.n_out :]
-            else:
-                s_raw, t = torch.zeros_like(out), out
-        s = self.scale_bound * torch.tanh(s_raw / self.scale_bound)
-        return s, t
+                s_raw = (s_raw + minus[:, : self.n_out]) / 2
+            t = (t - minus[:, -self.n_out :]) / 2
+        if self.final_tanh:
+            return torch.tanh(s_raw), torch.tanh(t)
+        return self.scale_bound * torch.tanh(s_raw / self.scale_bound), t
 
 
 class GCoupling(Transform):
@@ -129,8 +140,8 @@ class GCoupling(Transform):
             rounded to whole squeezed fields); ``flip=True`` conditions the first part on the second.
         parity: with ``mask='checkerboard'``, which sublattice conditions the other.
         squeeze_levels: how many times the input has been squeezed (``mask='channel'`` only).
-        affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode: see
-            :class:`Conditioner`.
+        affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, activation,
+            final_tanh, zero_init: see :class:`Conditioner`.
     """
 
     def __init__(
@@ -148,6 +159,9 @@ class GCoupling(Transform):
         hidden_fields: int = 8,
         kernel_sizes: Sequence[int] = (3, 3, 3),
         padding_mode: str = "zeros",
+        activation: str = "lipswish",
+        final_tanh: bool = False,
+        zero_init: bool = True,
     ):
         super().__init__()
         self.group = get_group(group)
@@ -175,7 +189,8 @@ class GCoupling(Transform):
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
         conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
-                                  padding_mode, affine, sign_symmetric, scale_bound)
+                                  padding_mode, affine, sign_symmetric, scale_bound, activation,
+                                  final_tanh, zero_init)
         self.conditioner = AtFineGrid(conditioner, self.levels) if self.levels else conditioner
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
