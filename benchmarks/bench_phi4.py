@@ -1,77 +1,101 @@
-"""Lattice phi^4: the gflows symmetric flow against a RealNVP-style baseline, same wall clock.
+"""Lattice phi^4: the gflows symmetric flow against the review's RealNVP, same wall clock, one run.
 
-Both are checkerboard affine-coupling flows with circular padding, trained by reverse KL in one
-process, one after the other, each for ``--minutes`` of wall clock:
+Both train by reverse KL in one process. They take turns in slices of ``--slice`` seconds until
+each has had ``--minutes`` of wall clock, so that load from elsewhere on a shared machine hits both
+alike. Then each reports ESS/N on ``--samples`` fresh samples, independence-MH acceptance and
+tau_int of |M| along the chain.
 
-* gflows: D4-equivariant conditioners, sign-symmetric (odd shift, even log-scale), ``--layers``;
-* baseline (the review's recipe as far as this code expresses it): 16 couplings, trivial group,
-  conditioner convs 1 -> 8 -> 8 -> 2 with kernel 3, no sign symmetry. Differences from the review:
-  LipSwish instead of LeakyReLU, a tanh-bounded log-scale (bound 3).
+* gflows: ``flow=g_coupling`` of ``configs/`` (D4-steerable conditioners, symmetrised over
+  phi -> -phi, odd zero-mode spline), sizes from the command line;
+* baseline: :func:`gflows.models.lattice.realnvp_baseline` (16 couplings, [1, 8, 8, 2], kernel 3,
+  LeakyReLU, final tanh, circular padding), Adam at the review's lr 1e-3.
 
-Printed: steps done, ESS/N on 16,384 fresh samples, independence-MH acceptance and tau_int of |M|.
-
-    python benchmarks/bench_phi4.py --preset review --minutes 5
+    python benchmarks/bench_phi4.py --presets review E2 E3 E4 E5 --minutes 8 2 2 2 2
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import math
 import os
 import platform
 import time
 
 import torch
 
-from gflows.models.lattice import lattice_flow
+from gflows.models.lattice import lattice_flow, realnvp_baseline
 from gflows.physics import Phi4, ess, independence_mh, tau_int
 from gflows.training.lattice import log_weights
 
 
-def train_for(flow, theory: Phi4, seconds: float, batch: int, lr: float) -> int:
-    opt = torch.optim.Adam(flow.parameters(), lr=lr)
-    t0, steps = time.time(), 0
-    while time.time() - t0 < seconds:
-        x, lq = flow.sample_and_log_prob(batch)
-        loss = (lq + theory.action(x)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        steps += 1
-    return steps
+class Trainer:
+    """Reverse-KL Adam steps on one flow, with a cosine learning rate over its time budget."""
 
+    def __init__(self, name: str, flow, theory: Phi4, batch: int, lr: float, seconds: float, cosine: bool):
+        self.name, self.flow, self.theory, self.batch = name, flow, theory, batch
+        self.lr, self.budget, self.cosine = lr, seconds, cosine
+        self.opt = torch.optim.Adam(flow.parameters(), lr=lr)
+        self.used, self.steps = 0.0, 0
 
-def report(name: str, flow, theory: Phi4, steps: int, n: int) -> None:
-    phi, lw = log_weights(flow, theory, n)
-    idx, acc = independence_mh(lw)
-    tau, _ = tau_int(phi[idx].flatten(1).sum(1).abs())
-    print(f"{name:10s} steps {steps:6d}  ESS/N (N={n}) {ess(lw):.4f}  MH acceptance {acc:.3f}  "
-          f"tau_int(|M|) {tau:.2f}")
+    def run_for(self, seconds: float) -> None:
+        t0 = time.time()
+        while time.time() - t0 < seconds and self.used + (time.time() - t0) < self.budget:
+            frac = min(1.0, (self.used + time.time() - t0) / self.budget)
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr * (0.5 * (1 + math.cos(math.pi * frac)) if self.cosine else 1.0)
+            x, lq = self.flow.sample_and_log_prob(self.batch)
+            loss = (lq + self.theory.action(x)).mean()
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            self.steps += 1
+        self.used += time.time() - t0
+
+    def report(self, n: int) -> str:
+        self.flow.eval()
+        phi, lw = log_weights(self.flow, self.theory, n)
+        idx, acc = independence_mh(lw)
+        tau, _ = tau_int(phi[idx].flatten(1).sum(1).abs())
+        return (f"{self.name:8s} steps {self.steps:6d} ({self.used / 60:.1f} min)  "
+                f"ESS/N (N={n}) {ess(lw):.4f}  MH acceptance {acc:.3f}  tau_int(|M|) {tau:.2f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="review")
-    p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden-fields", type=int, default=2)
+    p.add_argument("--presets", nargs="+", default=["review"])
+    p.add_argument("--minutes", nargs="+", type=float, default=[5.0], help="per preset (or one for all)")
+    p.add_argument("--slice", type=float, default=20.0)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden-channels", type=int, default=16)
     p.add_argument("--samples", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    theory = Phi4.preset(a.preset)
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, GPU: no")
-    print(f"# preset {a.preset}: L={theory.L} m2={theory.m2} lam={theory.lam}; {a.minutes} min each, "
-          f"batch {a.batch}, seed {a.seed}")
-    torch.manual_seed(a.seed)
-    ours = lattice_flow(theory.L, n_layers=a.layers, hidden_fields=a.hidden_fields, group="d4",
-                        sign_symmetric=True, kernel_sizes=(3, 3))
-    steps = train_for(ours, theory, 60 * a.minutes, a.batch, 1e-3)
-    report("gflows", ours, theory, steps, a.samples)
-    torch.manual_seed(a.seed)
-    base = lattice_flow(theory.L, n_layers=16, hidden_fields=8, group="trivial", sign_symmetric=False,
-                        kernel_sizes=(3, 3, 3))
-    steps = train_for(base, theory, 60 * a.minutes, a.batch, 1e-3)
-    report("baseline", base, theory, steps, a.samples)
+    minutes = a.minutes * len(a.presets) if len(a.minutes) == 1 else a.minutes
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, GPU: {gpu}")
+    print(f"# gflows: D4, sign-symmetric, {a.layers} couplings, {a.hidden_channels} hidden channels, "
+          f"kernels 3,3,3, zero-mode spline; batch {a.batch}, lr {a.lr} cosine. baseline: review RealNVP, "
+          f"batch 64, lr 1e-3. Turns of {a.slice} s, seed {a.seed}")
+    for preset, mins in zip(a.presets, minutes, strict=True):
+        theory = Phi4.preset(preset)
+        torch.manual_seed(a.seed)
+        ours = lattice_flow(theory.L, a.layers, max(1, a.hidden_channels // 8), "d4", sign_symmetric=True,
+                            kernel_sizes=(3, 3, 3), zero_mode_bins=8)
+        torch.manual_seed(a.seed)
+        base = realnvp_baseline(theory.L)
+        runs = [Trainer("gflows", ours, theory, a.batch, a.lr, 60 * mins, True),
+                Trainer("realnvp", base, theory, 64, 1e-3, 60 * mins, False)]
+        while any(r.used < r.budget for r in runs):
+            for r in runs:
+                if r.used < r.budget:
+                    r.run_for(a.slice)
+        print(f"## {preset}: L={theory.L} m2={theory.m2} lam={theory.lam}, {mins} min each")
+        for r in runs:
+            print(r.report(a.samples), flush=True)
 
 
 if __name__ == "__main__":
