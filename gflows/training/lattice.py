@@ -141,7 +141,7 @@ def sampler_report(flow: Flow, theory: Phi4, n_samples: int, hmc_cfg=None, seed:
     difference in combined standard errors. Returns the report and the arrays the plots need."""
     flow.eval()
     torch.manual_seed(seed)
-    phi, lw = log_weights(flow, theory, n_samples)
+    phi, lw = (t.cpu() for t in log_weights(flow, theory, n_samples))  # MCMC and plots run on the CPU
     if not bool(torch.isfinite(lw).all()):
         raise RuntimeError("the flow produced non-finite log-weights: the sampler is unusable")
     idx, acc = independence_mh(lw, torch.Generator().manual_seed(seed))
