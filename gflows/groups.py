@@ -48,6 +48,11 @@ class GroupElement:
         return (4 * self.k) % self.n == 0
 
     @property
+    def inverse(self) -> GroupElement:
+        """The inverse element: a reflection is its own inverse, a rotation turns back."""
+        return self if self.flip else GroupElement(False, (-self.k) % self.n, self.n)
+
+    @property
     def quarter_turns(self) -> int:
         if not self.grid_exact:
             raise ValueError(f"{self} is not a multiple of 90 degrees")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import GROUPS
 
-from gflows.nn.lipschitz import LipschitzGConv2d, operator_norm, update_lipschitz
+from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, operator_norm, update_lipschitz
 
 
 def dense_norm(conv, weight, shape):
@@ -56,3 +56,29 @@ def test_estimate_refreshes_when_weights_change_without_update_call():
 def test_operator_norm_of_a_known_map():
     scale = torch.tensor([3.0, 1.0, 0.5]).view(1, 3, 1, 1)
     assert abs(operator_norm(lambda u: u * scale, (1, 3, 2, 2)) - 3.0) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (3, 40)])
+def test_linear_layer_respects_the_true_matrix_norm(shape):
+    torch.manual_seed(0)
+    lin = LipschitzLinear(shape[1], shape[0], coeff=0.7)
+    with torch.no_grad():
+        lin.weight.mul_(5)  # well above the bound, so the normalisation has work to do
+    opt = torch.optim.SGD(lin.parameters(), lr=0.5)
+    for _ in range(3):
+        loss = -lin(torch.randn(8, shape[1])).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w, _ = lin.normalised()
+        norm = float(torch.linalg.matrix_norm(w.detach(), ord=2))
+        assert 0.7 - 1e-3 <= norm <= 0.7 + 1e-3  # scaled exactly onto the bound, not below it
+    assert abs(float(lin.sigma) - float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2))) < 1e-3 * float(lin.sigma)
+
+
+def test_linear_layer_below_the_bound_is_unchanged():
+    lin = LipschitzLinear(4, 4, coeff=0.9)
+    with torch.no_grad():
+        lin.weight.copy_(0.5 * torch.eye(4))
+    w, _ = lin.normalised()
+    assert torch.allclose(w, 0.5 * torch.eye(4))

@@ -148,3 +148,12 @@ def test_unknown_or_missing_device_is_refused(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             run(config(tmp_path, "device=cuda"))
+
+
+@needs_data
+def test_time_budget_stops_with_a_checkpoint(tmp_path, capsys):
+    from gflows.training.images import run
+
+    out = run(config(tmp_path, "trainer.steps=4", "trainer.max_minutes=0", "trainer.eval_at_end=false"))
+    assert out["step"] == 0 and "trainer.max_minutes=0 reached at step 0" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 0

@@ -121,3 +121,11 @@ def test_L6_sampler_agrees_with_hmc_within_three_standard_errors(tmp_path):
     # mode=eval reports on the checkpoint again without training
     again = run(config(tmp_path, *overrides, "mode=eval", "data.hmc.enabled=false"))
     assert again["n_samples"] == 16384 and "hmc" not in again
+
+
+def test_time_budget_stops_with_a_checkpoint_and_resume_finishes(tmp_path, capsys):
+    common = ["data.preset=E1", "trainer.ckpt_every=1000", "trainer.eval_at_end=false", "trainer.steps=5"]
+    assert run(config(tmp_path, *common, "trainer.max_minutes=0"))["step"] == 0
+    assert "trainer.max_minutes=0 reached at step 0" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 0
+    assert run(config(tmp_path, *common))["step"] == 5  # resumes, with no budget now

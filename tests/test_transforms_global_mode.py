@@ -2,18 +2,21 @@ import pytest
 import torch
 from helpers import autograd_logdet, bad_inputs, max_reconstruction_error, perturb
 
-from gflows.transforms.global_mode import OddZeroModeSpline
+from gflows.transforms.global_mode import OddSiteSpline, OddZeroModeSpline
+
+KINDS = [OddZeroModeSpline, OddSiteSpline]
 
 
-def layer(shape, bins=4):
+def layer(kind, shape, bins=4):
     torch.manual_seed(2)
-    return perturb(OddZeroModeSpline(shape, bins=bins, bound=1.0), 1.0)
+    return perturb(kind(shape, bins=bins, bound=1.0), 1.0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(1, 4, 4), (2, 3, 5)])
-def test_inverse_and_exact_logdet(shape):
-    t = layer(shape)
-    # scale so that means fall inside and outside the spline's range
+def test_inverse_and_exact_logdet(kind, shape):
+    t = layer(kind, shape)
+    # scale so that entries and means fall inside and outside the spline's range
     x = torch.randn(6, *shape) * torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0, 8.0]).view(-1, 1, 1, 1)
     assert max_reconstruction_error(t, x) <= 1e-5
     z, ld = t(x)
@@ -22,26 +25,51 @@ def test_inverse_and_exact_logdet(shape):
     assert ld[:3].abs().max() > 1e-2  # the perturbed spline is not the identity
 
 
-def test_odd_and_permutation_equivariant():
-    t = layer((1, 6, 6))
+@pytest.mark.parametrize("kind", KINDS)
+def test_odd_and_permutation_equivariant(kind):
+    t = layer(kind, (1, 6, 6))
     x = torch.randn(4, 1, 6, 6) * 0.5
     z, ld = t(x)
     assert torch.allclose(t(-x)[0], -z, atol=1e-6) and torch.allclose(t(-x)[1], ld, atol=1e-6)
     perm = torch.randperm(36)
     xp = x.flatten(1)[:, perm].view_as(x)  # any permutation of the sites, e.g. a lattice symmetry
-    assert torch.allclose(t(xp)[0], z.flatten(1)[:, perm].view_as(z), atol=1e-6)
-    # only the mean moves: the fluctuations about it are kept
+    zp, ldp = t(xp)
+    assert torch.allclose(zp, z.flatten(1)[:, perm].view_as(z), atol=1e-6)
+    assert torch.allclose(ldp, ld, atol=1e-5)
+
+
+def test_zero_mode_moves_only_the_mean():
+    t = layer(OddZeroModeSpline, (1, 6, 6))
+    x = torch.randn(4, 1, 6, 6) * 0.5
+    z, _ = t(x)
     assert torch.allclose(z - z.mean((1, 2, 3), keepdim=True), x - x.mean((1, 2, 3), keepdim=True), atol=1e-6)
 
 
-def test_zero_parameters_are_the_identity():
-    t = OddZeroModeSpline((1, 4, 4))
+def test_site_spline_is_one_scalar_map():
+    t = layer(OddSiteSpline, (1, 3, 3))
+    x = torch.linspace(-2, 2, 9).view(1, 1, 3, 3)
+    z, _ = t(x)
+    # equal entries map to equal values wherever they sit
+    z2, _ = t(x.flip(-1).flip(-2))
+    assert torch.allclose(z2, z.flip(-1).flip(-2), atol=1e-6)
+    assert torch.all(z.flatten().diff() > 0)  # monotonic
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_parameters_are_the_identity(kind):
+    t = kind((1, 4, 4))
     x = torch.randn(3, 1, 4, 4)
     z, ld = t(x)
     assert torch.allclose(z, x, atol=1e-6) and ld.abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bad, err, word", bad_inputs((1, 4, 4)))
-def test_bad_input(bad, err, word):
+def test_bad_input(kind, bad, err, word):
     with pytest.raises(err, match=word):
-        OddZeroModeSpline((1, 4, 4))(bad)
+        kind((1, 4, 4))(bad)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="bins"):
+        OddSiteSpline((1, 4, 4), bins=0)

@@ -1,7 +1,8 @@
 """Builders of image flows from a few settings.
 
 Multiscale models follow Residual Flows / Glow: at each scale ``blocks_per_scale`` blocks, each
-followed by ActNorm, and a squeeze between scales. Every layer is equivariant for the grid-exact
+followed by ActNorm, and a squeeze between scales; residual models may end, as Residual Flows' do,
+with ``fc_blocks`` fully-connected G-residual blocks (:class:`~gflows.transforms.residual.GFCResidualBlock`). Every layer is equivariant for the grid-exact
 elements of the group: after ``s`` squeezes the blocks run their networks on the un-squeezed grid
 and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel, so the squeezed
 tensors carry their true representation (see :mod:`gflows.transforms.reshape`).
@@ -18,7 +19,7 @@ from gflows.transforms.butterfly import Butterfly
 from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.reshape import Squeeze
-from gflows.transforms.residual import GResidualBlock
+from gflows.transforms.residual import GFCResidualBlock, GResidualBlock
 
 __all__ = ["FLOW_KINDS", "g_residual_flow", "image_flow", "image_model"]
 
@@ -51,6 +52,8 @@ def image_flow(
     blocks_per_scale: int = 2,
     hidden_fields: int = 8,
     actnorm: bool = True,
+    fc_blocks: int = 0,
+    fc_hidden: int = 128,
     **block_kwargs,
 ) -> Compose:
     """A multiscale transform of ``kind`` in :data:`FLOW_KINDS` (see the module docstring).
@@ -63,10 +66,14 @@ def image_flow(
         blocks_per_scale: blocks per scale.
         hidden_fields: regular fields per hidden layer of each block's network.
         actnorm: ActNorm after each block.
+        fc_blocks: fully-connected G-residual blocks after the last scale (``kind='residual'`` only),
+            with ``fc_hidden`` hidden units and the log-det / Lipschitz options of ``block_kwargs``.
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
         raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
+    if fc_blocks and kind != "residual":
+        raise ValueError(f"fc_blocks are residual blocks: only for kind='residual', not {kind!r}")
     shape = tuple(int(s) for s in event_shape)
     layers: list[Transform] = []
     for level in range(n_scales):
@@ -78,6 +85,11 @@ def image_flow(
             layers += _block(kind, group, shape, level, i, hidden_fields, block_kwargs)
             if actnorm:
                 layers.append(ActNorm(shape, field_size=4**level))
+    fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode")}
+    for _ in range(fc_blocks):
+        layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=n_scales - 1, **fc_kwargs))
+        if actnorm:
+            layers.append(ActNorm(shape, field_size=4 ** (n_scales - 1)))
     return Compose(layers)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from gflows.flow import Compose, Flow
 from gflows.groups import Group
 from gflows.transforms.coupling import GCoupling
-from gflows.transforms.global_mode import OddZeroModeSpline
+from gflows.transforms.global_mode import OddSiteSpline, OddZeroModeSpline
 
 __all__ = ["lattice_flow", "realnvp_baseline"]
 
@@ -40,6 +40,9 @@ def lattice_flow(
     zero_init: bool = True,
     zero_mode_bins: int = 0,
     zero_mode_bound: float = 1.0,
+    site_spline_bins: int = 0,
+    site_spline_bound: float = 3.0,
+    site_spline_every: int = 0,
 ) -> Flow:
     """``n_layers`` checkerboard couplings on ``[1, L, L]`` with ``group``-equivariant conditioners.
 
@@ -52,6 +55,9 @@ def lattice_flow(
             :class:`~gflows.transforms.coupling.Conditioner`.
         zero_mode_bins: with ``> 0``, an :class:`~gflows.transforms.global_mode.OddZeroModeSpline`
             of that many bins per side (range ``zero_mode_bound``) on the data side of the couplings.
+        site_spline_bins: with ``> 0``, an :class:`~gflows.transforms.global_mode.OddSiteSpline` (the
+            same odd spline on every site, range ``site_spline_bound``) on each side of the couplings,
+            and with ``site_spline_every = k > 0`` also after every ``k`` couplings.
     """
     layers = [
         GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2, sign_symmetric=sign_symmetric,
@@ -60,6 +66,13 @@ def lattice_flow(
                   zero_init=zero_init)
         for i in range(n_layers)
     ]
+    if site_spline_bins:
+        def spline() -> OddSiteSpline:
+            return OddSiteSpline((1, L, L), site_spline_bins, site_spline_bound)
+
+        every = site_spline_every or n_layers
+        layers = [spline()] + [m for i, c in enumerate(layers)
+                               for m in ([c, spline()] if (i + 1) % every == 0 or i + 1 == n_layers else [c])]
     if zero_mode_bins:
         layers.insert(0, OddZeroModeSpline((1, L, L), zero_mode_bins, zero_mode_bound))
     return Flow(Compose(layers))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gflows.groups import Group, get_group
 
-__all__ = ["GConv2d", "GConvNet", "LipSwish", "field_type"]
+__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "field_type"]
 
 PADDING_MODES = ("zeros", "circular")
 
@@ -202,3 +202,24 @@ class GConvNet(nn.Module):
     @property
     def n_parameters(self) -> int:
         return sum(math.prod(p.shape) for p in self.parameters())
+
+
+class GroupAveraged(nn.Module):
+    r"""Group average :math:`\bar f(x) = \frac{1}{|H|} \sum_{h \in H} h^{-1} \cdot f(h \cdot x)` of any map
+    ``f`` between scalar fields ``[B, C, H, W]`` (for example a dense network).
+
+    ``H`` is the subgroup of grid-exact elements of ``group`` (all of it for C4, D4 and their
+    subgroups; C4 / D4 inside C8 / D8), on which :meth:`~gflows.groups.Group.act` is an exact
+    permutation of pixels, so :math:`\bar f(h \cdot x) = h \cdot \bar f(x)` exactly for ``h`` in ``H``.
+    Each term has the Lipschitz constant of ``f`` (``h`` is an isometry), hence so has the average.
+    One call of ``f`` on the ``|H|``-times larger batch.
+    """
+
+    def __init__(self, group: str | Group, net: nn.Module):
+        super().__init__()
+        self.group, self.net = get_group(group), net
+
+    def forward(self, x: Tensor) -> Tensor:
+        elements = self.group.grid_elements
+        ys = self.net(torch.cat([self.group.act(h, x) for h in elements])).chunk(len(elements))
+        return sum(self.group.act(h.inverse, y) for h, y in zip(elements, ys, strict=True)) / len(elements)

@@ -1,4 +1,4 @@
-r"""Spectral normalisation of the true convolution operator.
+r"""Spectral normalisation of the true convolution (or dense) operator.
 
 For a convolution :math:`W` acting on inputs of shape ``[C, H, W]`` (with its padding), the
 Lipschitz constant is the operator norm :math:`\sigma = \|W\|_2`, not the norm of the reshaped
@@ -6,7 +6,8 @@ kernel that ``torch.nn.utils.spectral_norm`` controls. :class:`LipschitzGConv2d`
 :math:`\sigma` by power iteration on :math:`W^\top W` with the layer's own padding (the adjoint is
 the exact vector-Jacobian product of the linear map, so zero and circular padding are both right),
 and uses the filter :math:`W / \max(1, \sigma / c)`. Dividing by a scalar keeps an equivariant
-filter equivariant.
+filter equivariant. :class:`LipschitzLinear` does the same for a dense matrix (the final
+fully-connected blocks of Residual Flows).
 
 The estimate is refreshed to a tolerance whenever the filter's parameters have changed (that is,
 after every optimiser step), warm-started from the previous singular vectors, with more iterations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from gflows.groups import Group
 from gflows.nn.equivariant import GConv2d
 
-__all__ = ["LipschitzGConv2d", "operator_norm", "update_lipschitz"]
+__all__ = ["LipschitzGConv2d", "LipschitzLinear", "operator_norm", "update_lipschitz"]
 
 
 def _power_iteration(
@@ -62,7 +63,84 @@ def operator_norm(op, shape: Sequence[int], tol: float = 1e-5, max_iters: int = 
     return float(sigma)
 
 
-class LipschitzGConv2d(GConv2d):
+class _SpectralNormalised:
+    """Operator-norm bound shared by the Lipschitz layers: subclasses give the raw ``(weight, bias)``,
+    the linear map ``_apply(x, weight)`` and, where cheaper than autograd's, its ``_adjoint``."""
+
+    coeff: float
+    tol: float
+    max_iters: int
+    init_iters: int
+    u: Tensor
+    v: Tensor
+    sigma: Tensor
+    initialised: Tensor
+
+    def _init_norm(self, coeff: float, tol: float, max_iters: int, init_iters: int,
+                   in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+        if not 0 < coeff:
+            raise ValueError(f"coeff must be positive, got {coeff}")
+        self.coeff, self.tol = float(coeff), float(tol)
+        self.max_iters, self.init_iters = int(max_iters), int(init_iters)
+        self.register_buffer("u", torch.randn(1, *in_shape))
+        self.register_buffer("v", torch.zeros(1, *out_shape))
+        self.register_buffer("sigma", torch.ones(()))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self._seen: tuple | None = None
+        self.last_iterations = 0
+
+    def _raw(self) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _adjoint(self, weight: Tensor):
+        return None  # the exact vector-Jacobian product
+
+    def _state(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+    @torch.no_grad()
+    def update(self, weight: Tensor | None = None) -> None:
+        """Refresh the singular-vector estimate for the current weight."""
+        if weight is None:
+            weight, _ = self._raw()
+        weight = weight.detach()
+        iters = self.max_iters if bool(self.initialised) else self.init_iters
+        # W^T W of an equivariant filter preserves each isotypic component, so a warm start that has
+        # lost a component can never find a top singular vector that moved there: keep every
+        # component alive with fresh noise, large enough that the residual test cannot pass while a
+        # near-top singular value still hides in it.
+        u = self.u.to(weight.dtype)
+        u = u / u.norm().clamp_min(1e-12) + 0.3 * torch.randn_like(u) / u.numel() ** 0.5
+        sigma, u, v, n = _power_iteration(lambda x: self._apply(x, weight), u, self.tol, iters,
+                                          self._adjoint(weight))
+        self.u.copy_(u)
+        self.v.copy_(v)
+        self.sigma.copy_(sigma)
+        self.initialised.fill_(True)
+        self.last_iterations = n
+        self._seen = self._state()
+
+    def normalised(self) -> tuple[Tensor, Tensor | None]:
+        """Weight scaled to operator norm ``<= coeff``, and the bias."""
+        weight, bias = self._raw()
+        if self._seen != self._state() or not bool(self.initialised):
+            self.update(weight)
+        if torch.is_grad_enabled() and weight.requires_grad:
+            sigma = (self.v * self._apply(self.u, weight)).sum()
+        else:
+            sigma = self.sigma
+        scale = torch.clamp(sigma / self.coeff, min=1.0)
+        return weight / scale, bias
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen = None
+
+
+class LipschitzGConv2d(_SpectralNormalised, GConv2d):
     """A :class:`~gflows.nn.equivariant.GConv2d` whose operator norm is at most ``coeff``.
 
     Args:
@@ -88,66 +166,52 @@ class LipschitzGConv2d(GConv2d):
         max_iters: int = 2000,
         init_iters: int = 5000,
     ):
-        super().__init__(group, in_fields, out_fields, kernel_size, padding_mode, bias)
-        if not 0 < coeff:
-            raise ValueError(f"coeff must be positive, got {coeff}")
-        self.coeff, self.tol = float(coeff), float(tol)
-        self.max_iters, self.init_iters = int(max_iters), int(init_iters)
+        GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias)
         h, w = (int(s) for s in input_hw)
-        self.register_buffer("u", torch.randn(1, self.in_channels, h, w))
-        self.register_buffer("v", torch.zeros(1, self.out_channels, h, w))
-        self.register_buffer("sigma", torch.ones(()))
-        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-        self._seen: tuple | None = None
-        self.last_iterations = 0
+        self._init_norm(coeff, tol, max_iters, init_iters, (self.in_channels, h, w), (self.out_channels, h, w))
 
-    def _state(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self.r2conv.parameters())
+    def _raw(self) -> tuple[Tensor, Tensor | None]:
+        return self.expanded()
 
-    @torch.no_grad()
-    def update(self, weight: Tensor | None = None) -> None:
-        """Refresh the singular-vector estimate for the current filter."""
-        if weight is None:
-            weight, _ = self.expanded()
-        weight = weight.detach()
-        iters = self.max_iters if bool(self.initialised) else self.init_iters
-        # W^T W of an equivariant filter preserves each isotypic component, so a warm start that has
-        # lost a component can never find a top singular vector that moved there: keep every
-        # component alive with fresh noise, large enough that the residual test cannot pass while a
-        # near-top singular value still hides in it.
-        u = self.u.to(weight.dtype)
-        u = u / u.norm().clamp_min(1e-12) + 0.3 * torch.randn_like(u) / u.numel() ** 0.5
-        adjoint = None
+    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.conv(x, weight)
+
+    def _adjoint(self, weight: Tensor):
         if self.padding_mode == "zeros":  # cheaper than autograd's vector-Jacobian product
             p = self.kernel_size // 2
-            adjoint = lambda v: F.conv_transpose2d(v, weight, padding=p)  # noqa: E731
-        sigma, u, v, n = _power_iteration(lambda x: self.conv(x, weight), u, self.tol, iters, adjoint)
-        self.u.copy_(u)
-        self.v.copy_(v)
-        self.sigma.copy_(sigma)
-        self.initialised.fill_(True)
-        self.last_iterations = n
-        self._seen = self._state()
-
-    def normalised(self) -> tuple[Tensor, Tensor | None]:
-        """Filter scaled to operator norm ``<= coeff``, and the bias."""
-        weight, bias = self.expanded()
-        if self._seen != self._state() or not bool(self.initialised):
-            self.update(weight)
-        if torch.is_grad_enabled() and weight.requires_grad:
-            sigma = (self.v * self.conv(self.u, weight)).sum()
-        else:
-            sigma = self.sigma
-        scale = torch.clamp(sigma / self.coeff, min=1.0)
-        return weight / scale, bias
+            return lambda v: F.conv_transpose2d(v, weight, padding=p)
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.normalised()
         return self.conv(x, w, b)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._seen = None
+
+class LipschitzLinear(_SpectralNormalised, nn.Linear):
+    """A dense layer ``W x + b`` with ``||W||_2 <= coeff`` (power iteration on ``W^T W`` to ``tol``).
+
+    Args:
+        in_features, out_features, bias: as for ``torch.nn.Linear``.
+        coeff, tol, max_iters, init_iters: as for :class:`LipschitzGConv2d`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, coeff: float = 0.98,
+                 tol: float = 1e-4, max_iters: int = 2000, init_iters: int = 5000):
+        nn.Linear.__init__(self, in_features, out_features, bias)
+        self._init_norm(coeff, tol, max_iters, init_iters, (in_features,), (out_features,))
+
+    def _raw(self) -> tuple[Tensor, Tensor | None]:
+        return self.weight, self.bias
+
+    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return x @ weight.T
+
+    def _adjoint(self, weight: Tensor):
+        return lambda v: v @ weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.normalised()
+        return F.linear(x, w, b)
 
 
 def update_lipschitz(module: nn.Module) -> None:
@@ -157,5 +221,5 @@ def update_lipschitz(module: nn.Module) -> None:
     their parameters changed, so this only moves the work out of the next forward pass.
     """
     for m in module.modules():
-        if isinstance(m, LipschitzGConv2d):
+        if isinstance(m, _SpectralNormalised):
             m.update()

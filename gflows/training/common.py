@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "learning_rate",
     "log_metrics",
     "open_wandb",
+    "out_of_time",
     "skip_or_restore",
     "truncate_metrics",
 ]
@@ -71,6 +73,13 @@ def learning_rate(cfg, step: int) -> float:
     if schedule == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, int(cfg.trainer.steps)))))
     return lr
+
+
+def out_of_time(cfg, start: float) -> bool:
+    """Whether this invocation has used its ``trainer.max_minutes`` of wall clock (``null``: never).
+    The budget counts from the start of the process's training loop, so a resumed run gets a new one."""
+    minutes = cfg.trainer.get("max_minutes")
+    return minutes is not None and time.time() - start >= 60 * float(minutes)
 
 
 def log_metrics(path: Path, record: dict) -> None:

@@ -40,6 +40,13 @@ class Dist:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item() > 0)
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank (so that all ranks stop together)."""
+        t = torch.tensor([float(flag)])
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -25,6 +25,7 @@ from gflows.training.common import (
     learning_rate,
     log_metrics,
     open_wandb,
+    out_of_time,
     skip_or_restore,
     truncate_metrics,
 )
@@ -44,7 +45,8 @@ def build_model(cfg) -> Flow:
         block["kernel_sizes"] = tuple(block["kernel_sizes"])
     return image_model(
         cfg.flow.kind, group, tuple(cfg.data.shape), alpha=cfg.data.alpha, n_scales=cfg.flow.n_scales,
-        blocks_per_scale=cfg.flow.blocks_per_scale, hidden_fields=hidden_fields, **block,
+        blocks_per_scale=cfg.flow.blocks_per_scale, hidden_fields=hidden_fields,
+        fc_blocks=int(cfg.flow.get("fc_blocks") or 0), fc_hidden=int(cfg.flow.get("fc_hidden") or 128), **block,
     )
 
 
@@ -198,7 +200,7 @@ def run(cfg) -> dict[str, Any]:
     bar = tqdm(total=cfg.trainer.steps, initial=step, desc=f"{cfg.flow.name}/{group.name}",
                disable=os.environ.get("CI") == "true" or not dd.main)
     bad, t0, last = 0, time.time(), {}
-    while step < cfg.trainer.steps:
+    while step < cfg.trainer.steps and not dd.any(out_of_time(cfg, t0)):
         model.train()
         lr = learning_rate(cfg, step) * lr_scale
         for pg in opt.param_groups:
@@ -234,6 +236,9 @@ def run(cfg) -> dict[str, Any]:
         if step % cfg.trainer.ckpt_every == 0 or step == cfg.trainer.steps:
             checkpoint()
     bar.close()
+    if step < cfg.trainer.steps:
+        print(f"trainer.max_minutes={cfg.trainer.max_minutes} reached at step {step}")
+        checkpoint()
     dd.barrier()
     result: dict[str, Any] = {"step": step, **({"train_bpd": last["loss_bpd"]} if last else {})}
     if cfg.trainer.eval_at_end and dd.main:

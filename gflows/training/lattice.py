@@ -31,6 +31,7 @@ from gflows.training.common import (
     learning_rate,
     log_metrics,
     open_wandb,
+    out_of_time,
     skip_or_restore,
     truncate_metrics,
 )
@@ -120,6 +121,9 @@ def build_lattice_model(cfg, theory: Phi4) -> Flow:
         scale_bound=float(lat.scale_bound), activation=lat.activation,
         zero_mode_bins=int(lat.get("zero_mode_bins") or 0),
         zero_mode_bound=float(lat.get("zero_mode_bound", 1.0)),
+        site_spline_bins=int(lat.get("site_spline_bins") or 0),
+        site_spline_bound=float(lat.get("site_spline_bound", 3.0)),
+        site_spline_every=int(lat.get("site_spline_every") or 0),
     )
 
 
@@ -315,7 +319,7 @@ def run(cfg) -> dict[str, Any]:
                disable=os.environ.get("CI") == "true")
     bad, t0, recent = 0, time.time(), []
     model.train()
-    while step < cfg.trainer.steps:
+    while step < cfg.trainer.steps and not out_of_time(cfg, t0):
         lr = learning_rate(cfg, step) * lr_scale
         for pg in opt.param_groups:
             pg["lr"] = lr
@@ -351,6 +355,9 @@ def run(cfg) -> dict[str, Any]:
         if step % cfg.trainer.ckpt_every == 0 or step == cfg.trainer.steps:
             checkpoint()
     bar.close()
+    if step < cfg.trainer.steps:
+        print(f"trainer.max_minutes={cfg.trainer.max_minutes} reached at step {step}")
+        checkpoint()
     result: dict[str, Any] = {"step": step}
     if cfg.trainer.eval_at_end:
         result |= _finish(cfg, model, theory, run_dir, wb)

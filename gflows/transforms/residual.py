@@ -19,7 +19,10 @@ Group action: if :math:`g` is G-equivariant, :math:`f(h\cdot x) = h\cdot f(x)` a
 a permutation, :math:`\log|\det J_f(h \cdot x)| = \log|\det J_f(x)|`. :class:`GResidualBlock` builds
 :math:`g` from escnn steerable convolutions (``scalar -> regular -> regular -> scalar``), each
 spectrally normalised to ``c`` on the true operator, with LipSwish in between, so
-:math:`\mathrm{Lip}(g) \le c^{L} \le c`.
+:math:`\mathrm{Lip}(g) \le c^{L} \le c`. :class:`GFCResidualBlock` (the fully-connected blocks that end
+Residual Flows' image models) takes the group average of a dense LipSwish network with spectrally
+normalised matrices, :math:`g(x) = \frac{1}{|H|}\sum_{h} h^{-1} g_0(h x)` over the grid-exact elements,
+exactly equivariant to them with :math:`\mathrm{Lip}(g) \le \mathrm{Lip}(g_0) \le c^{L}`.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
-from gflows.nn.equivariant import GConvNet
-from gflows.nn.lipschitz import LipschitzGConv2d
+from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish
+from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, _SpectralNormalised
 from gflows.transforms.reshape import AtFineGrid
 
 __all__ = [
     "ConvergenceError",
+    "GFCResidualBlock",
     "GResidualBlock",
     "ResidualTransform",
     "logdet_mode",
@@ -114,6 +118,15 @@ class ResidualTransform(Transform):
         self.neumann_grad, self.memory_saving = bool(neumann_grad), bool(memory_saving)
         self.atol, self.rtol, self.max_iters = float(atol), float(rtol), int(max_iters)
         self.last_inverse_iterations = 0
+
+    @property
+    def lipschitz_bound(self) -> float:
+        """Upper bound on ``Lip(g)``: the product of the bounds of its spectrally normalised layers
+        (the activations between them are 1-Lipschitz)."""
+        bounds = [m.coeff for m in self.g.modules() if isinstance(m, _SpectralNormalised)]
+        if not bounds:
+            raise ValueError("g has no spectrally normalised layers: its Lipschitz bound is unknown")
+        return math.prod(bounds)
 
     # -- log-det -----------------------------------------------------------------------------
 
@@ -297,11 +310,63 @@ class GResidualBlock(ResidualTransform):
         self.group = get_group(group)
         self.coeff = coeff
 
-    @property
-    def lipschitz_bound(self) -> float:
-        """Upper bound ``c^L`` on ``Lip(g)``."""
-        n = sum(isinstance(m, LipschitzGConv2d) for m in self.g.modules())
-        return math.pow(self.coeff, n)
+
+
+class GFCResidualBlock(ResidualTransform):
+    """Fully-connected G-residual block ``x + g(x)`` on the whole event, ``Lip(g) <= c^(n_hidden+1)``.
+
+    ``g`` is the group average (:class:`~gflows.nn.equivariant.GroupAveraged`) of a dense network
+    ``Linear -> LipSwish -> ... -> Linear`` whose matrices are spectrally normalised to ``c``
+    (:class:`~gflows.nn.lipschitz.LipschitzLinear`), as at the end of Residual Flows' image models
+    (Chen et al. 2019); the average makes it equivariant to the grid-exact elements of ``group``.
+
+    Args:
+        group: symmetry group.
+        event_shape: ``(C, H, W)`` of one sample, ``C`` scalar channels of a grid squeezed
+            ``squeeze_levels`` times (the network then sees the un-squeezed grid).
+        hidden: width of the hidden layers.
+        n_hidden: number of hidden layers.
+        coeff: Lipschitz bound of every matrix.
+        lipschitz_kwargs: power-iteration options of :class:`~gflows.nn.lipschitz.LipschitzLinear`.
+        squeeze_levels: how many times the input has been squeezed.
+        **kwargs: log-det and inverse options of :class:`ResidualTransform`.
+    """
+
+    def __init__(
+        self,
+        group: str | Group,
+        event_shape: Sequence[int],
+        hidden: int = 128,
+        n_hidden: int = 2,
+        coeff: float = 0.98,
+        lipschitz_kwargs: dict | None = None,
+        squeeze_levels: int = 0,
+        **kwargs,
+    ):
+        if len(event_shape) != 3:
+            raise ValueError(f"event_shape must be (C, H, W), got {tuple(event_shape)}")
+        if not 0 < coeff < 1:
+            raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
+        if hidden < 1 or n_hidden < 0:
+            raise ValueError(f"need hidden >= 1 and n_hidden >= 0, got {hidden}, {n_hidden}")
+        r = 2**squeeze_levels
+        c, h, w = int(event_shape[0]), int(event_shape[1]), int(event_shape[2])
+        if c % (r * r):
+            raise ValueError(f"{c} channels are not whole fields of {r * r} sub-pixels")
+        fine = (c // (r * r), h * r, w * r)
+        sizes = [math.prod(fine)] + [hidden] * n_hidden + [math.prod(fine)]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i in range(len(sizes) - 1):
+            layers.append(LipschitzLinear(sizes[i], sizes[i + 1], coeff=coeff, **(lipschitz_kwargs or {})))
+            if i < len(sizes) - 2:
+                layers.append(LipSwish(sizes[i + 1]))
+        layers.append(nn.Unflatten(1, fine))
+        g: nn.Module = GroupAveraged(group, nn.Sequential(*layers))
+        if squeeze_levels:
+            g = AtFineGrid(g, squeeze_levels)
+        super().__init__(g, event_shape, **kwargs)
+        self.group = get_group(group)
+        self.coeff = coeff
 
 
 @contextmanager
