@@ -5,12 +5,13 @@ each has had ``--minutes`` of wall clock, so that load from elsewhere on a share
 alike. Then each reports ESS/N on ``--samples`` fresh samples, independence-MH acceptance and
 tau_int of |M| along the chain.
 
-* gflows: ``flow=g_coupling`` of ``configs/`` (D4-steerable conditioners, symmetrised over
-  phi -> -phi, odd zero-mode spline), sizes from the command line;
+* gflows: the lattice model of ``--flow`` (default ``g_coupling``) as ``configs/`` define it, with
+  ``--set key=value`` Hydra overrides, and the batch size and learning rate of ``trainer/phi4.yaml``;
 * baseline: :func:`gflows.models.lattice.realnvp_baseline` (16 couplings, [1, 8, 8, 2], kernel 3,
   LeakyReLU, final tanh, circular padding), Adam at the review's lr 1e-3.
 
     python benchmarks/bench_phi4.py --presets review E2 E3 E4 E5 --minutes 8 2 2 2 2
+    python benchmarks/bench_phi4.py --flow coupling --set flow.lattice.n_layers=12 trainer.lr=3e-3
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ import math
 import os
 import platform
 import time
+from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 
-from gflows.models.lattice import lattice_flow, realnvp_baseline
+from gflows.models.lattice import realnvp_baseline
 from gflows.physics import Phi4, ess, independence_mh, tau_int
-from gflows.training.lattice import log_weights
+from gflows.training.lattice import build_lattice_model, log_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Trainer:
@@ -66,10 +71,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["review"])
     p.add_argument("--minutes", nargs="+", type=float, default=[5.0], help="per preset (or one for all)")
     p.add_argument("--slice", type=float, default=20.0)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden-channels", type=int, default=16)
+    p.add_argument("--flow", default="g_coupling")
+    p.add_argument("--set", nargs="*", default=[], help="Hydra overrides, e.g. flow.lattice.n_layers=12")
     p.add_argument("--samples", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -77,17 +80,19 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, GPU: {gpu}")
-    print(f"# gflows: D4, sign-symmetric, {a.layers} couplings, {a.hidden_channels} hidden channels, "
-          f"kernels 3,3,3, zero-mode spline; batch {a.batch}, lr {a.lr} cosine. baseline: review RealNVP, "
-          f"batch 64, lr 1e-3. Turns of {a.slice} s, seed {a.seed}")
     for preset, mins in zip(a.presets, minutes, strict=True):
+        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("config", ["data=phi4", f"data.preset={preset}", f"flow={a.flow}", *a.set])
         theory = Phi4.preset(preset)
         torch.manual_seed(a.seed)
-        ours = lattice_flow(theory.L, a.layers, max(1, a.hidden_channels // 8), "d4", sign_symmetric=True,
-                            kernel_sizes=(3, 3, 3), zero_mode_bins=8)
+        ours = build_lattice_model(cfg, theory)
+        print(f"# gflows: flow={a.flow} {' '.join(a.set)}: {dict(cfg.flow.lattice)}; batch "
+              f"{cfg.trainer.batch_size}, lr {cfg.trainer.lr} cosine over the budget. baseline: review "
+              f"RealNVP, batch 64, lr 1e-3. Turns of {a.slice} s, seed {a.seed}")
         torch.manual_seed(a.seed)
         base = realnvp_baseline(theory.L)
-        runs = [Trainer("gflows", ours, theory, a.batch, a.lr, 60 * mins, True),
+        batch, lr = int(cfg.trainer.batch_size), float(cfg.trainer.lr)
+        runs = [Trainer("gflows", ours, theory, batch, lr, 60 * mins, True),
                 Trainer("realnvp", base, theory, 64, 1e-3, 60 * mins, False)]
         while any(r.used < r.budget for r in runs):
             for r in runs:

@@ -64,3 +64,38 @@ def test_bad_settings():
         GConv2d("c4", (1, "scalar"), (1, "scalar"), 3, padding_mode="reflect")
     with pytest.raises(ValueError, match="field kind"):
         GConv2d("c4", (1, "vector"), (1, "scalar"), 3)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("fields", [((1, "scalar"), (2, "regular")), ((2, "regular"), (1, "scalar"))])
+def test_dense_basis_expansion_equals_escnn(group, fields, monkeypatch):
+    """Small layers expand their filter with one dense product: the same filter as escnn's, and the
+    same gradients; above the size limit escnn's own expansion is used."""
+    conv = GConv2d(group, fields[0], fields[1], 3)
+    assert conv.dense_basis is not None
+    with torch.no_grad():
+        conv.r2conv.weights.normal_()
+        if conv.r2conv.bias is not None:
+            conv.r2conv.bias.normal_()
+    w, b = conv.expanded()
+    w0, b0 = conv.r2conv.expand_parameters()
+    assert torch.allclose(w, w0, atol=1e-6) and (b is None or torch.allclose(b, b0, atol=1e-6))
+    g1 = torch.autograd.grad((w * w0.detach()).sum(), conv.r2conv.weights)[0]
+    g0 = torch.autograd.grad((w0 * w0.detach()).sum(), conv.r2conv.weights)[0]
+    assert torch.allclose(g1, g0, atol=1e-5)
+    assert "dense_basis" not in conv.state_dict()
+    import gflows.nn.equivariant as eq
+
+    monkeypatch.setattr(eq, "DENSE_BASIS_LIMIT", 0)
+    assert GConv2d(group, fields[0], fields[1], 3).dense_basis is None
+
+
+def test_moving_one_layer_leaves_other_layers_alone():
+    """escnn shares cached basis expansions between layers of equal types; ours own a copy."""
+    a = GConv2d("c4", (1, "scalar"), (1, "regular"), 3)
+    b = GConv2d("c4", (1, "scalar"), (1, "regular"), 3)
+    a.to(torch.float64)
+    assert all(t.dtype == torch.float32 for t in b.r2conv.buffers())
+    assert b(torch.randn(1, 1, 5, 5)).dtype == torch.float32
+    assert a(torch.randn(1, 1, 5, 5, dtype=torch.float64)).dtype == torch.float64
+    assert GConv2d("c4", (1, "scalar"), (1, "regular"), 3)(torch.randn(1, 1, 5, 5)).dtype == torch.float32

@@ -73,7 +73,8 @@ def test_linear_layer_respects_the_true_matrix_norm(shape):
         w, _ = lin.normalised()
         norm = float(torch.linalg.matrix_norm(w.detach(), ord=2))
         assert 0.7 - 1e-3 <= norm <= 0.7 + 1e-3  # scaled exactly onto the bound, not below it
-    assert abs(float(lin.sigma) - float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2))) < 1e-3 * float(lin.sigma)
+    truth = float(torch.linalg.matrix_norm(lin.weight.detach(), ord=2))
+    assert abs(float(lin.sigma) - truth) < 1e-3 * truth
 
 
 def test_linear_layer_below_the_bound_is_unchanged():
@@ -82,3 +83,12 @@ def test_linear_layer_below_the_bound_is_unchanged():
         lin.weight.copy_(0.5 * torch.eye(4))
     w, _ = lin.normalised()
     assert torch.allclose(w, 0.5 * torch.eye(4))
+
+
+def test_layers_move_with_to():
+    conv = LipschitzGConv2d("c4", (1, "scalar"), (1, "regular"), 3, input_hw=(4, 4), coeff=0.5)
+    conv = conv.to(torch.float64)
+    lin = LipschitzLinear(4, 3, coeff=0.5).to(torch.float64)
+    assert conv(torch.randn(2, 1, 4, 4, dtype=torch.float64)).dtype == torch.float64
+    assert lin(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
+    assert conv.u.dtype == lin.u.dtype == torch.float64

@@ -2,7 +2,8 @@
 
 Multiscale models follow Residual Flows / Glow: at each scale ``blocks_per_scale`` blocks, each
 followed by ActNorm, and a squeeze between scales; residual models may end, as Residual Flows' do,
-with ``fc_blocks`` fully-connected G-residual blocks (:class:`~gflows.transforms.residual.GFCResidualBlock`). Every layer is equivariant for the grid-exact
+with ``fc_blocks`` fully-connected G-residual blocks
+(:class:`~gflows.transforms.residual.GFCResidualBlock`). Every layer is equivariant for the grid-exact
 elements of the group: after ``s`` squeezes the blocks run their networks on the un-squeezed grid
 and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel, so the squeezed
 tensors carry their true representation (see :mod:`gflows.transforms.reshape`).

@@ -14,6 +14,7 @@ activation between layers; pointwise maps commute with the permutation represent
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ from gflows.groups import Group, get_group
 __all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "field_type"]
 
 PADDING_MODES = ("zeros", "circular")
+# Largest dense basis (entries) kept to expand a filter in one product; larger layers use escnn's.
+DENSE_BASIS_LIMIT = 1 << 21
 
 
 def _full_band(r: float) -> float:
@@ -88,6 +91,21 @@ class GConv2d(nn.Module):
         nn.Module.train(self.r2conv, True)
         for name in ("filter", "expanded_bias"):
             self.r2conv._buffers.pop(name, None)
+        # escnn caches its block expansions and shares them between layers of equal field types, so
+        # moving one layer (.to(float64), .cuda()) would move the others' bases too: own a copy.
+        expansion = self.r2conv.basisexpansion
+        for name, child in list(expansion._modules.items()):
+            expansion._modules[name] = copy.deepcopy(child)
+        # The filter is a linear function of the basis weights. For small layers (lattices) escnn's
+        # block-wise expansion costs more than the convolution itself, so keep the expansion as one
+        # dense matrix (not saved: the state_dict stays escnn's) and apply it with one product.
+        n, k = self.r2conv.weights.numel(), kernel_size
+        dense = None
+        if n * self.out_type.size * self.in_type.size * k * k <= DENSE_BASIS_LIMIT:
+            with torch.no_grad():
+                dense = torch.stack([self.r2conv.basisexpansion(e) for e in torch.eye(n)], -1)
+            dense = dense.reshape(self.out_type.size, self.in_type.size, k, k, n)
+        self.register_buffer("dense_basis", dense, persistent=False)
 
     def train(self, mode: bool = True) -> GConv2d:
         # escnn's R2Conv.eval() caches its expanded filter as extra buffers, which would change the
@@ -106,7 +124,11 @@ class GConv2d(nn.Module):
 
     def expanded(self) -> tuple[Tensor, Tensor | None]:
         """The dense filter ``[out, in, k, k]`` and bias, differentiable in the basis weights."""
-        return self.r2conv.expand_parameters()
+        if self.dense_basis is None:
+            return self.r2conv.expand_parameters()
+        conv = self.r2conv
+        bias = None if conv.bias is None else conv.bias_expansion @ conv.bias
+        return self.dense_basis @ conv.weights, bias
 
     def pad(self, x: Tensor) -> Tensor:
         p = self.kernel_size // 2

@@ -65,7 +65,7 @@ def operator_norm(op, shape: Sequence[int], tol: float = 1e-5, max_iters: int = 
 
 class _SpectralNormalised:
     """Operator-norm bound shared by the Lipschitz layers: subclasses give the raw ``(weight, bias)``,
-    the linear map ``_apply(x, weight)`` and, where cheaper than autograd's, its ``_adjoint``."""
+    the linear map ``_linear_map(x, weight)`` and, where cheaper than autograd's, its ``_adjoint``."""
 
     coeff: float
     tol: float
@@ -92,7 +92,7 @@ class _SpectralNormalised:
     def _raw(self) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
-    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _linear_map(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _adjoint(self, weight: Tensor):
@@ -114,7 +114,7 @@ class _SpectralNormalised:
         # near-top singular value still hides in it.
         u = self.u.to(weight.dtype)
         u = u / u.norm().clamp_min(1e-12) + 0.3 * torch.randn_like(u) / u.numel() ** 0.5
-        sigma, u, v, n = _power_iteration(lambda x: self._apply(x, weight), u, self.tol, iters,
+        sigma, u, v, n = _power_iteration(lambda x: self._linear_map(x, weight), u, self.tol, iters,
                                           self._adjoint(weight))
         self.u.copy_(u)
         self.v.copy_(v)
@@ -129,7 +129,7 @@ class _SpectralNormalised:
         if self._seen != self._state() or not bool(self.initialised):
             self.update(weight)
         if torch.is_grad_enabled() and weight.requires_grad:
-            sigma = (self.v * self._apply(self.u, weight)).sum()
+            sigma = (self.v * self._linear_map(self.u, weight)).sum()
         else:
             sigma = self.sigma
         scale = torch.clamp(sigma / self.coeff, min=1.0)
@@ -168,12 +168,13 @@ class LipschitzGConv2d(_SpectralNormalised, GConv2d):
     ):
         GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias)
         h, w = (int(s) for s in input_hw)
-        self._init_norm(coeff, tol, max_iters, init_iters, (self.in_channels, h, w), (self.out_channels, h, w))
+        self._init_norm(coeff, tol, max_iters, init_iters, (self.in_channels, h, w),
+                        (self.out_channels, h, w))
 
     def _raw(self) -> tuple[Tensor, Tensor | None]:
         return self.expanded()
 
-    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _linear_map(self, x: Tensor, weight: Tensor) -> Tensor:
         return self.conv(x, weight)
 
     def _adjoint(self, weight: Tensor):
@@ -203,7 +204,7 @@ class LipschitzLinear(_SpectralNormalised, nn.Linear):
     def _raw(self) -> tuple[Tensor, Tensor | None]:
         return self.weight, self.bias
 
-    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _linear_map(self, x: Tensor, weight: Tensor) -> Tensor:
         return x @ weight.T
 
     def _adjoint(self, weight: Tensor):
