@@ -99,3 +99,15 @@ def test_moving_one_layer_leaves_other_layers_alone():
     assert b(torch.randn(1, 1, 5, 5)).dtype == torch.float32
     assert a(torch.randn(1, 1, 5, 5, dtype=torch.float64)).dtype == torch.float64
     assert GConv2d("c4", (1, "scalar"), (1, "regular"), 3)(torch.randn(1, 1, 5, 5)).dtype == torch.float32
+
+
+def test_state_dict_is_the_same_in_train_and_eval_mode():
+    """escnn's R2Conv.eval() would add cached filter buffers: a checkpoint written in one mode must
+    load in the other."""
+    conv = GConv2d("d4", (1, "scalar"), (1, "regular"), 3)
+    keys = set(conv.state_dict())
+    conv.eval()
+    conv(torch.randn(1, 1, 5, 5))
+    assert set(conv.state_dict()) == keys and not conv.training and not conv.r2conv.training
+    conv.train()
+    assert set(conv.state_dict()) == keys and conv.r2conv.training

@@ -110,8 +110,9 @@ class GConv2d(nn.Module):
     def train(self, mode: bool = True) -> GConv2d:
         # escnn's R2Conv.eval() caches its expanded filter as extra buffers, which would change the
         # state_dict between modes; the filter is expanded here on every call instead.
-        nn.Module.train(self, mode)
-        nn.Module.train(self.r2conv, mode)
+        # Set the flags directly: nn.Module.train would recurse into R2Conv.train, which caches.
+        for m in self.modules():
+            m.training = mode
         return self
 
     @property
