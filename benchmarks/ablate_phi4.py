@@ -1,10 +1,11 @@
-"""Lattice phi^4: architecture ablation of ``lattice_flow`` at an equal number of steps.
+"""Lattice phi^4: architecture ablation of ``lattice_flow`` at an equal number of steps or minutes.
 
 Each variant is one JSON object of :func:`gflows.models.lattice.lattice_flow` keywords (plus
-``seed`` and ``preset``), trained by reverse KL for ``--steps`` Adam steps with a cosine learning
-rate and gradient clipping at 100, then measured on 16,384 fresh samples: ESS/N and the acceptance
-of independence Metropolis-Hastings. Equal steps, not equal time: the wall clock printed is only
-indicative on a shared machine.
+``seed``, ``preset``, and ``batch`` / ``lr`` overriding the command line's), trained by reverse KL
+for ``--steps`` Adam steps (or ``--minutes`` of wall clock each, the cosine learning rate then
+following the elapsed time) with gradient clipping at 100, then measured on 16,384 fresh samples:
+ESS/N and the acceptance of independence Metropolis-Hastings. Equal steps do not depend on the
+load; equal minutes do, so run those alone on the machine.
 
     python benchmarks/ablate_phi4.py --steps 800 --lr 1e-3 \\
         '{"n_layers":16,"hidden_fields":8,"group":"trivial","sign_symmetric":false}' \\
@@ -27,29 +28,36 @@ from gflows.physics import Phi4, ess, independence_mh
 from gflows.training.lattice import log_weights
 
 
-def run(variant: dict, steps: int, batch: int, lr0: float, samples: int) -> str:
+def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
+        minutes: float | None = None) -> str:
     kw = dict(variant)
+    batch, lr0 = int(kw.pop("batch", batch)), float(kw.pop("lr", lr0))
     theory = Phi4.preset(kw.pop("preset", "review"))
     torch.manual_seed(kw.pop("seed", 0))
     flow = lattice_flow(theory.L, **kw)
     opt = torch.optim.Adam(flow.parameters(), lr0)
-    t0 = time.time()
-    for step in range(steps):
+    t0, step = time.time(), 0
+
+    def progress() -> float:
+        return step / steps if minutes is None else (time.time() - t0) / (60 * minutes)
+
+    while (frac := progress()) < 1:
         for g in opt.param_groups:
-            g["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * frac))
         x, lq = flow.sample_and_log_prob(batch)
         loss = (lq + theory.action(x)).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), 100.0)
         opt.step()
+        step += 1
     seconds = time.time() - t0
     flow.eval()
     torch.manual_seed(123)
     _, lw = log_weights(flow, theory, samples)
     _, acc = independence_mh(lw, torch.Generator().manual_seed(0))
-    return (f"{json.dumps(variant)}  steps {steps}  {seconds:.0f} s  ESS/N {ess(lw):.4f}  "
-            f"MH acceptance {acc:.3f}")
+    return (f"{json.dumps(variant)}  batch {batch}  lr {lr0}  steps {step}  {seconds:.0f} s  "
+            f"ESS/N {ess(lw):.4f}  MH acceptance {acc:.3f}")
 
 
 def main() -> None:
@@ -59,11 +67,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--samples", type=int, default=16384)
+    p.add_argument("--minutes", type=float, default=None, help="train each variant this long instead")
     a = p.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}; batch {a.batch}, lr {a.lr} cosine over {a.steps} steps")
+          f"{torch.__version__}; batch {a.batch}, lr {a.lr} cosine over "
+          + (f"{a.minutes} minutes" if a.minutes else f"{a.steps} steps"))
     for v in a.variants:
-        print(run(json.loads(v), a.steps, a.batch, a.lr, a.samples), flush=True)
+        print(run(json.loads(v), a.steps, a.batch, a.lr, a.samples, a.minutes), flush=True)
 
 
 if __name__ == "__main__":

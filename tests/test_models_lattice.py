@@ -35,6 +35,27 @@ def test_d4_flow_is_exactly_equivariant_about_a_site(k, flip):
     assert torch.allclose(flow.log_prob(g(x)), flow.log_prob(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("k, flip", SITE_D4[1::2])
+def test_spline_coupling_flow_is_exactly_equivariant_about_a_site(k, flip):
+    """Spline couplings (the last two of four) keep the D4 and even-translation symmetries; being
+    monotonic but not odd, they drop phi -> -phi."""
+    torch.manual_seed(0)
+    flow = perturb(lattice_flow(6, n_layers=4, hidden_fields=1, kernel_sizes=(3, 3), sign_symmetric=False,
+                                spline_layers=2, spline_bins=4, site_spline_bins=4), 0.2)
+    g, x = about_a_site(k, flip), torch.randn(3, 1, 6, 6)
+    z = flow.transform(x)[0]
+    assert torch.allclose(flow.transform(g(x))[0], g(z), atol=1e-5)
+    assert torch.allclose(flow.log_prob(g(x)), flow.log_prob(x), atol=1e-4)
+    even = torch.roll(x, (1, 1), (2, 3))
+    assert torch.allclose(flow.log_prob(even), flow.log_prob(x), atol=1e-4)
+    assert not torch.allclose(flow.log_prob(-x), flow.log_prob(x), atol=1e-3)
+    assert torch.allclose(flow.transform.inverse(z)[0], x, atol=1e-5)
+    with pytest.raises(ValueError, match="sign-symmetric"):
+        lattice_flow(6, n_layers=4, spline_layers=2)
+    with pytest.raises(ValueError, match="spline_layers"):
+        lattice_flow(6, n_layers=4, sign_symmetric=False, spline_layers=5)
+
+
 def test_sign_flip_and_even_translations_only():
     torch.manual_seed(0)
     flow = perturb(lattice_flow(6, n_layers=4, hidden_fields=1, kernel_sizes=(3, 3), zero_mode_bins=4), 0.2)

@@ -19,6 +19,10 @@ CONFIGS = {
     "sign": dict(shape=(2, 4, 4), kw=dict(sign_symmetric=True, flip=True)),
     "squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1)),
     "checkerboard": dict(shape=(1, 6, 6), kw=dict(mask="checkerboard", padding_mode="circular")),
+    "spline": dict(shape=(2, 4, 4), kw=dict(spline_bins=4)),
+    "spline_squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1, spline_bins=3, spline_bound=2.0)),
+    "spline_checkerboard": dict(shape=(1, 6, 6), kw=dict(mask="checkerboard", padding_mode="circular",
+                                                         spline_bins=4)),
 }
 
 
@@ -40,12 +44,12 @@ def test_reconstruction_and_exact_logdet(group, name):
     assert ld.abs().max() > 1e-3 or name == "additive"  # the perturbed layer is not the identity
 
 
-@pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed"])
+@pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed", "spline", "spline_squeezed"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_equivariance_every_grid_element(group, name):
     G = Group(group)
     x = torch.randn(3, *CONFIGS[name]["shape"])
-    act = squeezed_act(G) if name == "squeezed" else None
+    act = squeezed_act(G) if name.endswith("squeezed") else None
     assert max_equivariance_error(layer(group, name), G, x, act) <= 1e-5
 
 
@@ -104,3 +108,22 @@ def test_bad_input_and_settings(name):
         GCoupling("c4", (2, 4, 4), mask="stripes")
     with pytest.raises(ValueError, match="sub-pixels together"):
         GCoupling("c4", (8, 2, 2), squeeze_levels=1, split=2)
+
+
+def test_spline_coupling_starts_as_identity_and_rejects_bad_settings():
+    t = GCoupling("d4", (2, 4, 4), spline_bins=4)
+    x = torch.randn(3, 2, 4, 4)
+    y, ld = t(x)
+    assert torch.allclose(y, x, atol=1e-6) and float(ld.abs().max()) < 1e-5
+    for kw, word in [(dict(sign_symmetric=True), "sign_symmetric"), (dict(affine=False), "affine"),
+                     (dict(spline_bins=-1), "spline_bins"), (dict(spline_bound=0.0), "spline_bound")]:
+        with pytest.raises(ValueError, match=word):
+            GCoupling("c4", (2, 4, 4), **({"spline_bins": 4} | kw))
+
+
+def test_spline_checkerboard_keeps_the_conditioning_sublattice():
+    t = layer("trivial", "spline_checkerboard")
+    x = torch.randn(2, 1, 6, 6)
+    y, _ = t(x)
+    keep = ~t.mask_b.bool().expand_as(x)
+    assert torch.equal(y[keep], x[keep]) and float((y - x)[~keep].abs().max()) > 1e-3

@@ -43,6 +43,9 @@ def lattice_flow(
     site_spline_bins: int = 0,
     site_spline_bound: float = 3.0,
     site_spline_every: int = 0,
+    spline_layers: int = 0,
+    spline_bins: int = 8,
+    spline_bound: float = 3.0,
 ) -> Flow:
     """``n_layers`` checkerboard couplings on ``[1, L, L]`` with ``group``-equivariant conditioners.
 
@@ -58,12 +61,21 @@ def lattice_flow(
         site_spline_bins: with ``> 0``, an :class:`~gflows.transforms.global_mode.OddSiteSpline` (the
             same odd spline on every site, range ``site_spline_bound``) on each side of the couplings,
             and with ``site_spline_every = k > 0`` also after every ``k`` couplings.
+        spline_layers: the last ``spline_layers`` of the ``n_layers`` couplings are rational-quadratic
+            spline couplings (``spline_bins`` bins on ``[-spline_bound, spline_bound]``, conditioned
+            like the affine ones; no ``sign_symmetric``) instead of affine ones.
     """
+    if not 0 <= spline_layers <= n_layers:
+        raise ValueError(f"spline_layers must lie in [0, n_layers={n_layers}], got {spline_layers}")
+    if spline_layers and sign_symmetric:
+        raise ValueError("spline couplings are not sign-symmetric: set sign_symmetric=False")
     layers = [
-        GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2, sign_symmetric=sign_symmetric,
+        GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2,
+                  sign_symmetric=sign_symmetric,
                   hidden_fields=hidden_fields, kernel_sizes=kernel_sizes, padding_mode="circular",
                   scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
-                  zero_init=zero_init)
+                  zero_init=zero_init, spline_bins=spline_bins if i >= n_layers - spline_layers else 0,
+                  spline_bound=spline_bound)
         for i in range(n_layers)
     ]
     if site_spline_bins:

@@ -19,7 +19,8 @@ def two_point(phi: Tensor) -> Tensor:
     return torch.fft.ifft2(f * f.conj()).real / (phi.shape[-1] * phi.shape[-2])
 
 
-def measure(phi: Tensor, bin_size: int | None = None) -> dict[str, tuple[float, float]]:
+def measure(phi: Tensor, bin_size: int | None = None, log_w: Tensor | None = None,
+            ) -> dict[str, tuple[float, float]]:
     r"""Observables with errors: ``(value, error)`` each, plus the bin size used.
 
     * ``abs_m``: :math:`\langle |M| \rangle / V` with :math:`M = \sum_x \phi_x`;
@@ -28,18 +29,30 @@ def measure(phi: Tensor, bin_size: int | None = None) -> dict[str, tuple[float, 
     * ``energy``: the Ising energy :math:`\frac12 \sum_\mu G(\hat\mu)`;
     * ``xi``: correlation length from the zero-momentum correlator's effective mass at ``t = 1``.
 
-    The bin size defaults to ``max(1, ceil(4 tau_int(|M|)))``.
+    Args:
+        phi: configurations ``[N, L, L]``; consecutive rows consecutive in Monte Carlo time (a
+            Markov chain), or independent draws.
+        bin_size: jackknife bin. By default ``ceil(4 tau)`` with ``tau`` the largest integrated
+            autocorrelation time of ``|M|``, ``M^2`` and the energy density (one observable's
+            ``tau`` can be much shorter than another's, e.g. in an independence-MH chain that
+            sticks at rare configurations of large ``|M|``); with ``log_w``, ``N // 256``.
+        log_w: importance log-weights ``log p - log q`` of independent draws from ``q``: the
+            averages are then self-normalised reweighted ones, :math:`\sum_i w_i O_i / \sum_i w_i`,
+            with jackknife errors over bins of the draws (ratio estimators: biased by
+            :math:`O(1/N)`, consistent).
     """
     phi = phi.double()
     V = phi.shape[-1] * phi.shape[-2]
     m = phi.flatten(1).sum(1)
-    if bin_size is None:
-        tau, _ = tau_int(m.abs())
-        bin_size = max(1, math.ceil(4 * tau))
     g = two_point(phi)
     ct = g.sum(-1)  # zero momentum in the second direction: C(t) = sum_x G(t, x)
     cols = torch.stack([m.abs() / V, m * m / V, m.abs(), 0.5 * (g[:, 1, 0] + g[:, 0, 1]),
                         ct[:, 0], ct[:, 1], ct[:, 2]], 1)
+    if bin_size is None:
+        if log_w is not None:
+            bin_size = max(1, len(phi) // 256)
+        else:
+            bin_size = max(1, math.ceil(4 * max(tau_int(cols[:, k])[0] for k in (0, 1, 3))))
 
     def xi(means: Tensor) -> Tensor:
         c0, c1, c2 = means[0, 4], means[0, 5], means[0, 6]
@@ -47,12 +60,23 @@ def measure(phi: Tensor, bin_size: int | None = None) -> dict[str, tuple[float, 
         # No decaying correlator (arg <= 1, e.g. a stuck chain): undefined, not a huge number.
         return 1 / torch.acosh(arg) if arg > 1 else torch.tensor(float("nan"), dtype=arg.dtype)
 
-    out = {
-        "abs_m": binned_jackknife(cols[:, 0], bin_size),
-        "chi2": binned_jackknife(cols[:, 1], bin_size),
-        "chi2_conn": binned_jackknife(cols, bin_size, lambda b: b[0, 1] - b[0, 2] ** 2 / V),
-        "energy": binned_jackknife(cols[:, 3], bin_size),
-        "xi": binned_jackknife(cols, bin_size, xi),
+    estimators = {
+        "abs_m": lambda b: b[0, 0],
+        "chi2": lambda b: b[0, 1],
+        "chi2_conn": lambda b: b[0, 1] - b[0, 2] ** 2 / V,
+        "energy": lambda b: b[0, 3],
+        "xi": xi,
     }
+    if log_w is not None:
+        if log_w.shape != (len(phi),) or not bool(torch.isfinite(log_w).all()):
+            raise ValueError(f"log_w must be {len(phi)} finite log-weights, got shape {tuple(log_w.shape)}")
+        w = torch.exp(log_w.double() - log_w.max())
+        cols = torch.cat([cols * w[:, None], w[:, None]], 1)
+
+        def reweighted(fn):
+            return lambda b: fn(b[:, :-1] / b[:, -1:])
+
+        estimators = {k: reweighted(fn) for k, fn in estimators.items()}
+    out = {k: binned_jackknife(cols, bin_size, fn) for k, fn in estimators.items()}
     out["bin_size"] = (float(bin_size), 0.0)
     return out

@@ -124,6 +124,9 @@ def build_lattice_model(cfg, theory: Phi4) -> Flow:
         site_spline_bins=int(lat.get("site_spline_bins") or 0),
         site_spline_bound=float(lat.get("site_spline_bound", 3.0)),
         site_spline_every=int(lat.get("site_spline_every") or 0),
+        spline_layers=int(lat.get("spline_layers") or 0),
+        spline_bins=int(lat.get("spline_bins") or 8),
+        spline_bound=float(lat.get("spline_bound", 3.0)),
     )
 
 
@@ -141,8 +144,9 @@ def hmc_reference(theory: Phi4, chains: int, trajectories: int, therm: int, n_st
 def sampler_report(flow: Flow, theory: Phi4, n_samples: int, hmc_cfg=None, seed: int = 0,
                    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """ESS/N on ``n_samples`` fresh samples, an independence-MH chain through them (acceptance,
-    ``tau_int`` of ``|M|``), its observables with errors and, with ``hmc_cfg``, HMC's and the
-    difference in combined standard errors. Returns the report and the arrays the plots need."""
+    ``tau_int`` of ``|M|``), its observables with errors, the same observables by reweighting the
+    fresh samples and, with ``hmc_cfg``, HMC's and the differences in combined standard errors
+    (``z`` for MH, ``z_reweighted``). Returns the report and the arrays the plots need."""
     flow.eval()
     torch.manual_seed(seed)
     phi, lw = (t.cpu() for t in log_weights(flow, theory, n_samples))  # MCMC and plots run on the CPU
@@ -160,6 +164,7 @@ def sampler_report(flow: Flow, theory: Phi4, n_samples: int, hmc_cfg=None, seed:
         "tau_int_abs_m": tau,
         "tau_window": window,
         "flow": flow_obs,
+        "flow_reweighted": measure(phi, log_w=lw),
     }
     arrays = {"log_w": lw.double(), "m_flow": chain.flatten(1).sum(1) / theory.volume}
     if hmc_cfg is not None:
@@ -169,34 +174,35 @@ def sampler_report(flow: Flow, theory: Phi4, n_samples: int, hmc_cfg=None, seed:
                                      seed + 1)
         hmc_obs = measure(ref)
         report["hmc"] = hmc_obs | {"acceptance": (hmc_acc, 0.0), "seconds": (time.time() - t0, 0.0)}
-        report["z"] = {
-            k: abs(flow_obs[k][0] - hmc_obs[k][0]) / math.hypot(flow_obs[k][1], hmc_obs[k][1])
-            for k in OBSERVABLES
-        }
+        for key, obs in (("z", flow_obs), ("z_reweighted", report["flow_reweighted"])):
+            report[key] = {k: abs(obs[k][0] - hmc_obs[k][0]) / math.hypot(obs[k][1], hmc_obs[k][1])
+                           for k in OBSERVABLES}
         arrays["m_hmc"] = ref.flatten(1).sum(1) / theory.volume
     return report, arrays
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as a table: flow (MH) and HMC observables with errors and their distance."""
+    """The report as a table: flow (MH and reweighted) and HMC observables with errors and their
+    distances in combined standard errors."""
     th = report["theory"]
-    hmc_head = f" {'HMC':>22s} {'|diff|/SE':>9s}" if "hmc" in report else ""
+    hmc_head = f" {'HMC':>22s} {'z MH':>5s} {'z rw':>5s}" if "hmc" in report else ""
     lines = [
         f"phi4 L={th['L']} m2={th['m2']} lam={th['lam']}",
         f"ESS/N on {report['n_samples']} fresh samples: {report['ess']:.4f}",
         f"independence MH: acceptance {report['mh_acceptance']:.3f}, tau_int(|M|) "
         f"{report['tau_int_abs_m']:.2f} (window {report['tau_window']})",
-        f"bin size: flow {int(report['flow']['bin_size'][0])}"
+        f"bin size: flow MH {int(report['flow']['bin_size'][0])}, reweighted "
+        f"{int(report['flow_reweighted']['bin_size'][0])}"
         + (f", HMC {int(report['hmc']['bin_size'][0])} (HMC acceptance {report['hmc']['acceptance'][0]:.3f})"
            if "hmc" in report else ""),
-        f"{'observable':10s} {'flow (MH)':>22s}" + hmc_head,
+        f"{'observable':10s} {'flow (MH)':>22s} {'flow (reweighted)':>22s}" + hmc_head,
     ]
     for k in OBSERVABLES:
-        v, e = report["flow"][k]
-        row = f"{k:10s} {v:12.5f} +- {e:7.5f}"
+        row = f"{k:10s}" + "".join(f" {v:12.5f} +- {e:7.5f}" for v, e in
+                                   (report["flow"][k], report["flow_reweighted"][k]))
         if "hmc" in report:
             hv, he = report["hmc"][k]
-            row += f" {hv:12.5f} +- {he:7.5f} {report['z'][k]:9.2f}"
+            row += f" {hv:12.5f} +- {he:7.5f} {report['z'][k]:5.2f} {report['z_reweighted'][k]:5.2f}"
         lines.append(row)
     return "\n".join(lines)
 

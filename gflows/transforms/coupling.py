@@ -1,8 +1,13 @@
-r"""G-coupling flows: affine and additive coupling with G-equivariant conditioners.
+r"""G-coupling flows: affine, additive and spline coupling with G-equivariant conditioners.
 
 Map:      ``y_a = x_a``, ``y_b = x_b * exp(s(x_a)) + t(x_a)`` (additive: ``s = 0``).
 Inverse:  ``x_b = (y_b - t(y_a)) * exp(-s(y_a))``.
 Log-det:  ``sum s(x_a)`` over the ``b`` entries.
+
+Spline (``spline_bins = K > 0``): ``y_b = f_{theta(x_a)}(x_b)`` entry-wise, with ``f`` a monotonic
+rational-quadratic spline of ``K`` bins on ``[-B, B]`` (identity outside; Durkan et al. 2019, via
+zuko), its ``3K - 1`` parameters per entry from the conditioner; inverse ``x_b = f^{-1}(y_b)``
+(closed form), log-det ``sum log f'(x_b)``. Zero conditioner output gives the identity.
 
 The split is a union of fibres that the group maps onto themselves, and ``s, t`` are
 G-equivariant (escnn steerable convolutions between scalar fields), so the layer commutes with the
@@ -20,6 +25,8 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   split then keeps each original channel's sub-pixels in one half, and the conditioner runs on the
   un-squeezed (depth-to-space) ``a`` part and squeezes its output back: it sees scalar fields on the
   fine grid, so it is equivariant between the squeezed tensors' true representations.
+* spline parameters are scalar fields like ``s`` and ``t`` (one per entry and parameter), so spline
+  couplings have the same symmetries as affine ones (except ``sign_symmetric``, not offered).
 * ``sign_symmetric=True``: the conditioner's output is symmetrised over ``{x, -x}``,
   ``s = (n_s(x_a) + n_s(-x_a)) / 2`` (even) and ``t = (n_t(x_a) - n_t(-x_a)) / 2`` (odd), so the layer
   also commutes with ``x -> -x`` (the Z2 symmetry of phi^4) and every even ``s`` / odd ``t`` the net
@@ -43,7 +50,7 @@ from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.equivariant import GConvNet, LipSwish
 from gflows.transforms.reshape import AtFineGrid
 
-__all__ = ["Conditioner", "GCoupling", "checkerboard", "parity_preserving"]
+__all__ = ["Conditioner", "GCoupling", "SplineConditioner", "checkerboard", "parity_preserving"]
 
 
 def checkerboard(h: int, w: int, parity: int = 0) -> Tensor:
@@ -129,6 +136,35 @@ class Conditioner(nn.Module):
         return self.scale_bound * torch.tanh(s_raw / self.scale_bound), t
 
 
+class SplineConditioner(nn.Module):
+    """Equivariant map from ``a`` channels to the ``3K - 1`` spline parameters of each of ``n_out``
+    channels, as ``n_out * (3K - 1)`` scalar channels (channel-major: ``c * (3K - 1) + k``).
+
+    Args:
+        group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode, activation, zero_init: as for
+            :class:`Conditioner`.
+        bins: spline bins ``K``.
+    """
+
+    def __init__(self, group: str | Group, n_in: int, n_out: int, bins: int, hidden_fields: int = 8,
+                 kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
+                 activation: str = "lipswish", zero_init: bool = True):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
+        self.net = GConvNet(group, n_in, n_out * (3 * bins - 1), hidden_fields, kernel_sizes, padding_mode,
+                            activation=ACTIVATIONS[activation])
+        if zero_init:
+            last = self.net.layers[-1].r2conv
+            with torch.no_grad():
+                last.weights.zero_()
+                if last.bias is not None:
+                    last.bias.zero_()
+
+    def forward(self, xa: Tensor) -> Tensor:
+        return self.net(xa)
+
+
 class GCoupling(Transform):
     """G-equivariant affine or additive coupling layer (see the module docstring).
 
@@ -142,6 +178,8 @@ class GCoupling(Transform):
         squeeze_levels: how many times the input has been squeezed (``mask='channel'`` only).
         affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, activation,
             final_tanh, zero_init: see :class:`Conditioner`.
+        spline_bins: with ``K > 0``, a rational-quadratic spline coupling of ``K`` bins on
+            ``[-spline_bound, spline_bound]`` instead of the affine one (see the module docstring).
     """
 
     def __init__(
@@ -162,9 +200,16 @@ class GCoupling(Transform):
         activation: str = "lipswish",
         final_tanh: bool = False,
         zero_init: bool = True,
+        spline_bins: int = 0,
+        spline_bound: float = 3.0,
     ):
         super().__init__()
         self.group = get_group(group)
+        self.spline_bins, self.spline_bound = int(spline_bins), float(spline_bound)
+        if self.spline_bins < 0 or (self.spline_bins and self.spline_bound <= 0):
+            raise ValueError(f"need spline_bins >= 0 and spline_bound > 0, got {spline_bins}, {spline_bound}")
+        if self.spline_bins and (sign_symmetric or final_tanh or not affine):
+            raise ValueError("spline couplings take neither sign_symmetric, final_tanh nor affine=False")
         self.event_shape = tuple(int(s) for s in event_shape)
         c, h, w = self.event_shape
         self.mask_kind, self.flip, self.levels = mask, bool(flip), int(squeeze_levels)
@@ -188,9 +233,14 @@ class GCoupling(Transform):
             n_in, n_out = c, c
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
-        conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
-                                  padding_mode, affine, sign_symmetric, scale_bound, activation,
-                                  final_tanh, zero_init)
+        self.n_out, self.fibre = n_out, fibre
+        if self.spline_bins:
+            conditioner = SplineConditioner(self.group, n_in, n_out, self.spline_bins, hidden_fields,
+                                            kernel_sizes, padding_mode, activation, zero_init)
+        else:
+            conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
+                                      padding_mode, affine, sign_symmetric, scale_bound, activation,
+                                      final_tanh, zero_init)
         self.conditioner = AtFineGrid(conditioner, self.levels) if self.levels else conditioner
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -206,8 +256,37 @@ class GCoupling(Transform):
             return s * self.mask_b, t * self.mask_b
         return self.conditioner(xa)
 
+    def _spline(self, xa: Tensor):
+        """The spline of every ``b`` entry, conditioned on ``xa``."""
+        from zuko.transforms import MonotonicRQSTransform
+
+        if self.mask_kind == "checkerboard":
+            xa = xa * (1 - self.mask_b)
+        raw = self.conditioner(xa)  # [B, n_out * P * fibre, H, W]: channel (c * P + k) * fibre + sub
+        K, (n, _, h, w) = self.spline_bins, raw.shape
+        p = raw.view(n, self.n_out, 3 * K - 1, self.fibre, h, w).permute(0, 1, 3, 4, 5, 2)
+        p = p.reshape(n, self.n_out * self.fibre, h, w, 3 * K - 1)
+        return MonotonicRQSTransform(p[..., :K], p[..., K : 2 * K], p[..., 2 * K :], bound=self.spline_bound)
+
+    def _spline_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        if self.mask_kind == "checkerboard":
+            f = self._spline(x)  # the conditioning sites are unchanged by the map
+            b = self.mask_b.bool()
+            xb = torch.where(b, f.inv(x), x) if inverse else x
+            y, ladj = f.call_and_ladj(xb)
+            ladj = (ladj * self.mask_b).flatten(1).sum(1)
+            return (xb, -ladj) if inverse else (torch.where(b, y, x), ladj)
+        a, b = self._split(x)
+        f = self._spline(a)
+        xb = f.inv(b) if inverse else b
+        y, ladj = f.call_and_ladj(xb)
+        ladj = ladj.flatten(1).sum(1)
+        return (self._join(a, xb), -ladj) if inverse else (self._join(a, y), ladj)
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
+        if self.spline_bins:
+            return self._spline_map(x, inverse=False)
         if self.mask_kind == "checkerboard":
             s, t = self._params(x)
             return x * torch.exp(s) + t, s.flatten(1).sum(1)
@@ -217,6 +296,8 @@ class GCoupling(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
+        if self.spline_bins:
+            return self._spline_map(z, inverse=True)
         if self.mask_kind == "checkerboard":
             s, t = self._params(z)  # the conditioning sites are unchanged by the map
             return (z - t) * torch.exp(-s), -s.flatten(1).sum(1)
