@@ -3,7 +3,8 @@
 One step = forward with the stochastic log-det estimate, backward, Adam step (and so the
 spectral-norm refresh that the next forward does). gflows refreshes by power iteration to a
 tolerance by default; normflows' LipschitzCNN does 5 iterations per forward, so the
-"5 power its/step" rows cap gflows at the same budget for a like-for-like comparison.
+"5 power its/step" rows (``lipschitz_kwargs={"train_iters": 5}``, the image configs' default) run
+gflows at the same budget for a like-for-like comparison.
 All models run interleaved in one process, round by round, on the same inputs; the script prints
 median seconds per step and the ratios.
 
@@ -23,9 +24,9 @@ import torch
 from gflows.transforms.residual import GResidualBlock
 
 
-def gflows_block(group: str, shape, hidden: int, memory_saving: bool, max_iters: int | None = None):
+def gflows_block(group: str, shape, hidden: int, memory_saving: bool, train_iters: int | None = None):
     order = {"trivial": 1, "c4": 4, "d4": 8}[group]
-    lip = {"max_iters": max_iters} if max_iters else None
+    lip = {"train_iters": train_iters} if train_iters else None
     return GResidualBlock(group, shape, hidden_fields=hidden // order, memory_saving=memory_saving,
                           lipschitz_kwargs=lip)
 

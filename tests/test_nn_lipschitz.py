@@ -92,3 +92,29 @@ def test_layers_move_with_to():
     assert conv(torch.randn(2, 1, 4, 4, dtype=torch.float64)).dtype == torch.float64
     assert lin(torch.randn(2, 4, dtype=torch.float64)).dtype == torch.float64
     assert conv.u.dtype == lin.u.dtype == torch.float64
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_quick_training_refreshes_are_certified_in_evaluation_mode(group):
+    """With train_iters, training-mode refreshes run that many iterations (an approximation the
+    docstring states); the first evaluation-mode forward refreshes to the tolerance, after which
+    the true operator norm respects the bound."""
+    torch.manual_seed(0)
+    conv = LipschitzGConv2d(group, (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5,
+                            train_iters=2)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    for _ in range(3):
+        loss = -conv(torch.randn(4, 1, 4, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_lipschitz(conv)
+        assert conv.last_iterations == 2
+    conv.eval()
+    with torch.no_grad():
+        conv(torch.randn(1, 1, 4, 4))
+    assert conv.last_iterations > 2
+    w, _ = conv.normalised()
+    assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
+    with pytest.raises(ValueError, match="train_iters"):
+        LipschitzGConv2d(group, (1, "scalar"), (1, "scalar"), 3, input_hw=(4, 4), train_iters=0)

@@ -12,6 +12,11 @@ fully-connected blocks of Residual Flows).
 The estimate is refreshed to a tolerance whenever the filter's parameters have changed (that is,
 after every optimiser step), warm-started from the previous singular vectors, with more iterations
 the first time. Gradients flow through :math:`\sigma = v^\top W u` as in Miyato et al. (2018).
+
+With ``train_iters = n``, refreshes in training mode run only ``n`` warm-started iterations (as
+Miyato et al. and Residual Flows do while training), which may underestimate :math:`\sigma` a
+little between steps; the first forward pass in evaluation mode refreshes to the tolerance again,
+so evaluated likelihoods and samples always use the certified bound.
 """
 
 from __future__ import annotations
@@ -77,11 +82,15 @@ class _SpectralNormalised:
     initialised: Tensor
 
     def _init_norm(self, coeff: float, tol: float, max_iters: int, init_iters: int,
-                   in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+                   in_shape: Sequence[int], out_shape: Sequence[int], train_iters: int | None = None) -> None:
         if not 0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
+        if train_iters is not None and train_iters < 1:
+            raise ValueError(f"train_iters must be a positive count or None, got {train_iters}")
         self.coeff, self.tol = float(coeff), float(tol)
         self.max_iters, self.init_iters = int(max_iters), int(init_iters)
+        self.train_iters = None if train_iters is None else int(train_iters)
+        self._certified = False  # whether the current estimate was refreshed to the tolerance
         self.register_buffer("u", torch.randn(1, *in_shape))
         self.register_buffer("v", torch.zeros(1, *out_shape))
         self.register_buffer("sigma", torch.ones(()))
@@ -102,32 +111,42 @@ class _SpectralNormalised:
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
     @torch.no_grad()
-    def update(self, weight: Tensor | None = None) -> None:
-        """Refresh the singular-vector estimate for the current weight."""
+    def update(self, weight: Tensor | None = None, certify: bool | None = None) -> None:
+        """Refresh the singular-vector estimate for the current weight: to the tolerance, or (by
+        default in training mode with ``train_iters``) with ``train_iters`` iterations."""
         if weight is None:
             weight, _ = self._raw()
         weight = weight.detach()
-        iters = self.max_iters if bool(self.initialised) else self.init_iters
+        if certify is None:
+            certify = not (self.training and self.train_iters)
+        if not bool(self.initialised):
+            certify, iters = True, self.init_iters
+        else:
+            iters = self.max_iters if certify else self.train_iters
         # W^T W of an equivariant filter preserves each isotypic component, so a warm start that has
         # lost a component can never find a top singular vector that moved there: keep every
-        # component alive with fresh noise, large enough that the residual test cannot pass while a
-        # near-top singular value still hides in it.
+        # component alive with fresh noise, large enough (when certifying) that the residual test
+        # cannot pass while a near-top singular value still hides in it. Quick refreshes add only a
+        # little, which their few iterations cannot remove but which costs sigma only O(noise^2).
         u = self.u.to(weight.dtype)
-        u = u / u.norm().clamp_min(1e-12) + 0.3 * torch.randn_like(u) / u.numel() ** 0.5
-        sigma, u, v, n = _power_iteration(lambda x: self._linear_map(x, weight), u, self.tol, iters,
-                                          self._adjoint(weight))
+        noise = 0.3 if certify else 0.01
+        u = u / u.norm().clamp_min(1e-12) + noise * torch.randn_like(u) / u.numel() ** 0.5
+        sigma, u, v, n = _power_iteration(lambda x: self._linear_map(x, weight), u,
+                                          self.tol if certify else 0.0, iters, self._adjoint(weight))
         self.u.copy_(u)
         self.v.copy_(v)
         self.sigma.copy_(sigma)
         self.initialised.fill_(True)
         self.last_iterations = n
-        self._seen = self._state()
+        self._seen, self._certified = self._state(), certify
 
     def normalised(self) -> tuple[Tensor, Tensor | None]:
         """Weight scaled to operator norm ``<= coeff``, and the bias."""
         weight, bias = self._raw()
         if self._seen != self._state() or not bool(self.initialised):
             self.update(weight)
+        elif not self.training and not self._certified:
+            self.update(weight, certify=True)
         if torch.is_grad_enabled() and weight.requires_grad:
             sigma = (self.v * self._linear_map(self.u, weight)).sum()
         else:
@@ -149,6 +168,8 @@ class LipschitzGConv2d(_SpectralNormalised, GConv2d):
         coeff: bound on the operator norm, ``c < 1`` for residual flows.
         tol: relative eigen-residual of ``W^T W`` at which power iteration stops.
         max_iters: iterations per refresh; ``init_iters`` for the first one.
+        train_iters: with a number, refreshes in training mode run that many iterations only
+            (see the module docstring); ``None``: always to the tolerance.
     """
 
     def __init__(
@@ -165,11 +186,12 @@ class LipschitzGConv2d(_SpectralNormalised, GConv2d):
         tol: float = 1e-4,
         max_iters: int = 2000,
         init_iters: int = 5000,
+        train_iters: int | None = None,
     ):
         GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias)
         h, w = (int(s) for s in input_hw)
         self._init_norm(coeff, tol, max_iters, init_iters, (self.in_channels, h, w),
-                        (self.out_channels, h, w))
+                        (self.out_channels, h, w), train_iters)
 
     def _raw(self) -> tuple[Tensor, Tensor | None]:
         return self.expanded()
@@ -193,13 +215,14 @@ class LipschitzLinear(_SpectralNormalised, nn.Linear):
 
     Args:
         in_features, out_features, bias: as for ``torch.nn.Linear``.
-        coeff, tol, max_iters, init_iters: as for :class:`LipschitzGConv2d`.
+        coeff, tol, max_iters, init_iters, train_iters: as for :class:`LipschitzGConv2d`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, coeff: float = 0.98,
-                 tol: float = 1e-4, max_iters: int = 2000, init_iters: int = 5000):
+                 tol: float = 1e-4, max_iters: int = 2000, init_iters: int = 5000,
+                 train_iters: int | None = None):
         nn.Linear.__init__(self, in_features, out_features, bias)
-        self._init_norm(coeff, tol, max_iters, init_iters, (in_features,), (out_features,))
+        self._init_norm(coeff, tol, max_iters, init_iters, (in_features,), (out_features,), train_iters)
 
     def _raw(self) -> tuple[Tensor, Tensor | None]:
         return self.weight, self.bias
@@ -215,12 +238,13 @@ class LipschitzLinear(_SpectralNormalised, nn.Linear):
         return F.linear(x, w, b)
 
 
-def update_lipschitz(module: nn.Module) -> None:
+def update_lipschitz(module: nn.Module, certify: bool | None = None) -> None:
     """Refresh the spectral-norm estimate of every Lipschitz layer in ``module``.
 
     Call after each optimiser step; layers also refresh themselves lazily when they see that
     their parameters changed, so this only moves the work out of the next forward pass.
+    ``certify=True`` refreshes to the tolerance even in training mode (see ``train_iters``).
     """
     for m in module.modules():
         if isinstance(m, _SpectralNormalised):
-            m.update()
+            m.update(certify=certify)

@@ -43,6 +43,8 @@ def build_model(cfg) -> Flow:
     block = dict(cfg.flow.get("block") or {})
     if "kernel_sizes" in block:
         block["kernel_sizes"] = tuple(block["kernel_sizes"])
+    if "lipschitz_kwargs" in block:
+        block["lipschitz_kwargs"] = dict(block["lipschitz_kwargs"] or {})
     return image_model(
         cfg.flow.kind, group, tuple(cfg.data.shape), alpha=cfg.data.alpha, n_scales=cfg.flow.n_scales,
         blocks_per_scale=cfg.flow.blocks_per_scale, hidden_fields=hidden_fields,
