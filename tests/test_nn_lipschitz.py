@@ -14,6 +14,18 @@ def dense_norm(conv, weight, shape):
     return float(torch.linalg.matrix_norm(mat, ord=2))
 
 
+def sgd_steps(conv, n: int):
+    """``n`` SGD steps that push the filter's norm up, each followed by ``update_lipschitz``."""
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    for i in range(n):
+        loss = -conv(torch.randn(4, 1, 4, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_lipschitz(conv)
+        yield i
+
+
 @pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_power_iteration_finds_the_true_operator_norm(group, padding_mode):
@@ -32,13 +44,7 @@ def test_power_iteration_finds_the_true_operator_norm(group, padding_mode):
 @pytest.mark.parametrize("group", GROUPS)
 def test_normalised_filter_respects_the_bound_after_optimiser_steps(group):
     conv = LipschitzGConv2d(group, (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5)
-    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
-    for _ in range(4):
-        loss = -conv(torch.randn(4, 1, 4, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        update_lipschitz(conv)
+    for _ in sgd_steps(conv, 4):
         w, _ = conv.normalised()
         assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
 
@@ -102,13 +108,7 @@ def test_quick_training_refreshes_are_certified_in_evaluation_mode(group):
     torch.manual_seed(0)
     conv = LipschitzGConv2d(group, (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5,
                             train_iters=2)
-    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
-    for _ in range(3):
-        loss = -conv(torch.randn(4, 1, 4, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        update_lipschitz(conv)
+    for _ in sgd_steps(conv, 3):
         assert conv.last_iterations == 2
     conv.eval()
     with torch.no_grad():

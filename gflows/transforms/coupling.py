@@ -50,7 +50,7 @@ from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.equivariant import GConvNet, LipSwish
 from gflows.transforms.reshape import AtFineGrid
 
-__all__ = ["Conditioner", "GCoupling", "SplineConditioner", "checkerboard", "parity_preserving"]
+__all__ = ["Conditioner", "GCoupling", "checkerboard", "conditioner_net", "parity_preserving"]
 
 
 def checkerboard(h: int, w: int, parity: int = 0) -> Tensor:
@@ -71,6 +71,24 @@ ACTIVATIONS = {
     "leaky_relu": lambda n_fields, field_size: nn.LeakyReLU(),
     "tanh": lambda n_fields, field_size: nn.Tanh(),
 }
+
+
+def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
+                    kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
+                    activation: str = "lipswish", zero_init: bool = True) -> GConvNet:
+    """The conditioners' network: scalar fields ``n_in -> n_out`` through regular hidden fields, with
+    ``activation`` between layers and, with ``zero_init``, a last convolution starting at zero."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
+    net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
+                   activation=ACTIVATIONS[activation])
+    if zero_init:
+        last = net.layers[-1].r2conv
+        with torch.no_grad():
+            last.weights.zero_()
+            if last.bias is not None:
+                last.bias.zero_()
+    return net
 
 
 class Conditioner(nn.Module):
@@ -106,19 +124,11 @@ class Conditioner(nn.Module):
         zero_init: bool = True,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
         self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
         self.final_tanh = final_tanh
         self.n_out = n_out
-        self.net = GConvNet(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
-                            padding_mode, activation=ACTIVATIONS[activation])
-        if zero_init:
-            last = self.net.layers[-1].r2conv
-            with torch.no_grad():
-                last.weights.zero_()
-                if last.bias is not None:
-                    last.bias.zero_()
+        self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
+                                   padding_mode, activation, zero_init)
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         if self.sign_symmetric:
@@ -134,35 +144,6 @@ class Conditioner(nn.Module):
         if self.final_tanh:
             return torch.tanh(s_raw), torch.tanh(t)
         return self.scale_bound * torch.tanh(s_raw / self.scale_bound), t
-
-
-class SplineConditioner(nn.Module):
-    """Equivariant map from ``a`` channels to the ``3K - 1`` spline parameters of each of ``n_out``
-    channels, as ``n_out * (3K - 1)`` scalar channels (channel-major: ``c * (3K - 1) + k``).
-
-    Args:
-        group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode, activation, zero_init: as for
-            :class:`Conditioner`.
-        bins: spline bins ``K``.
-    """
-
-    def __init__(self, group: str | Group, n_in: int, n_out: int, bins: int, hidden_fields: int = 8,
-                 kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
-                 activation: str = "lipswish", zero_init: bool = True):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
-        self.net = GConvNet(group, n_in, n_out * (3 * bins - 1), hidden_fields, kernel_sizes, padding_mode,
-                            activation=ACTIVATIONS[activation])
-        if zero_init:
-            last = self.net.layers[-1].r2conv
-            with torch.no_grad():
-                last.weights.zero_()
-                if last.bias is not None:
-                    last.bias.zero_()
-
-    def forward(self, xa: Tensor) -> Tensor:
-        return self.net(xa)
 
 
 class GCoupling(Transform):
@@ -234,9 +215,9 @@ class GCoupling(Transform):
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
         self.n_out, self.fibre = n_out, fibre
-        if self.spline_bins:
-            conditioner = SplineConditioner(self.group, n_in, n_out, self.spline_bins, hidden_fields,
-                                            kernel_sizes, padding_mode, activation, zero_init)
+        if self.spline_bins:  # n_out * (3K - 1) scalar channels, channel-major: c * (3K - 1) + k
+            conditioner = conditioner_net(self.group, n_in, n_out * (3 * self.spline_bins - 1), hidden_fields,
+                                          kernel_sizes, padding_mode, activation, zero_init)
         else:
             conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
                                       padding_mode, affine, sign_symmetric, scale_bound, activation,
