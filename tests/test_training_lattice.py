@@ -92,6 +92,11 @@ def test_float64_training_and_report(tmp_path):
     assert all(v.dtype == torch.float64 for v in state["model"].values() if v.is_floating_point())
     assert 0 < report["ess"] <= 1 and report["n_samples"] == 256
     assert set(report["hmc"]) >= set(OBSERVABLES)
+    assert set(report["flow_reweighted"]) >= set(OBSERVABLES) and not report["symmetrised"]
+    # the same checkpoint reported through the symmetrised sampler
+    again = run(config(tmp_path, "data.preset=E1", "data.dtype=float64", "data.ess_samples=256",
+                       "data.hmc.enabled=false", "data.symmetrise=true", "mode=eval"))
+    assert again["symmetrised"] and 0 < again["ess"] <= 1
 
 
 def test_non_finite_action_stops_with_a_clear_message(tmp_path, monkeypatch):
