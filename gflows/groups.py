@@ -121,6 +121,11 @@ class Group:
                 for k in range(self.n)]
 
     @property
+    def grid_exact(self) -> bool:
+        """Whether every element maps the pixel grid onto itself (the subgroups of D4)."""
+        return all(g.grid_exact for g in self.elements)
+
+    @property
     def grid_elements(self) -> list[GroupElement]:
         """The elements that map the pixel grid onto itself (exact action)."""
         return [g for g in self.elements if g.grid_exact]

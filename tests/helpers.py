@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from gflows.groups import Group
+from gflows.transforms.reshape import squeeze, unsqueeze
 
 
 def autograd_logdet(transform, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,7 @@ def max_equivariance_error(transform, group: Group, x: torch.Tensor, act=None) -
 
 def squeezed_act(group: Group, levels: int = 1):
     """The group's action on a tensor squeezed ``levels`` times: un-squeeze, move pixels, squeeze."""
-    r = 2**levels
-    return lambda g, y: F.pixel_unshuffle(group.act(g, F.pixel_shuffle(y, r)), r)
+    return lambda g, y: squeeze(group.act(g, unsqueeze(y, levels)), levels)
 
 
 def bad_inputs(shape: tuple[int, ...]) -> list[tuple[object, type, str]]:

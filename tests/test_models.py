@@ -87,3 +87,32 @@ def test_residual_model_with_final_fc_blocks(scales):
             assert torch.allclose(t(G.act(g, x))[1], ld, atol=1e-4)
     with pytest.raises(ValueError, match="fc_blocks"):
         image_flow("coupling", "d4", (3, 4, 4), fc_blocks=1)
+
+
+@pytest.mark.parametrize("kind", ["coupling", "residual"])
+def test_squeeze_first_runs_every_block_at_half_resolution_or_less(kind):
+    from helpers import max_reconstruction_error, perturb, squeezed_act
+
+    from gflows.nn.equivariant import GConv2d
+
+    torch.manual_seed(0)
+    t = image_flow(kind, "d4", (3, 8, 8), n_scales=2, blocks_per_scale=1, hidden_fields=1,
+                   kernel_sizes=(3, 3), squeeze_first=True)
+    perturb(t, 0.05).eval()
+    sizes = []
+    for m in t.modules():
+        if isinstance(m, GConv2d):
+            m.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[-1]))
+    x = torch.randn(2, 3, 8, 8)
+    z, ld = t(x)
+    assert z.shape == (2, 48, 2, 2) and set(sizes) == {4, 2}
+    assert max_reconstruction_error(t, x) <= 1e-5
+    G, act = gflows.Group("d4"), squeezed_act(gflows.Group("d4"), 2)
+    with gflows.logdet_mode(t, "exact"):
+        _, ld = t(x)
+        for g in G.grid_elements:
+            zg, ldg = t(G.act(g, x))
+            assert float((zg - act(g, z)).abs().max()) <= 1e-5
+            assert torch.allclose(ldg, ld, atol=1e-4)
+    with pytest.raises(ValueError, match="n_scales"):
+        image_flow(kind, "d4", (3, 8, 8), n_scales=0)

@@ -11,6 +11,7 @@ from helpers import (
 )
 
 from gflows.groups import Group
+from gflows.nn.equivariant import GConv2d
 from gflows.transforms.coupling import GCoupling, parity_preserving
 
 CONFIGS = {
@@ -18,6 +19,7 @@ CONFIGS = {
     "additive": dict(shape=(3, 4, 4), kw=dict(affine=False, split=1)),
     "sign": dict(shape=(2, 4, 4), kw=dict(sign_symmetric=True, flip=True)),
     "squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1)),
+    "squeezed2": dict(shape=(32, 2, 2), kw=dict(squeeze_levels=2)),
     "checkerboard": dict(shape=(1, 6, 6), kw=dict(mask="checkerboard", padding_mode="circular")),
     "spline": dict(shape=(2, 4, 4), kw=dict(spline_bins=4)),
     "spline_squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1, spline_bins=3, spline_bound=2.0)),
@@ -44,13 +46,34 @@ def test_reconstruction_and_exact_logdet(group, name):
     assert ld.abs().max() > 1e-3 or name == "additive"  # the perturbed layer is not the identity
 
 
-@pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed", "spline", "spline_squeezed"])
+@pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed", "squeezed2", "spline",
+                                  "spline_squeezed"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_equivariance_every_grid_element(group, name):
     G = Group(group)
     x = torch.randn(3, *CONFIGS[name]["shape"])
-    act = squeezed_act(G) if name.endswith("squeezed") else None
-    assert max_equivariance_error(layer(group, name), G, x, act) <= 1e-5
+    levels = CONFIGS[name]["kw"].get("squeeze_levels", 0)
+    act = squeezed_act(G, levels) if levels else None
+    assert max_equivariance_error(layer(group, name), G, x, act) <= 1e-5 * (1 + levels)
+
+
+def conv_input_sizes(module, x):
+    """Spatial sizes of every convolution's input during ``module(x)``."""
+    sizes = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: sizes.append(tuple(a[0].shape[-2:])))
+             for m in module.modules() if isinstance(m, GConv2d)]
+    module(x)
+    for h in hooks:
+        h.remove()
+    return set(sizes)
+
+
+@pytest.mark.parametrize("group", ["d4", "c8"])
+def test_squeezed_conditioner_runs_on_coarse_grid_where_grid_exact(group):
+    """Subgroups of D4 permute sub-pixels exactly: the conditioner runs at 4^L times fewer pixels.
+    C8's 45 degree turns do not, so there it runs on the un-squeezed grid."""
+    t = GCoupling(group, (32, 2, 2), squeeze_levels=2, hidden_fields=1, kernel_sizes=(3, 3))
+    assert conv_input_sizes(t, torch.randn(1, 32, 2, 2)) == ({(2, 2)} if group == "d4" else {(8, 8)})
 
 
 def test_squeezed_layer_would_break_equivariance_without_unsqueezed_conditioner():

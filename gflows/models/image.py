@@ -4,9 +4,9 @@ Multiscale models follow Residual Flows / Glow: at each scale ``blocks_per_scale
 followed by ActNorm, and a squeeze between scales; residual models may end, as Residual Flows' do,
 with ``fc_blocks`` fully-connected G-residual blocks
 (:class:`~gflows.transforms.residual.GFCResidualBlock`). Every layer is equivariant for the grid-exact
-elements of the group: after ``s`` squeezes the blocks run their networks on the un-squeezed grid
-and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel, so the squeezed
-tensors carry their true representation (see :mod:`gflows.transforms.reshape`).
+elements of the group: after ``s`` squeezes the blocks' networks map between the squeezed tensors'
+true representations (on the coarse grid for subgroups of D4, see :mod:`gflows.transforms.reshape`)
+and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def image_flow(
     actnorm: bool = True,
     fc_blocks: int = 0,
     fc_hidden: int = 128,
+    squeeze_first: bool = False,
     **block_kwargs,
 ) -> Compose:
     """A multiscale transform of ``kind`` in :data:`FLOW_KINDS` (see the module docstring).
@@ -69,15 +70,20 @@ def image_flow(
         actnorm: ActNorm after each block.
         fc_blocks: fully-connected G-residual blocks after the last scale (``kind='residual'`` only),
             with ``fc_hidden`` hidden units and the log-det / Lipschitz options of ``block_kwargs``.
+        squeeze_first: squeeze before the first scale too, as Glow does, so that every block runs
+            at half the resolution or less (``H`` and ``W`` divisible by ``2^n_scales``).
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
         raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
     if fc_blocks and kind != "residual":
         raise ValueError(f"fc_blocks are residual blocks: only for kind='residual', not {kind!r}")
+    if n_scales < 1:
+        raise ValueError(f"n_scales must be >= 1, got {n_scales}")
     shape = tuple(int(s) for s in event_shape)
     layers: list[Transform] = []
-    for level in range(n_scales):
+    first = int(bool(squeeze_first))
+    for level in range(first, n_scales + first):
         if level:
             sq = Squeeze(shape)
             layers.append(sq)
@@ -88,9 +94,9 @@ def image_flow(
                 layers.append(ActNorm(shape, field_size=4**level))
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode")}
     for _ in range(fc_blocks):
-        layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=n_scales - 1, **fc_kwargs))
+        layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=level, **fc_kwargs))
         if actnorm:
-            layers.append(ActNorm(shape, field_size=4 ** (n_scales - 1)))
+            layers.append(ActNorm(shape, field_size=4**level))
     return Compose(layers)
 
 

@@ -37,10 +37,21 @@ def _full_band(r: float) -> float:
     return 4.0 * max(r, 1.0)
 
 
-def field_type(group: Group, n_fields: int, kind: str):
-    """escnn ``FieldType`` of ``n_fields`` ``'scalar'`` or ``'regular'`` fields of ``group``."""
+def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
+    """escnn ``FieldType`` of ``n_fields`` ``'scalar'`` or ``'regular'`` fields of ``group``.
+
+    Scalar fields squeezed ``squeeze_levels`` times (:mod:`gflows.transforms.reshape`) have
+    ``4^squeeze_levels`` channels each, which carry
+    :func:`~gflows.transforms.reshape.squeezed_representation`.
+    """
     gs = group.gspace
-    if kind == "scalar":
+    if squeeze_levels and kind != "scalar":
+        raise ValueError(f"only scalar fields can be squeezed, not {kind!r} ones")
+    if kind == "scalar" and squeeze_levels:
+        from gflows.transforms.reshape import squeezed_representation
+
+        rep = squeezed_representation(group, int(squeeze_levels))
+    elif kind == "scalar":
         rep = gs.trivial_repr
     elif kind == "regular":
         rep = gs.regular_repr
@@ -56,8 +67,9 @@ class GConv2d(nn.Module):
 
     Args:
         group: the symmetry group (name or :class:`~gflows.groups.Group`).
-        in_fields: ``(n, kind)`` of the input, ``kind`` in ``{'scalar', 'regular'}``.
-        out_fields: ``(n, kind)`` of the output.
+        in_fields: ``(n, kind)`` of the input, ``kind`` in ``{'scalar', 'regular'}``, or
+            ``(n, 'scalar', levels)`` for scalar fields squeezed ``levels`` times (see :func:`field_type`).
+        out_fields: the same for the output.
         kernel_size: odd kernel size; the output has the input's spatial size.
         padding_mode: ``'zeros'`` or ``'circular'`` (periodic lattices).
         bias: add an equivariant bias.
@@ -66,8 +78,8 @@ class GConv2d(nn.Module):
     def __init__(
         self,
         group: str | Group,
-        in_fields: tuple[int, str],
-        out_fields: tuple[int, str],
+        in_fields: tuple[int, str] | tuple[int, str, int],
+        out_fields: tuple[int, str] | tuple[int, str, int],
         kernel_size: int = 3,
         padding_mode: str = "zeros",
         bias: bool = True,
@@ -175,16 +187,21 @@ class LipSwish(nn.Module):
 class GConvNet(nn.Module):
     """``scalar -> regular -> ... -> regular -> scalar`` stack of :class:`GConv2d` and LipSwish.
 
+    With ``squeeze_levels = L`` the input and output are scalar fields squeezed ``L`` times
+    (``4^L`` channels each, see :func:`field_type`): the stack runs on the coarse grid and is
+    equivariant for the squeezed tensors' true representation (grid-exact groups only).
+
     Args:
         group: the symmetry group.
-        in_channels: scalar input channels.
-        out_channels: scalar output channels.
+        in_channels: input channels (scalar fields, or ``4^L`` per squeezed field).
+        out_channels: output channels, likewise.
         hidden_fields: regular fields per hidden layer (``hidden_fields * |G|`` channels).
         kernel_sizes: one kernel size per convolution; ``len(kernel_sizes) - 1`` hidden layers.
         padding_mode: ``'zeros'`` or ``'circular'``.
         conv: the convolution class (a :class:`GConv2d` subclass), with ``conv_kwargs``.
         bias: biases in the convolutions.
         activation: activation factory ``(n_fields, field_size) -> nn.Module``.
+        squeeze_levels: how many times the input and output scalar fields have been squeezed.
     """
 
     def __init__(
@@ -199,14 +216,19 @@ class GConvNet(nn.Module):
         conv_kwargs: dict | None = None,
         bias: bool = True,
         activation=LipSwish,
+        squeeze_levels: int = 0,
     ):
         super().__init__()
         self.group = get_group(group)
         if len(kernel_sizes) < 1:
             raise ValueError("kernel_sizes must name at least one convolution")
-        fields = [(in_channels, "scalar")]
+        fibre = 4**squeeze_levels
+        if in_channels % fibre or out_channels % fibre:
+            raise ValueError(f"{in_channels} -> {out_channels} channels are not whole fields of {fibre} "
+                             "squeezed sub-pixels")
+        fields = [(in_channels // fibre, "scalar", squeeze_levels)]
         fields += [(hidden_fields, "regular")] * (len(kernel_sizes) - 1)
-        fields += [(out_channels, "scalar")]
+        fields += [(out_channels // fibre, "scalar", squeeze_levels)]
         layers: list[nn.Module] = []
         for i, k in enumerate(kernel_sizes):
             layers.append(

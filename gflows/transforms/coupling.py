@@ -22,9 +22,10 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   half turn and the two diagonal reflections; the others swap the two sublattices.
 * ``squeeze_levels = L``: the input is a ``L``-times squeezed image, on which the group also
   permutes the ``4^L`` sub-pixel channels of every original channel (see :mod:`.reshape`). The
-  split then keeps each original channel's sub-pixels in one half, and the conditioner runs on the
-  un-squeezed (depth-to-space) ``a`` part and squeezes its output back: it sees scalar fields on the
-  fine grid, so it is equivariant between the squeezed tensors' true representations.
+  split then keeps each original channel's sub-pixels in one half, and the conditioner maps between
+  the squeezed tensors' true representations: on the coarse grid with steerable kernels for that
+  representation (:func:`~.reshape.squeezed_representation`) where every element is grid-exact,
+  else on the un-squeezed (depth-to-space) ``a`` part (:class:`~.reshape.AtFineGrid`).
 * spline parameters are scalar fields like ``s`` and ``t`` (one per entry and parameter), so spline
   couplings have the same symmetries as affine ones (except ``sign_symmetric``, not offered).
 * ``sign_symmetric=True``: the conditioner's output is symmetrised over ``{x, -x}``,
@@ -75,13 +76,15 @@ ACTIVATIONS = {
 
 def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
                     kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
-                    activation: str = "lipswish", zero_init: bool = True) -> GConvNet:
-    """The conditioners' network: scalar fields ``n_in -> n_out`` through regular hidden fields, with
-    ``activation`` between layers and, with ``zero_init``, a last convolution starting at zero."""
+                    activation: str = "lipswish", zero_init: bool = True,
+                    squeeze_levels: int = 0) -> GConvNet:
+    """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
+    ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
+    with ``zero_init``, a last convolution starting at zero."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
     net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
-                   activation=ACTIVATIONS[activation])
+                   activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels)
     if zero_init:
         last = net.layers[-1].r2conv
         with torch.no_grad():
@@ -96,7 +99,7 @@ class Conditioner(nn.Module):
 
     Args:
         group: symmetry group.
-        n_in, n_out: scalar channels in and out (per ``s`` and per ``t``).
+        n_in, n_out: channels in and out (per ``s`` and per ``t``).
         hidden_fields, kernel_sizes, padding_mode: of the :class:`~gflows.nn.equivariant.GConvNet`.
         affine: also produce a log-scale ``s`` (else ``s = 0``).
         sign_symmetric: even ``s``, odd ``t`` by symmetrising over ``{x, -x}``.
@@ -106,6 +109,8 @@ class Conditioner(nn.Module):
         final_tanh: ``s = tanh(s_raw)``, ``t = tanh(t_raw)`` (the lattice review's RealNVP) instead of
             the soft bound.
         zero_init: start the last convolution at zero, so the layer starts as the identity.
+        squeeze_levels: the channels are scalar fields squeezed this many times (``4^L`` channels
+            each); the net runs on the coarse grid (grid-exact groups, see :class:`GConvNet`).
     """
 
     def __init__(
@@ -122,13 +127,14 @@ class Conditioner(nn.Module):
         activation: str = "lipswish",
         final_tanh: bool = False,
         zero_init: bool = True,
+        squeeze_levels: int = 0,
     ):
         super().__init__()
         self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
         self.final_tanh = final_tanh
         self.n_out = n_out
         self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
-                                   padding_mode, activation, zero_init)
+                                   padding_mode, activation, zero_init, squeeze_levels)
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         if self.sign_symmetric:
@@ -215,14 +221,18 @@ class GCoupling(Transform):
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
         self.n_out, self.fibre = n_out, fibre
-        if self.spline_bins:  # n_out * (3K - 1) scalar channels, channel-major: c * (3K - 1) + k
-            conditioner = conditioner_net(self.group, n_in, n_out * (3 * self.spline_bins - 1), hidden_fields,
-                                          kernel_sizes, padding_mode, activation, zero_init)
+        # On the coarse grid where the group permutes sub-pixels exactly, else on the un-squeezed one.
+        coarse = self.group.grid_exact
+        levels, f = (self.levels, fibre) if coarse else (0, 1)
+        if self.spline_bins:  # n_out * (3K - 1) fields, field-major: c * (3K - 1) + k
+            conditioner = conditioner_net(self.group, n_in * f, n_out * (3 * self.spline_bins - 1) * f,
+                                          hidden_fields, kernel_sizes, padding_mode, activation, zero_init,
+                                          levels)
         else:
-            conditioner = Conditioner(self.group, n_in, n_out, hidden_fields, kernel_sizes,
+            conditioner = Conditioner(self.group, n_in * f, n_out * f, hidden_fields, kernel_sizes,
                                       padding_mode, affine, sign_symmetric, scale_bound, activation,
-                                      final_tanh, zero_init)
-        self.conditioner = AtFineGrid(conditioner, self.levels) if self.levels else conditioner
+                                      final_tanh, zero_init, levels)
+        self.conditioner = AtFineGrid(conditioner, self.levels) if self.levels and not coarse else conditioner
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, b = x[:, : self.split], x[:, self.split :]

@@ -11,18 +11,75 @@ four corners of a square (a diagonal reflection fixes two corners). So after a s
 are no longer scalar fields: a layer that treats them as scalars (for example per-channel ActNorm
 with ``field_size=1``, or a G-residual block on scalar channels) is no longer equivariant, while
 layers that share parameters over each group of four (``ActNorm(field_size=4)``) still are.
+
+After ``L`` squeezes each original channel owns ``4^L`` consecutive channels, on which a grid-exact
+element acts by the permutation :func:`squeezed_representation` (the ``L``-fold tensor power of the
+four-corner permutation). Networks between such fields run on the coarse grid
+(:class:`~gflows.nn.equivariant.GConvNet` with ``squeeze_levels``): escnn builds their steerable
+kernels for that representation, so they are exactly equivariant at ``4^L`` times fewer pixels than
+:class:`AtFineGrid`, which un-squeezes instead and serves groups with non-grid-exact elements.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.flow import Transform
 
-__all__ = ["AtFineGrid", "Squeeze"]
+__all__ = ["AtFineGrid", "Squeeze", "squeeze", "squeezed_representation", "unsqueeze"]
+
+
+def squeeze(x: Tensor, levels: int = 1) -> Tensor:
+    """``levels`` successive :class:`Squeeze` maps of ``x[B, C, H, W]`` (not one by ``2^levels``,
+    which orders the sub-pixels differently)."""
+    for _ in range(levels):
+        x = F.pixel_unshuffle(x, 2)
+    return x
+
+
+def unsqueeze(x: Tensor, levels: int = 1) -> Tensor:
+    """The inverse of :func:`squeeze`."""
+    for _ in range(levels):
+        x = F.pixel_shuffle(x, 2)
+    return x
+
+
+@cache
+def squeezed_representation(group, levels: int):
+    """escnn representation of ``group``'s fibre group on the ``4^levels`` channels that one scalar
+    channel becomes after ``levels`` squeezes: ``squeeze(g . x) = rho(g) (g . squeeze(x))``, with
+    ``g`` on the right moving the coarse grid. A permutation representation, read off by acting on a
+    single ``2^levels x 2^levels`` block; it exists only where every element of ``group`` maps the
+    grid onto itself (subgroups of D4), otherwise a :class:`ValueError`.
+    """
+    from escnn.group.representation import build_from_discrete_group_representation
+
+    from gflows.groups import get_group
+
+    group = get_group(group)
+    if not group.grid_exact:
+        raise ValueError(f"{group} has elements that do not map the grid onto itself: no squeezed "
+                         "representation (un-squeeze instead: AtFineGrid)")
+    n = 4**levels
+    fibre = group.gspace.fibergroup
+    if group.order == 1:  # escnn's decomposition needs generators, which the trivial group lacks
+        from escnn.group import directsum
+
+        return directsum([fibre.trivial_representation] * n, name=f"squeezed{levels}_{group.name}")
+    basis = torch.eye(n, dtype=torch.float64).view(n, n, 1, 1)
+    matrices = {}
+    for g in group.elements:
+        # column s: the image of basis vector e_s
+        moved = squeeze(group.act(g, unsqueeze(basis, levels)), levels).view(n, n).T
+        matrices[group.escnn_element(g)] = moved.numpy()
+    return build_from_discrete_group_representation(
+        matrices, f"squeezed{levels}_{group.name}", fibre, ["pointwise"]
+    )
 
 
 class Squeeze(Transform):
@@ -42,13 +99,13 @@ class Squeeze(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
-        return F.pixel_unshuffle(x, 2), x.new_zeros(x.shape[0])
+        return squeeze(x), x.new_zeros(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         from gflows._checks import check_event
 
         check_event(z, self.out_shape, "Squeeze inverse input")
-        return F.pixel_shuffle(z, 2), z.new_zeros(z.shape[0])
+        return unsqueeze(z), z.new_zeros(z.shape[0])
 
 
 class AtFineGrid(nn.Module):
@@ -62,10 +119,10 @@ class AtFineGrid(nn.Module):
 
     def __init__(self, net: nn.Module, levels: int):
         super().__init__()
-        self.net, self.r = net, 2**levels
+        self.net, self.levels = net, int(levels)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        out = self.net(F.pixel_shuffle(x, self.r))
+        out = self.net(unsqueeze(x, self.levels))
         if isinstance(out, tuple):
-            return tuple(F.pixel_unshuffle(o, self.r) for o in out)
-        return F.pixel_unshuffle(out, self.r)
+            return tuple(squeeze(o, self.levels) for o in out)
+        return squeeze(out, self.levels)

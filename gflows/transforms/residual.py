@@ -275,9 +275,11 @@ class GResidualBlock(ResidualTransform):
         padding_mode: ``'zeros'`` for images, ``'circular'`` for periodic lattices.
         lipschitz_kwargs: power-iteration options (``tol``, ``max_iters``, ``init_iters``) of
             :class:`~gflows.nn.lipschitz.LipschitzGConv2d`.
-        squeeze_levels: the input has been squeezed this many times; ``g`` then runs on the
-            un-squeezed grid (scalar fields, where the group only moves pixels) and squeezes its
-            output back, so the block is equivariant for the squeezed tensor's true representation.
+        squeeze_levels: the input has been squeezed this many times; ``g`` is then equivariant for
+            the squeezed tensor's true representation: on the coarse grid with steerable kernels for
+            it where every element of the group is grid-exact, else on the un-squeezed grid
+            (:class:`~gflows.transforms.reshape.AtFineGrid`). Squeezing permutes entries, so the
+            Lipschitz bound holds either way.
         **kwargs: log-det and inverse options of :class:`ResidualTransform`.
     """
 
@@ -300,11 +302,16 @@ class GResidualBlock(ResidualTransform):
             raise ValueError(f"{event_shape[0]} channels are not whole fields of {r * r} sub-pixels")
         if not 0 < coeff < 1:
             raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
-        c, h, w = int(event_shape[0]) // (r * r), int(event_shape[1]) * r, int(event_shape[2]) * r
+        # On the coarse grid where the group permutes sub-pixels exactly, else on the un-squeezed one.
+        coarse = get_group(group).grid_exact
+        c, h, w = (int(s) for s in event_shape)
+        if not coarse:
+            c, h, w = c // (r * r), h * r, w * r
         conv_kwargs = {"input_hw": (h, w), "coeff": coeff, **(lipschitz_kwargs or {})}
         g = GConvNet(group, c, c, hidden_fields, kernel_sizes, padding_mode,
-                     conv=LipschitzGConv2d, conv_kwargs=conv_kwargs)
-        if squeeze_levels:
+                     conv=LipschitzGConv2d, conv_kwargs=conv_kwargs,
+                     squeeze_levels=squeeze_levels if coarse else 0)
+        if squeeze_levels and not coarse:
             g = AtFineGrid(g, squeeze_levels)
         super().__init__(g, event_shape, **kwargs)
         self.group = get_group(group)
