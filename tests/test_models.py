@@ -90,18 +90,20 @@ def test_residual_model_with_final_fc_blocks(scales):
 
 
 @pytest.mark.parametrize("kind", ["coupling", "residual"])
-def test_squeeze_first_runs_every_block_at_half_resolution_or_less(kind):
+def test_squeeze_first_invconv_model_runs_every_block_at_half_resolution_or_less(kind):
     from helpers import max_reconstruction_error, perturb, squeezed_act
 
     from gflows.nn.equivariant import GConv2d
+    from gflows.transforms.invconv import GInvConv1x1
 
     torch.manual_seed(0)
     t = image_flow(kind, "d4", (3, 8, 8), n_scales=2, blocks_per_scale=1, hidden_fields=1,
-                   kernel_sizes=(3, 3), squeeze_first=True)
+                   kernel_sizes=(3, 3), squeeze_first=True, invconv=True)
+    assert sum(isinstance(m, GInvConv1x1) for m in t.modules()) == 2
     perturb(t, 0.05).eval()
     sizes = []
     for m in t.modules():
-        if isinstance(m, GConv2d):
+        if isinstance(m, GConv2d) and m.kernel_size > 1:
             m.register_forward_pre_hook(lambda m, a: sizes.append(a[0].shape[-1]))
     x = torch.randn(2, 3, 8, 8)
     z, ld = t(x)

@@ -116,5 +116,13 @@ def test_quick_training_refreshes_are_certified_in_evaluation_mode(group):
     assert conv.last_iterations > 2
     w, _ = conv.normalised()
     assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
+    # update_lipschitz(certify=True) does the same without leaving training mode
+    conv.train()
+    for _ in sgd_steps(conv, 2):
+        assert conv.last_iterations == 2
+    update_lipschitz(conv, certify=True)
+    assert conv.training and conv.last_iterations > 2
+    w, _ = conv.normalised()
+    assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
     with pytest.raises(ValueError, match="train_iters"):
         LipschitzGConv2d(group, (1, "scalar"), (1, "scalar"), 3, input_hw=(4, 4), train_iters=0)

@@ -50,7 +50,7 @@ def test_functional_squeeze_is_repeated_squeeze_not_one_by_four():
     assert torch.equal(unsqueeze(squeeze(x, 2), 2), x)
 
 
-@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("levels", [1, 2, 3])
 @pytest.mark.parametrize("group", ["trivial", "flip", "c2", "c4", "d2", "d4"])
 def test_squeezed_representation_describes_the_squeezed_action(group, levels):
     """squeeze(g . x) = rho(g) (g . squeeze(x)) on a grid of several blocks, and rho is a

@@ -19,6 +19,7 @@ from gflows.transforms.autoregressive import GIAF
 from gflows.transforms.butterfly import Butterfly
 from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
+from gflows.transforms.invconv import GInvConv1x1
 from gflows.transforms.reshape import Squeeze
 from gflows.transforms.residual import GFCResidualBlock, GResidualBlock
 
@@ -56,6 +57,7 @@ def image_flow(
     fc_blocks: int = 0,
     fc_hidden: int = 128,
     squeeze_first: bool = False,
+    invconv: bool = False,
     **block_kwargs,
 ) -> Compose:
     """A multiscale transform of ``kind`` in :data:`FLOW_KINDS` (see the module docstring).
@@ -72,6 +74,8 @@ def image_flow(
             with ``fc_hidden`` hidden units and the log-det / Lipschitz options of ``block_kwargs``.
         squeeze_first: squeeze before the first scale too, as Glow does, so that every block runs
             at half the resolution or less (``H`` and ``W`` divisible by ``2^n_scales``).
+        invconv: a G-equivariant invertible 1x1 convolution (:class:`GInvConv1x1`, Glow's channel
+            mixing) before every block.
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
@@ -89,6 +93,8 @@ def image_flow(
             layers.append(sq)
             shape = sq.out_shape
         for i in range(blocks_per_scale):
+            if invconv:
+                layers.append(GInvConv1x1(group, shape, squeeze_levels=level))
             layers += _block(kind, group, shape, level, i, hidden_fields, block_kwargs)
             if actnorm:
                 layers.append(ActNorm(shape, field_size=4**level))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from gflows.flow import Compose, Flow
-from gflows.groups import Group
+from gflows.groups import Group, GroupElement
 from gflows.transforms.coupling import GCoupling
 from gflows.transforms.global_mode import OddSiteSpline, OddZeroModeSpline
 
@@ -74,8 +74,7 @@ def lattice_flow(
     if spline_layers and sign_symmetric:
         raise ValueError("spline couplings are not sign-symmetric: set sign_symmetric=False")
     layers = [
-        GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2,
-                  sign_symmetric=sign_symmetric,
+        GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2, sign_symmetric=sign_symmetric,
                   hidden_fields=hidden_fields, kernel_sizes=kernel_sizes, padding_mode="circular",
                   scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
                   zero_init=zero_init, spline_bins=spline_bins if i >= n_layers - spline_layers else 0,
@@ -109,8 +108,8 @@ class LatticeSymmetrised(nn.Module):
     A checkerboard flow is invariant under the even translations ``H`` only (plus what its
     conditioners add). The full symmetry group ``G`` of the action (all translations, the lattice
     rotations and reflections, ``phi -> -phi``) has 32 cosets of ``H``, represented by
-    :math:`e = \sigma \circ \tau^t \circ R^k \circ F^f` (sign :math:`\sigma = \pm1`, a one-site
-    translation :math:`\tau`, quarter turns :math:`R` and a reflection :math:`F` of the array). The
+    :math:`e = \sigma \circ \tau^t \circ g` (sign :math:`\sigma = \pm1`, a one-site translation
+    :math:`\tau` and an element :math:`g` of D4 acting on the array as :meth:`Group.act` does). The
     mixture
 
     .. math:: q_G(\phi) = \frac{1}{32} \sum_e q(e^{-1} \phi)
@@ -129,19 +128,16 @@ class LatticeSymmetrised(nn.Module):
 
     def __init__(self, flow: Flow, sign: bool = True):
         super().__init__()
-        self.flow = flow
-        self.elements = [(s, t, k, f) for s in ((1, -1) if sign else (1,)) for t in (0, 1)
-                         for k in range(4) for f in (0, 1)]
+        self.flow, self.d4 = flow, Group("d4")
+        self.elements = [(s, t, g) for s in ((1, -1) if sign else (1,)) for t in (0, 1)
+                         for g in self.d4.elements]
 
-    @staticmethod
-    def act(e: tuple[int, int, int, int], x: Tensor, inverse: bool = False) -> Tensor:
+    def act(self, e: tuple[int, int, GroupElement], x: Tensor, inverse: bool = False) -> Tensor:
         """``e(x)`` (or ``e^{-1}(x)``) on ``[..., L, L]``."""
-        s, t, k, f = e
+        s, t, g = e
         if inverse:
-            y = torch.rot90(torch.roll(x, -t, -1), -k, (-2, -1))
-            return s * (torch.flip(y, (-1,)) if f else y)
-        y = torch.rot90(torch.flip(x, (-1,)) if f else x, k, (-2, -1))
-        return s * torch.roll(y, t, -1)
+            return s * self.d4.act(g.inverse, torch.roll(x, -t, -1))
+        return s * torch.roll(self.d4.act(g, x), t, -1)
 
     def log_prob(self, x: Tensor) -> Tensor:
         r""":math:`\log q_G(x)`."""

@@ -47,7 +47,11 @@ def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
     gs = group.gspace
     if squeeze_levels and kind != "scalar":
         raise ValueError(f"only scalar fields can be squeezed, not {kind!r} ones")
-    if kind == "scalar" and squeeze_levels:
+    if kind == "scalar" and squeeze_levels and group.order == 1:
+        # Every sub-pixel its own trivial field: the same kernels, but escnn expands them per pair
+        # of fields, which for one 4^L-dimensional field would be a dense 16^L-entry basis.
+        rep, n_fields = gs.trivial_repr, n_fields * 4**squeeze_levels
+    elif kind == "scalar" and squeeze_levels:
         from gflows.transforms.reshape import squeezed_representation
 
         rep = squeezed_representation(group, int(squeeze_levels))

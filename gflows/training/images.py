@@ -49,7 +49,8 @@ def build_model(cfg) -> Flow:
         cfg.flow.kind, group, tuple(cfg.data.shape), alpha=cfg.data.alpha, n_scales=cfg.flow.n_scales,
         blocks_per_scale=cfg.flow.blocks_per_scale, hidden_fields=hidden_fields,
         fc_blocks=int(cfg.flow.get("fc_blocks") or 0), fc_hidden=int(cfg.flow.get("fc_hidden") or 128),
-        squeeze_first=bool(cfg.flow.get("squeeze_first") or False), **block,
+        squeeze_first=bool(cfg.flow.get("squeeze_first") or False),
+        invconv=bool(cfg.flow.get("invconv") or False), **block,
     )
 
 

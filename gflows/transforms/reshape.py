@@ -54,7 +54,8 @@ def squeezed_representation(group, levels: int):
     """escnn representation of ``group``'s fibre group on the ``4^levels`` channels that one scalar
     channel becomes after ``levels`` squeezes: ``squeeze(g . x) = rho(g) (g . squeeze(x))``, with
     ``g`` on the right moving the coarse grid. A permutation representation, read off by acting on a
-    single ``2^levels x 2^levels`` block; it exists only where every element of ``group`` maps the
+    single 2 x 2 block; ``levels`` squeezes give its ``levels``-fold tensor power (escnn decomposes
+    it into irreps by Clebsch-Gordan coefficients). It exists only where every element of ``group`` maps the
     grid onto itself (subgroups of D4), otherwise a :class:`ValueError`.
     """
     from escnn.group.representation import build_from_discrete_group_representation
@@ -71,15 +72,15 @@ def squeezed_representation(group, levels: int):
         from escnn.group import directsum
 
         return directsum([fibre.trivial_representation] * n, name=f"squeezed{levels}_{group.name}")
+    if levels > 1:  # channel (a_1 ... a_{L-1}) * 4 + a_L: a Kronecker product, built from irreps by escnn
+        return squeezed_representation(group, levels - 1).tensor(squeezed_representation(group, 1))
     basis = torch.eye(n, dtype=torch.float64).view(n, n, 1, 1)
     matrices = {}
     for g in group.elements:
         # column s: the image of basis vector e_s
         moved = squeeze(group.act(g, unsqueeze(basis, levels)), levels).view(n, n).T
         matrices[group.escnn_element(g)] = moved.numpy()
-    return build_from_discrete_group_representation(
-        matrices, f"squeezed{levels}_{group.name}", fibre, ["pointwise"]
-    )
+    return build_from_discrete_group_representation(matrices, f"squeezed1_{group.name}", fibre, ["pointwise"])
 
 
 class Squeeze(Transform):
