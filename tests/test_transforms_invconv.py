@@ -42,9 +42,10 @@ def test_weight_space_is_the_whole_commutant(group, levels):
     G = Group(group)
     c = SHAPES[levels][0]
     fields = c // 4**levels
-    fix = [1.0] * G.order if not levels else [
-        float(torch.as_tensor(squeezed_representation(G, levels)(G.escnn_element(g))).trace()) for g in G.elements
-    ]
+    fix = [1.0] * G.order  # a scalar field: every element fixes its one channel
+    if levels:
+        rep = squeezed_representation(G, levels)
+        fix = [float(torch.as_tensor(rep(G.escnn_element(g))).trace()) for g in G.elements]
     dim = fields**2 * sum(f * f for f in fix) / G.order
     t = GInvConv1x1(group, SHAPES[levels], squeeze_levels=levels)
     assert t.weights.numel() == round(dim)
