@@ -111,3 +111,34 @@ def test_state_dict_is_the_same_in_train_and_eval_mode():
     assert set(conv.state_dict()) == keys and not conv.training and not conv.r2conv.training
     conv.train()
     assert set(conv.state_dict()) == keys and conv.r2conv.training
+
+
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_loaded_checkpoint_brings_its_own_basis(group):
+    """escnn saves its sampled basis; a layer that loads a checkpoint written with another basis
+    (another machine or library version) must compute the filter from the loaded one."""
+    src = GConv2d(group, (1, "scalar", 1), (2, "regular"), 3)
+    with torch.no_grad():
+        src.r2conv.weights.normal_()
+    state = src.state_dict()
+    key = next(k for k in state if k.endswith("sampled_basis"))
+    state[key] = -state[key]  # another valid basis of the same space
+    dst = GConv2d(group, (1, "scalar", 1), (2, "regular"), 3)
+    assert dst.dense_basis is not None
+    dst.load_state_dict(state)
+    w, _ = dst.expanded()
+    assert torch.allclose(w, dst.r2conv.expand_parameters()[0], atol=1e-6)
+    assert torch.allclose(w, -src.expanded()[0], atol=1e-6)
+
+
+def test_squeezed_basis_is_the_same_in_every_process():
+    """escnn decomposes the squeezed representation from random starts; ours are seeded, so DDP
+    ranks and resumed runs agree on the basis their weights are coefficients of."""
+    import subprocess
+    import sys
+
+    code = ("from gflows.transforms.reshape import squeezed_representation as s; "
+            "print([s(g, n).change_of_basis.round(8).tolist() for g, n in (('c4', 1), ('flip', 2))])")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)]
+    assert outs[0] == outs[1] and outs[0]

@@ -66,6 +66,10 @@ def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
     return enn.FieldType(gs, n_fields * [rep])
 
 
+def _refresh_after_load(module: GConv2d, incompatible_keys) -> None:
+    module._refresh_dense_basis()
+
+
 class GConv2d(nn.Module):
     """Steerable 2D convolution between scalar/regular fields of a group.
 
@@ -115,13 +119,22 @@ class GConv2d(nn.Module):
         # The filter is a linear function of the basis weights. For small layers (lattices) escnn's
         # block-wise expansion costs more than the convolution itself, so keep the expansion as one
         # dense matrix (not saved: the state_dict stays escnn's) and apply it with one product.
-        n, k = self.r2conv.weights.numel(), kernel_size
-        dense = None
-        if n * self.out_type.size * self.in_type.size * k * k <= DENSE_BASIS_LIMIT:
-            with torch.no_grad():
-                dense = torch.stack([self.r2conv.basisexpansion(e) for e in torch.eye(n)], -1)
-            dense = dense.reshape(self.out_type.size, self.in_type.size, k, k, n)
-        self.register_buffer("dense_basis", dense, persistent=False)
+        self.register_buffer("dense_basis", self._dense_basis(), persistent=False)
+        # A checkpoint carries escnn's sampled basis: rebuild the dense copy from the loaded one.
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def _dense_basis(self) -> Tensor | None:
+        n, k = self.r2conv.weights.numel(), self.kernel_size
+        if n * self.out_type.size * self.in_type.size * k * k > DENSE_BASIS_LIMIT:
+            return None
+        eye = torch.eye(n, dtype=self.r2conv.weights.dtype, device=self.r2conv.weights.device)
+        with torch.no_grad():
+            dense = torch.stack([self.r2conv.basisexpansion(e) for e in eye], -1)
+        return dense.reshape(self.out_type.size, self.in_type.size, k, k, n)
+
+    def _refresh_dense_basis(self) -> None:
+        if self.dense_basis is not None:
+            self.dense_basis = self._dense_basis()
 
     def train(self, mode: bool = True) -> GConv2d:
         # escnn's R2Conv.eval() caches its expanded filter as extra buffers, which would change the

@@ -230,13 +230,14 @@ def run(cfg) -> dict[str, Any]:
         _ema_update(ema, model, cfg.trainer.ema_decay)
         step += 1
         bar.update(1)
-        last = {"step": step, "loss_bpd": float(loss), "lr": lr, "grad_norm": float(gnorm),
+        bpd = float(loss.detach())
+        last = {"step": step, "loss_bpd": bpd, "lr": lr, "grad_norm": float(gnorm),
                 "seconds": time.time() - t0}
-        bar.set_postfix(bpd=f"{float(loss):.3f}")
+        bar.set_postfix(bpd=f"{bpd:.3f}")
         if dd.main:
             log_metrics(metrics, last)
         if step % cfg.trainer.log_every == 0:
-            wb.log({"train/bpd": float(loss), "lr": lr, "grad_norm": float(gnorm)}, step=step)
+            wb.log({"train/bpd": bpd, "lr": lr, "grad_norm": float(gnorm)}, step=step)
         if step % cfg.trainer.ckpt_every == 0 or step == cfg.trainer.steps:
             checkpoint()
     bar.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,7 +81,15 @@ def squeezed_representation(group, levels: int):
         # column s: the image of basis vector e_s
         moved = squeeze(group.act(g, unsqueeze(basis, levels)), levels).view(n, n).T
         matrices[group.escnn_element(g)] = moved.numpy()
-    return build_from_discrete_group_representation(matrices, f"squeezed1_{group.name}", fibre, ["pointwise"])
+    # escnn finds the change of basis to irreps from random starts (randomised SVD, pymanopt): seed
+    # them, so that every process (DDP ranks, a resumed run) builds the same steerable basis.
+    state = np.random.get_state()
+    np.random.seed(0)
+    try:
+        return build_from_discrete_group_representation(matrices, f"squeezed1_{group.name}", fibre,
+                                                        ["pointwise"])
+    finally:
+        np.random.set_state(state)
 
 
 class Squeeze(Transform):
