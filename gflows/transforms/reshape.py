@@ -23,6 +23,7 @@ kernels for that representation, so they are exactly equivariant at ``4^L`` time
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import cache
 
 import numpy as np
@@ -50,15 +51,26 @@ def unsqueeze(x: Tensor, levels: int = 1) -> Tensor:
     return x
 
 
+@contextmanager
+def _seeded_numpy(seed: int = 0):
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 @cache
 def squeezed_representation(group, levels: int):
     """escnn representation of ``group``'s fibre group on the ``4^levels`` channels that one scalar
     channel becomes after ``levels`` squeezes: ``squeeze(g . x) = rho(g) (g . squeeze(x))``, with
     ``g`` on the right moving the coarse grid. A permutation representation, read off by acting on a
     single 2 x 2 block; ``levels`` squeezes give its ``levels``-fold tensor power (escnn decomposes
-    it into irreps by Clebsch-Gordan coefficients). It exists only where every element of ``group`` maps the
-    grid onto itself (subgroups of D4), otherwise a :class:`ValueError`.
+    it into irreps by Clebsch-Gordan coefficients). It exists only where every element of ``group``
+    maps the grid onto itself (subgroups of D4), otherwise a :class:`ValueError`.
     """
+    from escnn.group import directsum
     from escnn.group.representation import build_from_discrete_group_representation
 
     from gflows.groups import get_group
@@ -67,29 +79,25 @@ def squeezed_representation(group, levels: int):
     if not group.grid_exact:
         raise ValueError(f"{group} has elements that do not map the grid onto itself: no squeezed "
                          "representation (un-squeeze instead: AtFineGrid)")
-    n = 4**levels
     fibre = group.gspace.fibergroup
     if group.order == 1:  # escnn's decomposition needs generators, which the trivial group lacks
-        from escnn.group import directsum
-
-        return directsum([fibre.trivial_representation] * n, name=f"squeezed{levels}_{group.name}")
-    if levels > 1:  # channel (a_1 ... a_{L-1}) * 4 + a_L: a Kronecker product, built from irreps by escnn
-        return squeezed_representation(group, levels - 1).tensor(squeezed_representation(group, 1))
-    basis = torch.eye(n, dtype=torch.float64).view(n, n, 1, 1)
+        return directsum([fibre.trivial_representation] * 4**levels, name=f"squeezed{levels}_{group.name}")
+    if levels > 1:  # channel (a_1 ... a_{L-1}) * 4 + a_L: a Kronecker product
+        rep = squeezed_representation(group, levels - 1)
+        with _seeded_numpy():
+            return rep.tensor(squeezed_representation(group, 1))
+    basis = torch.eye(4, dtype=torch.float64).view(4, 4, 1, 1)
     matrices = {}
     for g in group.elements:
         # column s: the image of basis vector e_s
-        moved = squeeze(group.act(g, unsqueeze(basis, levels)), levels).view(n, n).T
+        moved = squeeze(group.act(g, unsqueeze(basis))).view(4, 4).T
         matrices[group.escnn_element(g)] = moved.numpy()
-    # escnn finds the change of basis to irreps from random starts (randomised SVD, pymanopt): seed
-    # them, so that every process (DDP ranks, a resumed run) builds the same steerable basis.
-    state = np.random.get_state()
-    np.random.seed(0)
-    try:
+    # escnn finds the change of basis to irreps (and Clebsch-Gordan coefficients) from random starts
+    # (randomised SVD, pymanopt): seed them, so that every process (DDP ranks, a resumed run) builds
+    # the same steerable basis.
+    with _seeded_numpy():
         return build_from_discrete_group_representation(matrices, f"squeezed1_{group.name}", fibre,
                                                         ["pointwise"])
-    finally:
-        np.random.set_state(state)
 
 
 class Squeeze(Transform):
