@@ -87,7 +87,8 @@ def image_flow(
     shape = tuple(int(s) for s in event_shape)
     layers: list[Transform] = []
     first = int(bool(squeeze_first))
-    for level in range(first, n_scales + first):
+    last = first + n_scales - 1
+    for level in range(first, last + 1):
         if level:
             sq = Squeeze(shape)
             layers.append(sq)
@@ -100,9 +101,9 @@ def image_flow(
                 layers.append(ActNorm(shape, field_size=4**level))
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode")}
     for _ in range(fc_blocks):
-        layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=level, **fc_kwargs))
+        layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=last, **fc_kwargs))
         if actnorm:
-            layers.append(ActNorm(shape, field_size=4**level))
+            layers.append(ActNorm(shape, field_size=4**last))
     return Compose(layers)
 
 

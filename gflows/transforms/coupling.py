@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from gflows.flow import Transform
 from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.equivariant import GConvNet, LipSwish
-from gflows.transforms.reshape import AtFineGrid
+from gflows.transforms.reshape import squeezed_net
 
 __all__ = ["Conditioner", "GCoupling", "checkerboard", "conditioner_net", "parity_preserving"]
 
@@ -221,18 +221,17 @@ class GCoupling(Transform):
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
         self.n_out, self.fibre = n_out, fibre
-        # On the coarse grid where the group permutes sub-pixels exactly, else on the un-squeezed one.
-        coarse = self.group.grid_exact
-        levels, f = (self.levels, fibre) if coarse else (0, 1)
-        if self.spline_bins:  # n_out * (3K - 1) fields, field-major: c * (3K - 1) + k
-            conditioner = conditioner_net(self.group, n_in * f, n_out * (3 * self.spline_bins - 1) * f,
-                                          hidden_fields, kernel_sizes, padding_mode, activation, zero_init,
-                                          levels)
-        else:
-            conditioner = Conditioner(self.group, n_in * f, n_out * f, hidden_fields, kernel_sizes,
-                                      padding_mode, affine, sign_symmetric, scale_bound, activation,
-                                      final_tanh, zero_init, levels)
-        self.conditioner = AtFineGrid(conditioner, self.levels) if self.levels and not coarse else conditioner
+
+        def make(levels: int) -> nn.Module:
+            f = 4**levels
+            if self.spline_bins:  # n_out * (3K - 1) fields, field-major: c * (3K - 1) + k
+                return conditioner_net(self.group, n_in * f, n_out * (3 * self.spline_bins - 1) * f,
+                                       hidden_fields, kernel_sizes, padding_mode, activation, zero_init,
+                                       levels)
+            return Conditioner(self.group, n_in * f, n_out * f, hidden_fields, kernel_sizes, padding_mode,
+                               affine, sign_symmetric, scale_bound, activation, final_tanh, zero_init, levels)
+
+        self.conditioner = squeezed_net(self.group, self.levels, make)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         a, b = x[:, : self.split], x[:, self.split :]

@@ -22,7 +22,7 @@ kernels for that representation, so they are exactly equivariant at ``4^L`` time
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from functools import cache
 
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 
-__all__ = ["AtFineGrid", "Squeeze", "squeeze", "squeezed_representation", "unsqueeze"]
+__all__ = ["AtFineGrid", "Squeeze", "squeeze", "squeezed_net", "squeezed_representation", "unsqueeze"]
 
 
 def squeeze(x: Tensor, levels: int = 1) -> Tensor:
@@ -144,3 +144,18 @@ class AtFineGrid(nn.Module):
         if isinstance(out, tuple):
             return tuple(squeeze(o, self.levels) for o in out)
         return squeeze(out, self.levels)
+
+
+def squeezed_net(group, levels: int, make: Callable[[int], nn.Module]) -> nn.Module:
+    """A network on a tensor squeezed ``levels`` times, equivariant for its true representation.
+
+    ``make(L)`` builds the network for scalar fields squeezed ``L`` times. Where every element of
+    ``group`` maps the grid onto itself it runs on the coarse grid, ``make(levels)`` (kernels for
+    :func:`squeezed_representation`); otherwise ``make(0)`` runs on the un-squeezed grid inside
+    :class:`AtFineGrid`.
+    """
+    from gflows.groups import get_group
+
+    if levels and not get_group(group).grid_exact:
+        return AtFineGrid(make(0), levels)
+    return make(levels)

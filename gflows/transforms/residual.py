@@ -38,7 +38,7 @@ from gflows.flow import Transform
 from gflows.groups import Group, get_group
 from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish
 from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, _SpectralNormalised
-from gflows.transforms.reshape import AtFineGrid
+from gflows.transforms.reshape import AtFineGrid, squeezed_net
 
 __all__ = [
     "ConvergenceError",
@@ -302,18 +302,15 @@ class GResidualBlock(ResidualTransform):
             raise ValueError(f"{event_shape[0]} channels are not whole fields of {r * r} sub-pixels")
         if not 0 < coeff < 1:
             raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
-        # On the coarse grid where the group permutes sub-pixels exactly, else on the un-squeezed one.
-        coarse = get_group(group).grid_exact
         c, h, w = (int(s) for s in event_shape)
-        if not coarse:
-            c, h, w = c // (r * r), h * r, w * r
-        conv_kwargs = {"input_hw": (h, w), "coeff": coeff, **(lipschitz_kwargs or {})}
-        g = GConvNet(group, c, c, hidden_fields, kernel_sizes, padding_mode,
-                     conv=LipschitzGConv2d, conv_kwargs=conv_kwargs,
-                     squeeze_levels=squeeze_levels if coarse else 0)
-        if squeeze_levels and not coarse:
-            g = AtFineGrid(g, squeeze_levels)
-        super().__init__(g, event_shape, **kwargs)
+
+        def make(levels: int) -> GConvNet:
+            k = 2 ** (squeeze_levels - levels)  # 1 on the coarse grid, 2^L on the un-squeezed one
+            conv_kwargs = {"input_hw": (h * k, w * k), "coeff": coeff, **(lipschitz_kwargs or {})}
+            return GConvNet(group, c // (k * k), c // (k * k), hidden_fields, kernel_sizes, padding_mode,
+                            conv=LipschitzGConv2d, conv_kwargs=conv_kwargs, squeeze_levels=levels)
+
+        super().__init__(squeezed_net(group, squeeze_levels, make), event_shape, **kwargs)
         self.group = get_group(group)
         self.coeff = coeff
 
