@@ -1,11 +1,13 @@
 """Lattice phi^4: architecture ablation of ``lattice_flow`` at an equal number of steps or minutes.
 
 Each variant is one JSON object of :func:`gflows.models.lattice.lattice_flow` keywords (plus
-``seed``, ``preset``, and ``batch`` / ``lr`` overriding the command line's), trained by reverse KL
-for ``--steps`` Adam steps (or ``--minutes`` of wall clock each, the cosine learning rate then
-following the elapsed time) with gradient clipping at 100, then measured on 16,384 fresh samples:
-ESS/N and the acceptance of independence Metropolis-Hastings. Equal steps do not depend on the
-load; equal minutes do, so run those alone on the machine.
+``seed``, ``preset``, ``gradient`` (``reparam`` or ``path``, see
+:func:`gflows.training.lattice.reverse_kl_loss`), ``compile`` (true: through ``torch.compile``; the
+compilation counts against ``--minutes``), and ``batch`` / ``lr`` overriding the command
+line's), trained by reverse KL for ``--steps`` Adam steps (or ``--minutes`` of wall clock each,
+the cosine learning rate then following the elapsed time) with gradient clipping at 100, then
+measured on 16,384 fresh samples: ESS/N and the acceptance of independence Metropolis-Hastings.
+Equal steps do not depend on the load; equal minutes do, so run those alone on the machine.
 
     python benchmarks/ablate_phi4.py --steps 800 --lr 1e-3 \\
         '{"n_layers":16,"hidden_fields":8,"group":"trivial","sign_symmetric":false}' \\
@@ -23,9 +25,10 @@ import time
 
 import torch
 
+from gflows.flow import Compiled, Flow
 from gflows.models.lattice import lattice_flow
 from gflows.physics import Phi4, ess, independence_mh
-from gflows.training.lattice import log_weights
+from gflows.training.lattice import log_weights, reverse_kl_loss
 
 
 def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
@@ -33,9 +36,14 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
     kw = dict(variant)
     batch, lr0 = int(kw.pop("batch", batch)), float(kw.pop("lr", lr0))
     theory = Phi4.preset(kw.pop("preset", "review"))
+    estimator = kw.pop("gradient", "reparam")
+    compiled = bool(kw.pop("compile", False))
     torch.manual_seed(kw.pop("seed", 0))
     flow = lattice_flow(theory.L, **kw)
     opt = torch.optim.Adam(flow.parameters(), lr0)
+    sampler, action = flow, theory.action
+    if compiled:
+        sampler, action = Flow(Compiled(flow.transform), flow.base), torch.compile(theory.action)
     t0, step = time.time(), 0
 
     def progress() -> float:
@@ -44,8 +52,7 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
     while (frac := progress()) < 1:
         for g in opt.param_groups:
             g["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * frac))
-        x, lq = flow.sample_and_log_prob(batch)
-        loss = (lq + theory.action(x)).mean()
+        loss, _ = reverse_kl_loss(sampler, action, batch, estimator)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), 100.0)

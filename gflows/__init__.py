@@ -1,6 +1,6 @@
 """gflows: G-equivariant normalizing flows with exact likelihoods."""
 
-from gflows.flow import Compose, Flow, Inverse, StandardNormal, Transform
+from gflows.flow import Compiled, Compose, Flow, Inverse, StandardNormal, Transform
 from gflows.groups import Group, GroupElement, get_group
 from gflows.models import g_residual_flow
 from gflows.nn import update_lipschitz
@@ -22,6 +22,7 @@ from gflows.transforms import (
 __all__ = [
     "ActNorm",
     "Butterfly",
+    "Compiled",
     "Compose",
     "ConvergenceError",
     "Dequantize",

@@ -11,7 +11,11 @@ __all__ = ["check_event", "check_finite"]
 
 
 def check_finite(x: Tensor, what: str = "input") -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or Inf."""
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf (skipped inside ``torch.compile``d code, where
+    a data-dependent branch would split the graph at every layer: :class:`gflows.flow.Compiled`
+    checks its input before the compiled call instead)."""
+    if torch.compiler.is_compiling():
+        return
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

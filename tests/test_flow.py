@@ -5,7 +5,7 @@ import torch
 from helpers import autograd_logdet
 
 import gflows
-from gflows.flow import Compose, Flow, Inverse, StandardNormal
+from gflows.flow import Compiled, Compose, Flow, Inverse, StandardNormal
 
 
 def small_flow():
@@ -53,6 +53,22 @@ def test_flow_log_prob_against_change_of_variables():
     assert torch.allclose(lp, ref, atol=1e-4)
     assert lp.shape == (2,)
     assert math.isfinite(float(lp.sum()))
+
+
+def test_compiled_transform_matches_the_eager_one():
+    torch.manual_seed(0)
+    t = Compose(gflows.ActNorm((1, 4, 4)), gflows.GCoupling("trivial", (1, 4, 4), mask="checkerboard",
+                                                              hidden_fields=2, kernel_sizes=(3,),
+                                                              zero_init=False)).eval()
+    c = Compiled(t)
+    assert c.event_shape == c.out_shape == (1, 4, 4) and list(c.parameters()) == list(t.parameters())
+    x = torch.randn(3, 1, 4, 4)
+    for f, g in ((t, c), (t.inverse, c.inverse)):
+        (y, ld), (yc, ldc) = f(x), g(x)
+        assert torch.allclose(y, yc, atol=1e-5) and torch.allclose(ld, ldc, atol=1e-5)
+    w = t.transforms[1].conditioner.parameters().__next__()
+    grads = [torch.autograd.grad(f(x)[0].square().sum() + f(x)[1].sum(), w)[0] for f in (t, c)]
+    assert torch.allclose(*grads, atol=1e-4) and grads[0].abs().max() > 0
 
 
 def test_compose_needs_layers():

@@ -25,7 +25,9 @@ SITE_D4 = [(k, f) for f in (False, True) for k in range(4)]
 @pytest.mark.parametrize("k, flip", SITE_D4)
 def test_d4_flow_is_exactly_equivariant_about_a_site(k, flip):
     torch.manual_seed(0)
-    flow = perturb(lattice_flow(6, n_layers=4, hidden_fields=1, kernel_sizes=(3, 3), zero_mode_bins=4), 0.2)
+    flow = perturb(lattice_flow(6, n_layers=4, hidden_fields=1, kernel_sizes=(3, 3), zero_mode_bins=4,
+                                momentum_scale=True), 0.2)
+    assert type(flow.transform.transforms[-1]).__name__ == "MomentumScale"
     g = about_a_site(k, flip)
     x = torch.randn(3, 1, 6, 6)
     board = checkerboard(6, 6)

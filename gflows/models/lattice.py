@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from gflows.flow import Compose, Flow
 from gflows.groups import Group, GroupElement
 from gflows.transforms.coupling import GCoupling
+from gflows.transforms.fourier import MomentumScale
 from gflows.transforms.global_mode import OddSiteSpline, OddZeroModeSpline
 
 __all__ = ["LatticeSymmetrised", "lattice_flow", "realnvp_baseline"]
@@ -50,6 +51,7 @@ def lattice_flow(
     spline_layers: int = 0,
     spline_bins: int = 8,
     spline_bound: float = 3.0,
+    momentum_scale: bool = False,
 ) -> Flow:
     """``n_layers`` checkerboard couplings on ``[1, L, L]`` with ``group``-equivariant conditioners.
 
@@ -68,6 +70,9 @@ def lattice_flow(
         spline_layers: the last ``spline_layers`` of the ``n_layers`` couplings are rational-quadratic
             spline couplings (``spline_bins`` bins on ``[-spline_bound, spline_bound]``, conditioned
             like the affine ones; no ``sign_symmetric``) instead of affine ones.
+        momentum_scale: a :class:`~gflows.transforms.fourier.MomentumScale` (one learned scale per
+            D4 orbit of momenta, invariant under the whole symmetry group of the action) on the
+            noise side: the base becomes a learned translation-invariant Gaussian.
     """
     if not 0 <= spline_layers <= n_layers:
         raise ValueError(f"spline_layers must lie in [0, n_layers={n_layers}], got {spline_layers}")
@@ -90,6 +95,8 @@ def lattice_flow(
                                for m in ([c, spline()] if (i + 1) % every == 0 or i + 1 == n_layers else [c])]
     if zero_mode_bins:
         layers.insert(0, OddZeroModeSpline((1, L, L), zero_mode_bins, zero_mode_bound))
+    if momentum_scale:
+        layers.append(MomentumScale((1, L, L)))
     return Flow(Compose(layers))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gflows.flow import Flow
+from gflows.flow import Compiled, Flow
 from gflows.models.lattice import LatticeSymmetrised, lattice_flow, realnvp_baseline
 from gflows.physics.mcmc import ess, hmc, independence_mh, tau_int
 from gflows.physics.observables import measure
@@ -40,6 +40,7 @@ __all__ = [
     "build_lattice_model",
     "hmc_reference",
     "log_weights",
+    "reverse_kl_loss",
     "run",
     "sampler_report",
     "theory_from_cfg",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ESTIMATORS = ("reparam", "path")
 LATTICE_KINDS = ("coupling", "realnvp")
 OBSERVABLES = ("abs_m", "chi2", "chi2_conn", "energy", "xi")
 
@@ -63,21 +65,53 @@ def log_weights(flow: Flow | LatticeSymmetrised, theory: Phi4, n: int, batch: in
     return torch.cat(xs), torch.cat(lws)
 
 
+def reverse_kl_loss(flow: Flow, action, batch_size: int, estimator: str = "reparam") -> tuple[Tensor, Tensor]:
+    r"""A surrogate whose gradient estimates that of the reverse KL :math:`E_q[\log q + S]`, and the
+    batch's log-weights ``-S - log q`` (detached).
+
+    With ``x = T_\theta(z)``, :math:`\nabla_\theta KL = E_z[\nabla_x(\log q_\theta + S)(x) \cdot
+    \partial_\theta x] + E_q[\partial_\theta \log q_\theta]`, and the last term vanishes in expectation.
+
+    * ``"reparam"``: the reparameterisation estimator, the mean of ``log q + S`` (both terms).
+    * ``"path"``: the path-gradient ("sticking the landing") estimator of Roeder et al. 2017 and
+      Vaitl et al. 2022, "Gradients should stay on path": the score term is dropped, which leaves the
+      expectation unchanged and makes the estimator exactly zero at ``q = p``, so its variance
+      vanishes as the flow converges. ``\nabla_x(\log q + S)`` comes from a density pass with the
+      parameters held fixed (roughly twice the cost of a step).
+
+    Args:
+        flow: a flow with ``sample_and_log_prob`` and ``log_prob``.
+        action: ``S``, mapping samples ``[B, ...]`` to ``[B]``.
+        batch_size: samples drawn from the flow.
+        estimator: ``"reparam"`` or ``"path"``.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown gradient estimator {estimator!r}: expected one of {ESTIMATORS}")
+    x, lq = flow.sample_and_log_prob(batch_size)
+    log_w = -action(x) - lq
+    if estimator == "reparam":
+        return -log_w.mean(), log_w.detach()
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(True)
+        # autograd.grad with inputs=xd leaves the parameters' .grad untouched: they act as constants.
+        (g,) = torch.autograd.grad((flow.log_prob(xd) + action(xd)).sum(), xd)
+    return (g * x).flatten(1).sum(1).mean(), log_w.detach()
+
+
 def train_reverse_kl(flow: Flow, theory: Phi4, steps: int, batch_size: int = 64, lr: float = 1e-3,
-                     log_every: int = 50, callback=None) -> list[dict]:
+                     log_every: int = 50, callback=None, estimator: str = "reparam") -> list[dict]:
     """Minimise ``E_q[log q + S]`` by sampling from the flow (self-training); a minimal loop for
-    scripts and tests (:func:`run` adds schedules, checkpoints and logging)."""
+    scripts and tests (:func:`run` adds schedules, checkpoints and logging). ``estimator``: see
+    :func:`reverse_kl_loss`."""
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     history = []
     for step in range(1, steps + 1):
-        x, lq = flow.sample_and_log_prob(batch_size)
-        log_w = -theory.action(x) - lq
-        loss = -log_w.mean()
+        surrogate, log_w = reverse_kl_loss(flow, theory.action, batch_size, estimator)
         opt.zero_grad()
-        loss.backward()
+        surrogate.backward()
         opt.step()
         if step % log_every == 0 or step == steps:
-            rec = {"step": step, "loss": float(loss.detach()), "ess_batch": ess(log_w.detach())}
+            rec = {"step": step, "loss": float(-log_w.mean()), "ess_batch": ess(log_w)}
             history.append(rec)
             if callback:
                 callback(rec)
@@ -128,6 +162,7 @@ def build_lattice_model(cfg, theory: Phi4) -> Flow:
         spline_layers=int(lat.get("spline_layers") or 0),
         spline_bins=int(lat.get("spline_bins") or 8),
         spline_bound=float(lat.get("spline_bound", 3.0)),
+        momentum_scale=bool(lat.get("momentum_scale", False)),
     )
 
 
@@ -287,6 +322,9 @@ def run(cfg) -> dict[str, Any]:
         raise ValueError(f"unknown mode {cfg.mode!r} for data=phi4: expected 'train' or 'eval'")
     if cfg.data.dtype not in DTYPES:
         raise ValueError(f"unknown data.dtype {cfg.data.dtype!r}: expected one of {sorted(DTYPES)}")
+    estimator = cfg.trainer.get("gradient", "reparam")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown trainer.gradient {estimator!r}: expected one of {list(ESTIMATORS)}")
     theory = theory_from_cfg(cfg.data)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -332,14 +370,16 @@ def run(cfg) -> dict[str, Any]:
                disable=os.environ.get("CI") == "true")
     bad, t0, recent = 0, time.time(), []
     model.train()
+    sampler, action = model, theory.action
+    if cfg.trainer.get("compile", False):
+        sampler, action = Flow(Compiled(model.transform), model.base), torch.compile(theory.action)
     while step < cfg.trainer.steps and not out_of_time(cfg, t0):
         lr = learning_rate(cfg, step) * lr_scale
         for pg in opt.param_groups:
             pg["lr"] = lr
-        x, lq = model.sample_and_log_prob(int(cfg.trainer.batch_size))
-        log_w = -theory.action(x) - lq
+        surrogate, log_w = reverse_kl_loss(sampler, action, int(cfg.trainer.batch_size), estimator)
         loss = -log_w.mean()
-        if not bool(torch.isfinite(loss)):
+        if not bool(torch.isfinite(loss) and torch.isfinite(surrogate)):
             bad += 1
             wb.log({"skipped_step": step}, step=step)
             opt.zero_grad(set_to_none=True)
@@ -350,13 +390,13 @@ def run(cfg) -> dict[str, Any]:
             continue
         bad = 0
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        surrogate.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
         opt.step()
         step += 1
-        batch_ess = ess(log_w.detach())
+        batch_ess = ess(log_w)
         recent = (recent + [batch_ess])[-50:]
-        loss = float(loss.detach())
+        loss = float(loss)
         rec = {"step": step, "loss": loss, "ess_batch": batch_ess, "lr": lr,
                "grad_norm": float(gnorm), "seconds": time.time() - t0}
         log_metrics(metrics, rec)

@@ -4,6 +4,7 @@ from gflows.transforms.autoregressive import GIAF
 from gflows.transforms.butterfly import Butterfly
 from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
+from gflows.transforms.fourier import MomentumScale
 from gflows.transforms.invconv import GInvConv1x1
 from gflows.transforms.reshape import Squeeze
 from gflows.transforms.residual import (
@@ -23,6 +24,7 @@ __all__ = [
     "Dequantize",
     "GResidualBlock",
     "Logit",
+    "MomentumScale",
     "ResidualTransform",
     "Squeeze",
     "logdet_mode",
