@@ -6,7 +6,8 @@ alike. Then each reports ESS/N on ``--samples`` fresh samples, independence-MH a
 tau_int of |M| along the chain.
 
 * gflows: the lattice model of ``--flow`` (default ``g_coupling``) as ``configs/`` define it, with
-  ``--set key=value`` Hydra overrides, and the batch size and learning rate of ``trainer/phi4.yaml``;
+  ``--set key=value`` Hydra overrides, and the batch size, learning rate and gradient estimator of
+  ``trainer/phi4.yaml``;
 * baseline: :func:`gflows.models.lattice.realnvp_baseline` (16 couplings, [1, 8, 8, 2], kernel 3,
   LeakyReLU, final tanh, circular padding), Adam at the review's lr 1e-3.
 
@@ -29,7 +30,7 @@ from hydra import compose, initialize_config_dir
 
 from gflows.models.lattice import realnvp_baseline
 from gflows.physics import Phi4, ess, independence_mh, tau_int
-from gflows.training.lattice import build_lattice_model, log_weights
+from gflows.training.lattice import build_lattice_model, log_weights, reverse_kl_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,8 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 class Trainer:
     """Reverse-KL Adam steps on one flow, with a cosine learning rate over its time budget."""
 
-    def __init__(self, name: str, flow, theory: Phi4, batch: int, lr: float, seconds: float, cosine: bool):
+    def __init__(self, name: str, flow, theory: Phi4, batch: int, lr: float, seconds: float, cosine: bool,
+                 estimator: str = "reparam"):
         self.name, self.flow, self.theory, self.batch = name, flow, theory, batch
+        self.estimator = estimator
         self.lr, self.budget, self.cosine = lr, seconds, cosine
         self.opt = torch.optim.Adam(flow.parameters(), lr=lr)
         self.used, self.steps = 0.0, 0
@@ -49,8 +52,7 @@ class Trainer:
             frac = min(1.0, (self.used + time.time() - t0) / self.budget)
             for g in self.opt.param_groups:
                 g["lr"] = self.lr * (0.5 * (1 + math.cos(math.pi * frac)) if self.cosine else 1.0)
-            x, lq = self.flow.sample_and_log_prob(self.batch)
-            loss = (lq + self.theory.action(x)).mean()
+            loss, _ = reverse_kl_loss(self.flow, self.theory.action, self.batch, self.estimator)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -87,12 +89,13 @@ def main() -> None:
         torch.manual_seed(a.seed)
         ours = build_lattice_model(cfg, theory)
         print(f"# gflows: flow={a.flow} {' '.join(a.set)}: {dict(cfg.flow.lattice)}; batch "
-              f"{cfg.trainer.batch_size}, lr {cfg.trainer.lr} cosine over the budget. baseline: review "
+              f"{cfg.trainer.batch_size}, lr {cfg.trainer.lr} cosine over the budget, {cfg.trainer.gradient} "
+              f"gradients. baseline: review "
               f"RealNVP, batch 64, lr 1e-3. Turns of {a.slice} s, seed {a.seed}")
         torch.manual_seed(a.seed)
         base = realnvp_baseline(theory.L)
         batch, lr = int(cfg.trainer.batch_size), float(cfg.trainer.lr)
-        runs = [Trainer("gflows", ours, theory, batch, lr, 60 * mins, True),
+        runs = [Trainer("gflows", ours, theory, batch, lr, 60 * mins, True, str(cfg.trainer.gradient)),
                 Trainer("realnvp", base, theory, 64, 1e-3, 60 * mins, False)]
         while any(r.used < r.budget for r in runs):
             for r in runs:

@@ -13,6 +13,8 @@ standard-normal base having all of them), on an even ``L``:
 * ``phi -> -phi`` with ``sign_symmetric``.
 
 Translations by an odd vector are not symmetries of a single layer (they swap the sublattices).
+The optional site splines, zero-mode spline and :class:`~gflows.transforms.fourier.MomentumScale`
+commute with every symmetry of the action, so they keep the list above as it is.
 """
 
 from __future__ import annotations
