@@ -6,10 +6,10 @@ alike. Then each reports ESS/N on ``--samples`` fresh samples, independence-MH a
 tau_int of |M| along the chain.
 
 * gflows: the lattice model of ``--flow`` (default ``g_coupling``) as ``configs/`` define it, with
-  ``--set key=value`` Hydra overrides, and the batch size, learning rate and gradient estimator of
-  ``trainer/phi4.yaml``;
+  ``--set key=value`` Hydra overrides, and the batch size, learning rate, gradient estimator and
+  gradient clipping of ``trainer/phi4.yaml``;
 * baseline: :func:`gflows.models.lattice.realnvp_baseline` (16 couplings, [1, 8, 8, 2], kernel 3,
-  LeakyReLU, final tanh, circular padding), Adam at the review's lr 1e-3.
+  LeakyReLU, final tanh, circular padding), Adam at the review's lr 1e-3, no clipping.
 
     python benchmarks/bench_phi4.py --presets review E2 E3 E4 E5 --minutes 8 2 2 2 2
     python benchmarks/bench_phi4.py --flow coupling --set flow.lattice.n_layers=12 trainer.lr=3e-3
@@ -39,9 +39,9 @@ class Trainer:
     """Reverse-KL Adam steps on one flow, with a cosine learning rate over its time budget."""
 
     def __init__(self, name: str, flow, theory: Phi4, batch: int, lr: float, seconds: float, cosine: bool,
-                 estimator: str = "reparam"):
+                 estimator: str = "reparam", clip: float | None = None):
         self.name, self.flow, self.theory, self.batch = name, flow, theory, batch
-        self.estimator = estimator
+        self.estimator, self.clip = estimator, clip
         self.lr, self.budget, self.cosine = lr, seconds, cosine
         self.opt = torch.optim.Adam(flow.parameters(), lr=lr)
         self.used, self.steps = 0.0, 0
@@ -55,6 +55,8 @@ class Trainer:
             loss, _ = reverse_kl_loss(self.flow, self.theory.action, self.batch, self.estimator)
             self.opt.zero_grad()
             loss.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.flow.parameters(), self.clip)
             self.opt.step()
             self.steps += 1
         self.used += time.time() - t0
@@ -90,12 +92,13 @@ def main() -> None:
         ours = build_lattice_model(cfg, theory)
         print(f"# gflows: flow={a.flow} {' '.join(a.set)}: {dict(cfg.flow.lattice)}; batch "
               f"{cfg.trainer.batch_size}, lr {cfg.trainer.lr} cosine over the budget, {cfg.trainer.gradient} "
-              f"gradients. baseline: review "
+              f"gradients, clipping at {cfg.trainer.grad_clip}. baseline: review "
               f"RealNVP, batch 64, lr 1e-3. Turns of {a.slice} s, seed {a.seed}")
         torch.manual_seed(a.seed)
         base = realnvp_baseline(theory.L)
         batch, lr = int(cfg.trainer.batch_size), float(cfg.trainer.lr)
-        runs = [Trainer("gflows", ours, theory, batch, lr, 60 * mins, True, str(cfg.trainer.gradient)),
+        runs = [Trainer("gflows", ours, theory, batch, lr, 60 * mins, True, str(cfg.trainer.gradient),
+                        float(cfg.trainer.grad_clip)),
                 Trainer("realnvp", base, theory, 64, 1e-3, 60 * mins, False)]
         while any(r.used < r.budget for r in runs):
             for r in runs:
