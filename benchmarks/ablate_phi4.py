@@ -25,10 +25,9 @@ import time
 
 import torch
 
-from gflows.flow import Compiled, Flow
 from gflows.models.lattice import lattice_flow
 from gflows.physics import Phi4, ess, independence_mh
-from gflows.training.lattice import log_weights, reverse_kl_loss
+from gflows.training.lattice import compiled_sampler, log_weights, reverse_kl_loss
 
 
 def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
@@ -41,9 +40,7 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
     torch.manual_seed(kw.pop("seed", 0))
     flow = lattice_flow(theory.L, **kw)
     opt = torch.optim.Adam(flow.parameters(), lr0)
-    sampler, action = flow, theory.action
-    if compiled:
-        sampler, action = Flow(Compiled(flow.transform), flow.base), torch.compile(theory.action)
+    sampler, action = compiled_sampler(flow, theory.action) if compiled else (flow, theory.action)
     t0, step = time.time(), 0
 
     def progress() -> float:

@@ -38,6 +38,7 @@ from gflows.training.common import (
 
 __all__ = [
     "build_lattice_model",
+    "compiled_sampler",
     "hmc_reference",
     "log_weights",
     "reverse_kl_loss",
@@ -96,6 +97,13 @@ def reverse_kl_loss(flow: Flow, action, batch_size: int, estimator: str = "repar
         # autograd.grad with inputs=xd leaves the parameters' .grad untouched: they act as constants.
         (g,) = torch.autograd.grad((flow.log_prob(xd) + action(xd)).sum(), xd)
     return (g * x).flatten(1).sum(1).mean(), log_w.detach()
+
+
+def compiled_sampler(flow: Flow, action) -> tuple[Flow, Any]:
+    """``flow`` and ``action`` for :func:`reverse_kl_loss` through ``torch.compile``: the transform
+    compiled (:class:`~gflows.flow.Compiled`, parameters shared), the base kept eager so that the
+    sampling noise is the eager run's."""
+    return Flow(Compiled(flow.transform), flow.base), torch.compile(action)
 
 
 def train_reverse_kl(flow: Flow, theory: Phi4, steps: int, batch_size: int = 64, lr: float = 1e-3,
@@ -372,7 +380,7 @@ def run(cfg) -> dict[str, Any]:
     model.train()
     sampler, action = model, theory.action
     if cfg.trainer.get("compile", False):
-        sampler, action = Flow(Compiled(model.transform), model.base), torch.compile(theory.action)
+        sampler, action = compiled_sampler(model, theory.action)
     while step < cfg.trainer.steps and not out_of_time(cfg, t0):
         lr = learning_rate(cfg, step) * lr_scale
         for pg in opt.param_groups:
