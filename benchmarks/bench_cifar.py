@@ -113,8 +113,11 @@ def train_glow(a, train_x: torch.Tensor, test_x: torch.Tensor) -> dict:
         x = train_x[idx]
         flip = torch.rand(len(x), generator=g) < 0.5
         x[flip] = torch.flip(x[flip], (-1,))
+        lr = a.lr * min(1.0, (step + 1) / a.warmup)
+        if a.schedule == "cosine":  # decay to zero at the end of Glow's own time budget
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / (60 * a.minutes))))
         for pg in opt.param_groups:
-            pg["lr"] = a.lr * min(1.0, (step + 1) / a.warmup)
+            pg["lr"] = lr
         loss = glow_bpd(model, x, g).mean()
         opt.zero_grad()
         loss.backward()
@@ -138,7 +141,11 @@ def glow(a) -> None:
     from gflows.training.images import evaluate
 
     run_dir = Path(a.gflows_run or f"{tempfile.mkdtemp()}/gflows")
-    cfg = cfg_for(a.flow, a.group, a.hidden, a, str(run_dir), "trainer.steps=10000000",
+    if a.schedule == "cosine" and not a.gflows_steps:
+        raise SystemExit("--schedule cosine needs --gflows-steps: the steps gflows makes in --minutes "
+                         "(its cosine decays over trainer.steps)")
+    cfg = cfg_for(a.flow, a.group, a.hidden, a, str(run_dir), f"trainer.steps={a.gflows_steps or 10000000}",
+                  f"trainer.schedule={a.schedule}",
                   "trainer.ckpt_every=1000000", f"trainer.max_minutes={a.minutes}",
                   f"trainer.ema_decay={a.ema}", "trainer.eval_at_end=false")
     if not (run_dir / "checkpoint.pt").exists():  # else evaluate the finished run in --gflows-run
@@ -157,7 +164,7 @@ def glow(a) -> None:
     print(f"gflows test bits/dim: raw weights {raw:.4f}, EMA ({a.ema}) {ema:.4f}; the better one is compared")
     train_x, _ = load_cifar10(a.data, "train", verify=False, download=False)
     gl = train_glow(a, train_x, test_x)
-    print(f"# {a.minutes} min of training each, batch {a.batch}, lr {a.lr}, seed {a.seed}; "
+    print(f"# {a.minutes} min of training each, batch {a.batch}, lr {a.lr} ({a.schedule}), seed {a.seed}; "
           f"test bits/dim on {len(test_x)} images")
     print(f"{'model':40s} {'params':>9s} {'steps':>7s} {'s/step':>7s} {'test bpd':>9s}")
     name = f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)"
@@ -178,6 +185,11 @@ def main() -> None:
     p.add_argument("--ema", type=float, default=0.999, help="glow: gflows' EMA decay")
     p.add_argument("--gflows-run", default=None, help="glow: a run_dir whose finished gflows run to "
                    "evaluate instead of training again (same settings)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="glow: learning-rate schedule of both models after the warm-up (cosine: to zero "
+                   "at --gflows-steps for gflows, at the end of the time budget for Glow)")
+    p.add_argument("--gflows-steps", type=int, default=0, help="glow: gflows' trainer.steps (with "
+                   "--schedule cosine: about the steps it makes in --minutes; max_minutes still stops it)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
