@@ -13,7 +13,7 @@ counts its logit and dequantisation log-dets itself: the two figures measure the
 
     python benchmarks/bench_cifar.py efficiency --steps 150 --power-iters 5
     python benchmarks/bench_cifar.py glow --minutes 15 --flow g_coupling --group flip --hidden 128 \
-        --scales 3 --blocks 4 --ema 0.99
+        --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 3e-3 --schedule cosine --gflows-steps 2000
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def cfg_for(flow: str, group: str, hidden: int, a, run_dir: str, *extra: str):
             f"data.root={a.data}", "data.verify=false", "wandb.mode=disabled",
             f"trainer.batch_size={a.batch}", f"trainer.warmup_steps={a.warmup}", f"trainer.lr={a.lr}",
             "trainer.eval_orbit=false", "trainer.eval_batch_size=128",
-            "sample.n=16", f"run_dir={run_dir}", f"seed={a.seed}", *extra,
+            "sample.n=16", f"run_dir={run_dir}", f"seed={a.seed}", *extra, *a.override,
         ])
 
 
@@ -62,11 +62,17 @@ def efficiency(a) -> None:
     def params_d4(h: int) -> int:
         return n_params(build_model(cfg_for("g_residual", "d4", h, a, tmp, *extra)))
 
-    hidden_d4 = min(range(8, 8 * 64, 8), key=lambda h: abs(params_d4(h) - target))
+    # The count grows with the width: bisect for the first multiple of 8 at or above the target, then
+    # take it or the one below, whichever is closer (a handful of model builds instead of 63).
+    lo, hi = 1, 64
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if params_d4(8 * mid) < target else (lo, mid)
+    hidden_d4 = min({8 * max(1, lo - 1), 8 * lo}, key=lambda h: abs(params_d4(h) - target))
     d4 = cfg_for("g_residual", "d4", hidden_d4, a, f"{tmp}/d4", *extra)
     print(f"# {a.steps} steps, batch {a.batch}, {a.scales} scales x {a.blocks} blocks + {a.fc_blocks} FC "
           f"blocks of {a.fc_hidden}, lr {a.lr}, {a.power_iters} power iterations per training step, "
-          f"seed {a.seed}, {a.threads} threads")
+          f"seed {a.seed}, {a.threads} threads, overrides {a.override}")
     rows = []
     for name, cfg in (("trivial", trivial), ("d4", d4)):
         t0 = time.time()
@@ -201,6 +207,8 @@ def main() -> None:
     p.add_argument("--fc-hidden", type=int, default=64, help="efficiency: final FC blocks' width")
     p.add_argument("--power-iters", type=int, default=5, help="efficiency: power iterations per training "
                    "step (flow.block.lipschitz_kwargs.train_iters; evaluation refreshes to the tolerance)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further Hydra override of the gflows models (repeatable): flow.squeeze_first=true")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-subset"))
