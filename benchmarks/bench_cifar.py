@@ -11,7 +11,8 @@ trained on the subset with Adam at the same batch size, then test bits/dim of ea
 ``x / 256`` with uniform dequantisation, so its bits/dim is ``-log p(x / 256) / (D ln 2) + 8``; gflows
 counts its logit and dequantisation log-dets itself: the two figures measure the same thing.
 
-    python benchmarks/bench_cifar.py efficiency --steps 150 --power-iters 5
+    python benchmarks/bench_cifar.py efficiency --steps 150 --power-iters 5 \
+        --override flow.squeeze_first=true --override flow.invconv=true
     python benchmarks/bench_cifar.py glow --minutes 15 --flow g_coupling --group flip --hidden 128 \
         --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 3e-3 --schedule cosine --gflows-steps 2000
 """
