@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -27,6 +26,7 @@ import torch
 
 from gflows.models.lattice import lattice_flow
 from gflows.physics import Phi4, ess, independence_mh
+from gflows.training.common import cosine_decay
 from gflows.training.lattice import compiled_sampler, log_weights, reverse_kl_loss
 
 
@@ -48,7 +48,7 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
 
     while (frac := progress()) < 1:
         for g in opt.param_groups:
-            g["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * frac))
+            g["lr"] = lr0 * cosine_decay(frac)
         loss, _ = reverse_kl_loss(sampler, action, batch, estimator)
         opt.zero_grad()
         loss.backward()

@@ -31,6 +31,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gflows.data.cifar10 import load_cifar10
+from gflows.training.common import cosine_decay
 from gflows.training.images import build_model, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def train_glow(a, train_x: torch.Tensor, test_x: torch.Tensor) -> dict:
         x[flip] = torch.flip(x[flip], (-1,))
         lr = a.lr * min(1.0, (step + 1) / a.warmup)
         if a.schedule == "cosine":  # decay to zero at the end of Glow's own time budget
-            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / (60 * a.minutes))))
+            lr *= cosine_decay((time.time() - t0) / (60 * a.minutes))
         for pg in opt.param_groups:
             pg["lr"] = lr
         loss = glow_bpd(model, x, g).mean()

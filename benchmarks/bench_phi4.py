@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import time
@@ -30,6 +29,7 @@ from hydra import compose, initialize_config_dir
 
 from gflows.models.lattice import realnvp_baseline
 from gflows.physics import Phi4, ess, independence_mh, tau_int
+from gflows.training.common import cosine_decay
 from gflows.training.lattice import build_lattice_model, log_weights, reverse_kl_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ class Trainer:
         while time.time() - t0 < seconds and self.used + (time.time() - t0) < self.budget:
             frac = min(1.0, (self.used + time.time() - t0) / self.budget)
             for g in self.opt.param_groups:
-                g["lr"] = self.lr * (0.5 * (1 + math.cos(math.pi * frac)) if self.cosine else 1.0)
+                g["lr"] = self.lr * (cosine_decay(frac) if self.cosine else 1.0)
             loss, _ = reverse_kl_loss(self.flow, self.theory.action, self.batch, self.estimator)
             self.opt.zero_grad()
             loss.backward()

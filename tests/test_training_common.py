@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from gflows.training.common import learning_rate
+from gflows.training.common import cosine_decay, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +39,9 @@ def test_unknown_schedule_is_named():
     cfg = trainer_config("cifar10", "trainer.schedule=linear")
     with pytest.raises(ValueError, match="unknown trainer.schedule 'linear'"):
         learning_rate(cfg, 0)
+
+
+def test_cosine_decay_factor():
+    assert [cosine_decay(p) for p in (0.0, 0.25, 0.5, 1.0, 2.0)] == pytest.approx(
+        [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.0, 0.0], abs=1e-12
+    )

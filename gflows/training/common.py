@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "cosine_decay",
     "device_of",
     "disabled",
     "learning_rate",
@@ -71,8 +72,13 @@ def learning_rate(cfg, step: int) -> float:
     warm = max(1, int(cfg.trainer.warmup_steps))
     lr = float(cfg.trainer.lr) * min(1.0, (step + 1) / warm)
     if schedule == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, int(cfg.trainer.steps)))))
+        lr *= cosine_decay(step / max(1, int(cfg.trainer.steps)))
     return lr
+
+
+def cosine_decay(progress: float) -> float:
+    """The cosine schedule's factor: 1 at ``progress`` 0, 0 at 1 and after."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def out_of_time(cfg, start: float) -> bool:
