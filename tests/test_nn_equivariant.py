@@ -142,3 +142,82 @@ def test_squeezed_basis_is_the_same_in_every_process():
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)]
     assert outs[0] == outs[1] and outs[0]
+
+
+ORBIT_LAYERS = [((2, "scalar"), (3, "regular"), 3), ((3, "regular"), (2, "regular"), 1),
+                ((2, "regular"), (1, "scalar", 1), 3), ((1, "scalar", 2), (2, "regular"), 3)]
+
+
+@pytest.mark.parametrize("fields", ORBIT_LAYERS)
+@pytest.mark.parametrize("group", ["trivial", "flip", "c4", "d4"])
+def test_orbit_basis_spans_escnns_space_and_starts_from_its_filter(group, fields):
+    """One weight per orbit of filter entries: as many as escnn's basis has (the same space, since
+    escnn's filters are equivariant, hence constant on the orbits), and the same initial filter."""
+    torch.manual_seed(5)
+    ref = GConv2d(group, *fields)
+    torch.manual_seed(5)
+    conv = GConv2d(group, *fields, basis="orbit")
+    assert conv.orbit_weights.numel() == ref.r2conv.weights.numel()
+    w, b = conv.expanded()
+    w0, b0 = ref.expanded()
+    assert float(w0.abs().max()) > 0 and torch.allclose(w, w0, atol=1e-6)
+    assert (b is None) == (b0 is None) and (b is None or torch.allclose(b, b0, atol=1e-6))
+    assert set(conv.state_dict()) == {"orbit_weights", "orbit_bias"}
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+@pytest.mark.parametrize("fields", ORBIT_LAYERS)
+@pytest.mark.parametrize("group", ["flip", "c4", "d4"])
+def test_orbit_basis_is_exactly_equivariant(group, fields, padding_mode):
+    """With arbitrary orbit weights, in float64: equivariant to rounding (escnn's float32 basis is
+    only equivariant to ~1e-6 relative)."""
+    from helpers import squeezed_act
+
+    conv = GConv2d(group, *fields, padding_mode=padding_mode, basis="orbit").double()
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.normal_()
+    G = Group(group)
+    levels_in, levels_out = (f[2] if len(f) == 3 else 0 for f in fields[:2])
+    x = torch.randn(2, conv.in_channels, 4, 4, dtype=torch.float64)
+    y = conv(x)
+    for g in G.elements:
+        # regular fields: the escnn representation of g permutes each field's |G| channels
+        gx = squeezed_act(G, levels_in)(g, x) if fields[0][1] == "scalar" else _act_regular(G, g, x)
+        gy = squeezed_act(G, levels_out)(g, y) if fields[1][1] == "scalar" else _act_regular(G, g, y)
+        assert float((conv(gx) - gy).abs().max()) <= 1e-12 * float(y.abs().max())
+
+
+def _act_regular(G: Group, g, x: torch.Tensor) -> torch.Tensor:
+    from gflows.nn.equivariant import field_type
+
+    rep = torch.as_tensor(field_type(G, x.shape[1] // G.order, "regular").representation(G.escnn_element(g)))
+    return G.act(g, torch.einsum("ij,bjhw->bihw", rep.to(x.dtype), x))
+
+
+def test_orbit_basis_trains_and_zeroes():
+    conv = GConv2d("d4", (1, "scalar"), (2, "regular"), 3, basis="orbit")
+    conv(torch.randn(2, 1, 5, 5)).square().sum().backward()
+    assert conv.orbit_weights.grad.abs().sum() > 0 and conv.orbit_bias.grad.abs().sum() > 0
+    conv.zero_()
+    assert float(conv(torch.randn(2, 1, 5, 5)).abs().max()) == 0.0
+    escnn_conv = GConv2d("d4", (1, "scalar"), (2, "regular"), 3).zero_()
+    assert float(escnn_conv(torch.randn(2, 1, 5, 5)).abs().max()) == 0.0
+
+
+def test_orbit_basis_settings():
+    with pytest.raises(ValueError, match="basis"):
+        GConv2d("c4", (1, "scalar"), (1, "regular"), 3, basis="dense")
+    with pytest.raises(ValueError, match="map the grid onto itself"):
+        GConv2d("c8", (1, "scalar"), (1, "regular"), 3, basis="orbit")
+    assert GConv2d("c8", (1, "scalar"), (1, "regular"), 3, basis="auto").basis == "escnn"
+    assert GConv2d("c4", (1, "scalar"), (1, "regular"), 3, basis="auto").basis == "orbit"
+
+
+def test_orbit_gather_gradient():
+    """The filter's hand-written backward (one index_add_) against finite differences."""
+    from gflows.nn.equivariant import _Gather
+
+    index = torch.randint(0, 7, (3, 2, 3, 3))
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: _Gather.apply(v, index), (w,))

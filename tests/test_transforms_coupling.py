@@ -20,6 +20,8 @@ CONFIGS = {
     "sign": dict(shape=(2, 4, 4), kw=dict(sign_symmetric=True, flip=True)),
     "squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1)),
     "squeezed2": dict(shape=(32, 2, 2), kw=dict(squeeze_levels=2)),
+    "orbit": dict(shape=(2, 4, 4), kw=dict(basis="orbit")),
+    "orbit_squeezed2": dict(shape=(32, 2, 2), kw=dict(squeeze_levels=2, basis="orbit")),
     "checkerboard": dict(shape=(1, 6, 6), kw=dict(mask="checkerboard", padding_mode="circular")),
     "spline": dict(shape=(2, 4, 4), kw=dict(spline_bins=4)),
     "spline_squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1, spline_bins=3, spline_bound=2.0)),
@@ -47,7 +49,7 @@ def test_reconstruction_and_exact_logdet(group, name):
 
 
 @pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed", "squeezed2", "spline",
-                                  "spline_squeezed"])
+                                  "spline_squeezed", "orbit", "orbit_squeezed2"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_equivariance_every_grid_element(group, name):
     G = Group(group)

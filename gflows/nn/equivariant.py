@@ -7,6 +7,15 @@ channel each, moved around by the group) or regular (``|G|`` channels each, move
 For the trivial group both are plain channels and the layer is an ordinary convolution through
 the same code path.
 
+Every field kind here is a permutation representation, so where every element of the group maps the
+grid onto itself (subgroups of D4) an equivariant filter is exactly a filter that is constant on the
+orbits of ``G`` on the entries ``(out channel, in channel, kernel position)``:
+``K[pi_out(g) o, pi_in(g) i, g . p] = K[o, i, p]``. ``basis='orbit'`` parametrises the filter by one
+weight per orbit (a gather instead of escnn's block-wise expansion, and plain per-entry coordinates for
+Adam as in an ordinary convolution). Its space is escnn's: the number of orbits equals the dimension of
+escnn's basis (``frequencies_cutoff`` keeps the full band), and escnn's initial filter, constant on the
+orbits, is the orbit layer's initial filter.
+
 :class:`GConvNet` stacks them ``scalar -> regular -> ... -> regular -> scalar`` with a pointwise
 activation between layers; pointwise maps commute with the permutation representations
 (scalar and regular), so the stack is equivariant.
@@ -27,6 +36,7 @@ from gflows.groups import Group, get_group
 __all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "field_type"]
 
 PADDING_MODES = ("zeros", "circular")
+BASES = ("escnn", "orbit", "auto")
 # Largest dense basis (entries) kept to expand a filter in one product; larger layers use escnn's.
 DENSE_BASIS_LIMIT = 1 << 21
 
@@ -66,6 +76,76 @@ def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
     return enn.FieldType(gs, n_fields * [rep])
 
 
+def _permutation(rep, element) -> Tensor:
+    """The permutation ``sigma`` of a permutation representation, ``rho(g) e_b = e_sigma(b)``."""
+    m = torch.as_tensor(rep(element), dtype=torch.float64)
+    p = m.round()
+    if (m - p).abs().max() > 1e-6 or not torch.equal(p.sum(0), torch.ones(len(p), dtype=p.dtype)) \
+            or not torch.equal(p.sum(1), torch.ones(len(p), dtype=p.dtype)):
+        raise ValueError("basis='orbit' needs permutation representations")
+    return p.argmax(0)
+
+
+def _orbit_labels(maps: Sequence[Tensor], n: int) -> Tensor:
+    """Orbit index in ``[0, n_orbits)`` of each of ``n`` points under the permutations ``maps``."""
+    label = torch.arange(n)
+    while True:  # label of a point: the smallest point of its orbit (orbits have at most |G| points)
+        new = label
+        for m in maps:
+            new = torch.minimum(new, new[m])
+        if torch.equal(new, label):
+            return torch.unique(label, return_inverse=True)[1]
+        label = new
+
+
+def kernel_orbits(group: Group, in_type, out_type, kernel_size: int) -> tuple[Tensor, Tensor]:
+    """Orbits of ``group`` on filter entries and on output channels (for the bias).
+
+    Returns ``(index [out, in, k, k], bias_index [out])``: the orbit of each entry of a filter from
+    ``in_type`` to ``out_type`` (escnn field types of permutation representations) under
+    ``(o, i, p) -> (pi_out(g) o, pi_in(g) i, g . p)``, with ``g . p`` the grid action of
+    :meth:`~gflows.groups.Group.act`; a filter is equivariant exactly when it is constant on them.
+    """
+    if not group.grid_exact:
+        raise ValueError(f"basis='orbit' needs a group whose elements map the grid onto itself "
+                         f"(subgroups of D4), not {group.name}")
+    o, i, k = out_type.size, in_type.size, kernel_size
+    ids = torch.arange(o * i * k * k).view(o, i, k, k)
+    maps, bias_maps = [], []
+    for g in group.elements:
+        e = group.escnn_element(g)
+        so, si = _permutation(out_type.representation, e), _permutation(in_type.representation, e)
+        inv_o, inv_i = torch.argsort(so), torch.argsort(si)
+        # entry (o, i, p) of the moved filter is entry (so^-1 o, si^-1 i, g^-1 p) of the filter
+        moved = group.act(g, ids[inv_o][:, inv_i])
+        maps.append(moved.reshape(-1))
+        bias_maps.append(inv_o)
+    return _orbit_labels(maps, o * i * k * k).view(o, i, k, k), _orbit_labels(bias_maps, o)
+
+
+class _Gather(torch.autograd.Function):
+    """``weights[index]``, with the backward pass as one ``index_add_`` (autograd's accumulating
+    ``index_put_`` costs several times more on CPU)."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.n = weights.shape[0]
+        return weights[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n).index_add_(0, index.reshape(-1), grad.reshape(-1)), None
+
+
+def _orbit_mean(values: Tensor, index: Tensor) -> Tensor:
+    n = int(index.max()) + 1
+    flat = index.reshape(-1)
+    total = torch.zeros(n, dtype=values.dtype).index_add_(0, flat, values.reshape(-1))
+    return total / torch.bincount(flat, minlength=n).to(values.dtype)
+
+
 def _refresh_after_load(module: GConv2d, incompatible_keys) -> None:
     module._refresh_dense_basis()
 
@@ -81,6 +161,11 @@ class GConv2d(nn.Module):
         kernel_size: odd kernel size; the output has the input's spatial size.
         padding_mode: ``'zeros'`` or ``'circular'`` (periodic lattices).
         bias: add an equivariant bias.
+        basis: ``'escnn'`` (the filter is escnn's expansion in its steerable basis; parameters
+            ``r2conv.weights``) or ``'orbit'`` (one weight per orbit of filter entries, subgroups of
+            D4 only; parameters ``orbit_weights`` and ``orbit_bias``; see the module docstring). The
+            two span the same filters and start from the same one. ``'auto'``: ``'orbit'`` where the
+            group allows it, else ``'escnn'``.
     """
 
     def __init__(
@@ -91,6 +176,7 @@ class GConv2d(nn.Module):
         kernel_size: int = 3,
         padding_mode: str = "zeros",
         bias: bool = True,
+        basis: str = "escnn",
     ):
         super().__init__()
         from escnn import nn as enn
@@ -99,7 +185,12 @@ class GConv2d(nn.Module):
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"unknown padding_mode {padding_mode!r}: expected one of {PADDING_MODES}")
+        if basis not in BASES:
+            raise ValueError(f"unknown basis {basis!r}: expected one of {BASES}")
         self.group = get_group(group)
+        if basis == "auto":
+            basis = "orbit" if self.group.grid_exact else "escnn"
+        self.basis = basis
         self.in_type = field_type(self.group, *in_fields)
         self.out_type = field_type(self.group, *out_fields)
         self.kernel_size = kernel_size
@@ -119,9 +210,45 @@ class GConv2d(nn.Module):
         # The filter is a linear function of the basis weights. For small layers (lattices) escnn's
         # block-wise expansion costs more than the convolution itself, so keep the expansion as one
         # dense matrix (not saved: the state_dict stays escnn's) and apply it with one product.
-        self.register_buffer("dense_basis", self._dense_basis(), persistent=False)
+        dense = self._dense_basis() if basis == "escnn" else None
+        self.register_buffer("dense_basis", dense, persistent=False)
         # A checkpoint carries escnn's sampled basis: rebuild the dense copy from the loaded one.
         self.register_load_state_dict_post_hook(_refresh_after_load)
+        if basis == "orbit":
+            self._to_orbit_basis()
+
+    def _to_orbit_basis(self) -> None:
+        index, bias_index = kernel_orbits(self.group, self.in_type, self.out_type, self.kernel_size)
+        with torch.no_grad():
+            w, b = self.r2conv.expand_parameters()
+        weights = _orbit_mean(w, index)
+        # escnn's filter must already be constant on the orbits: a failure here means the orbits
+        # and escnn disagree on the group action, and the layer would not be equivariant.
+        if int(index.max()) + 1 != self.r2conv.weights.numel() or \
+                float((weights[index] - w).abs().max()) > 1e-5 * (float(w.abs().max()) + 1e-12):
+            raise RuntimeError(f"orbits of {self.group.name} disagree with escnn's basis for "
+                               f"{self.in_type} -> {self.out_type}")
+        self.register_buffer("orbit_index", index, persistent=False)
+        self.orbit_weights = nn.Parameter(weights)
+        if b is None:
+            self.orbit_bias = None
+        else:
+            self.register_buffer("bias_index", bias_index, persistent=False)
+            self.orbit_bias = nn.Parameter(_orbit_mean(b, bias_index))
+        # escnn's module, its basis and weights are no longer used: keep neither in the state_dict.
+        self.r2conv, self.dense_basis = None, None
+
+    @torch.no_grad()
+    def zero_(self) -> GConv2d:
+        """Set the filter and the bias to zero (a layer that starts as the zero map)."""
+        if self.basis == "orbit":
+            params = [self.orbit_weights, self.orbit_bias]
+        else:
+            params = [self.r2conv.weights, self.r2conv.bias]
+        for p in params:
+            if p is not None:
+                p.zero_()
+        return self
 
     def _dense_basis(self) -> Tensor | None:
         n, k = self.r2conv.weights.numel(), self.kernel_size
@@ -154,6 +281,9 @@ class GConv2d(nn.Module):
 
     def expanded(self) -> tuple[Tensor, Tensor | None]:
         """The dense filter ``[out, in, k, k]`` and bias, differentiable in the basis weights."""
+        if self.basis == "orbit":
+            bias = None if self.orbit_bias is None else self.orbit_bias[self.bias_index]
+            return _Gather.apply(self.orbit_weights, self.orbit_index), bias
         if self.dense_basis is None:
             return self.r2conv.expand_parameters()
         conv = self.r2conv

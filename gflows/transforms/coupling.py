@@ -77,20 +77,18 @@ ACTIVATIONS = {
 def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
                     kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
                     activation: str = "lipswish", zero_init: bool = True,
-                    squeeze_levels: int = 0) -> GConvNet:
+                    squeeze_levels: int = 0, basis: str = "escnn") -> GConvNet:
     """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
     ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
-    with ``zero_init``, a last convolution starting at zero."""
+    with ``zero_init``, a last convolution starting at zero; ``basis`` of the
+    :class:`~gflows.nn.equivariant.GConv2d` filters."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
     net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
-                   activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels)
+                   activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels,
+                   conv_kwargs={"basis": basis})
     if zero_init:
-        last = net.layers[-1].r2conv
-        with torch.no_grad():
-            last.weights.zero_()
-            if last.bias is not None:
-                last.bias.zero_()
+        net.layers[-1].zero_()
     return net
 
 
@@ -111,6 +109,8 @@ class Conditioner(nn.Module):
         zero_init: start the last convolution at zero, so the layer starts as the identity.
         squeeze_levels: the channels are scalar fields squeezed this many times (``4^L`` channels
             each); the net runs on the coarse grid (grid-exact groups, see :class:`GConvNet`).
+        basis: ``'escnn'`` or ``'orbit'`` parametrisation of the filters (see
+            :class:`~gflows.nn.equivariant.GConv2d`; ``'orbit'`` for subgroups of D4 only).
     """
 
     def __init__(
@@ -128,13 +128,14 @@ class Conditioner(nn.Module):
         final_tanh: bool = False,
         zero_init: bool = True,
         squeeze_levels: int = 0,
+        basis: str = "escnn",
     ):
         super().__init__()
         self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
         self.final_tanh = final_tanh
         self.n_out = n_out
         self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
-                                   padding_mode, activation, zero_init, squeeze_levels)
+                                   padding_mode, activation, zero_init, squeeze_levels, basis)
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         if self.sign_symmetric:
@@ -164,7 +165,7 @@ class GCoupling(Transform):
         parity: with ``mask='checkerboard'``, which sublattice conditions the other.
         squeeze_levels: how many times the input has been squeezed (``mask='channel'`` only).
         affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, activation,
-            final_tanh, zero_init: see :class:`Conditioner`.
+            final_tanh, zero_init, basis: see :class:`Conditioner`.
         spline_bins: with ``K > 0``, a rational-quadratic spline coupling of ``K`` bins on
             ``[-spline_bound, spline_bound]`` instead of the affine one (see the module docstring).
     """
@@ -189,6 +190,7 @@ class GCoupling(Transform):
         zero_init: bool = True,
         spline_bins: int = 0,
         spline_bound: float = 3.0,
+        basis: str = "escnn",
     ):
         super().__init__()
         self.group = get_group(group)
@@ -227,9 +229,10 @@ class GCoupling(Transform):
             if self.spline_bins:  # n_out * (3K - 1) fields, field-major: c * (3K - 1) + k
                 return conditioner_net(self.group, n_in * f, n_out * (3 * self.spline_bins - 1) * f,
                                        hidden_fields, kernel_sizes, padding_mode, activation, zero_init,
-                                       levels)
+                                       levels, basis)
             return Conditioner(self.group, n_in * f, n_out * f, hidden_fields, kernel_sizes, padding_mode,
-                               affine, sign_symmetric, scale_bound, activation, final_tanh, zero_init, levels)
+                               affine, sign_symmetric, scale_bound, activation, final_tanh, zero_init, levels,
+                               basis)
 
         self.conditioner = squeezed_net(self.group, self.levels, make)
 
