@@ -157,3 +157,18 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path, capsys):
     out = run(config(tmp_path, "trainer.steps=4", "trainer.max_minutes=0", "trainer.eval_at_end=false"))
     assert out["step"] == 0 and "trainer.max_minutes=0 reached at step 0" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 0
+
+
+def test_coupling_models_gather_their_filters_from_orbit_weights(tmp_path):
+    """``flow.block.basis=auto``: orbit weights where the group maps the grid onto itself, escnn's
+    basis for C8; an unknown basis is named."""
+    from gflows.nn.equivariant import GConv2d
+    from gflows.training.images import build_model
+
+    for group, basis in [("d4", "orbit"), ("c8", "escnn")]:  # (no G-invertible 1x1 conv for C8)
+        model = build_model(config(tmp_path, "flow=g_coupling", f"group={group}", "flow.n_scales=1",
+                                   f"flow.invconv={group == 'd4'}"))
+        convs = [m for m in model.modules() if isinstance(m, GConv2d)]
+        assert convs and {c.basis for c in convs} == {basis}
+    with pytest.raises(ValueError, match="unknown basis 'dense'"):
+        build_model(config(tmp_path, "flow=g_coupling", "flow.block.basis=dense"))

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from gflows.groups import Group, get_group
 
-__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "field_type"]
+__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "field_type", "kernel_orbits", "orbit_labels",
+           "permutation"]
 
 PADDING_MODES = ("zeros", "circular")
 BASES = ("escnn", "orbit", "auto")
@@ -76,7 +77,7 @@ def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
     return enn.FieldType(gs, n_fields * [rep])
 
 
-def _permutation(rep, element) -> Tensor:
+def permutation(rep, element) -> Tensor:
     """The permutation ``sigma`` of a permutation representation, ``rho(g) e_b = e_sigma(b)``."""
     m = torch.as_tensor(rep(element), dtype=torch.float64)
     p = m.round()
@@ -86,8 +87,9 @@ def _permutation(rep, element) -> Tensor:
     return p.argmax(0)
 
 
-def _orbit_labels(maps: Sequence[Tensor], n: int) -> Tensor:
-    """Orbit index in ``[0, n_orbits)`` of each of ``n`` points under the permutations ``maps``."""
+def orbit_labels(maps: Sequence[Tensor], n: int) -> Tensor:
+    """Orbit index in ``[0, n_orbits)`` of each of ``n`` points under the permutations ``maps`` (a
+    group's elements, ``maps[k][p]`` the image of ``p``), numbered in order of their smallest point."""
     label = torch.arange(n)
     while True:  # label of a point: the smallest point of its orbit (orbits have at most |G| points)
         new = label
@@ -114,13 +116,13 @@ def kernel_orbits(group: Group, in_type, out_type, kernel_size: int) -> tuple[Te
     maps, bias_maps = [], []
     for g in group.elements:
         e = group.escnn_element(g)
-        so, si = _permutation(out_type.representation, e), _permutation(in_type.representation, e)
+        so, si = permutation(out_type.representation, e), permutation(in_type.representation, e)
         inv_o, inv_i = torch.argsort(so), torch.argsort(si)
         # entry (o, i, p) of the moved filter is entry (so^-1 o, si^-1 i, g^-1 p) of the filter
         moved = group.act(g, ids[inv_o][:, inv_i])
         maps.append(moved.reshape(-1))
         bias_maps.append(inv_o)
-    return _orbit_labels(maps, o * i * k * k).view(o, i, k, k), _orbit_labels(bias_maps, o)
+    return orbit_labels(maps, o * i * k * k).view(o, i, k, k), orbit_labels(bias_maps, o)
 
 
 class _Gather(torch.autograd.Function):

@@ -36,19 +36,16 @@ def pair_orbits(group: Group, levels: int) -> Tensor:
     n = 4**levels
     if not levels:
         return torch.zeros(1, 1, dtype=torch.long)
+    from gflows.nn.equivariant import orbit_labels, permutation
     from gflows.transforms.reshape import squeezed_representation
 
     rep = squeezed_representation(group, levels)
-    perms = [torch.as_tensor(rep(group.escnn_element(g))).argmax(0) for g in group.elements]
-    orbit = torch.full((n, n), -1, dtype=torch.long)
-    count = 0
-    for a in range(n):
-        for b in range(n):
-            if orbit[a, b] < 0:
-                for p in perms:
-                    orbit[p[a], p[b]] = count
-                count += 1
-    return orbit
+    ids = torch.arange(n * n).view(n, n)
+    maps = []
+    for g in group.elements:
+        p = permutation(rep, group.escnn_element(g))
+        maps.append(ids[p][:, p].reshape(-1))  # pair (a, b) -> (p[a], p[b])
+    return orbit_labels(maps, n * n).view(n, n)
 
 
 class GInvConv1x1(Transform):
