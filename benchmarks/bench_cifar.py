@@ -14,7 +14,7 @@ counts its logit and dequantisation log-dets itself: the two figures measure the
     python benchmarks/bench_cifar.py efficiency --steps 150 --power-iters 5 \
         --override flow.squeeze_first=true --override flow.invconv=true
     python benchmarks/bench_cifar.py glow --minutes 15 --flow g_coupling --group flip --hidden 128 \
-        --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 3e-3 --schedule cosine --gflows-steps 2000
+        --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 4e-3 --schedule cosine --gflows-steps 3000
 """
 
 from __future__ import annotations
