@@ -76,3 +76,27 @@ def test_squeezed_representation_describes_the_squeezed_action(group, levels):
 def test_no_squeezed_representation_for_non_grid_rotations():
     with pytest.raises(ValueError, match="grid onto itself"):
         squeezed_representation(Group("c8"), 1)
+
+
+def test_factor_out_maps_the_kept_channels_only_and_checks_shapes():
+    from helpers import perturb
+
+    from gflows.transforms.elementwise import ActNorm
+    from gflows.transforms.reshape import FactorOut
+
+    inner = perturb(ActNorm((2, 4, 4)))
+    inner.initialised.fill_(True)  # keep the perturbed scales (no data-dependent initialisation)
+    t = FactorOut(inner, (5, 4, 4))
+    x = torch.randn(3, 5, 4, 4)
+    z, ld = t(x)
+    za, lda = inner(x[:, :2])
+    assert torch.equal(z[:, :2], za) and torch.equal(z[:, 2:], x[:, 2:]) and torch.equal(ld, lda)
+    assert float(lda.abs().max()) > 0
+    xr, ldr = t.inverse(z)
+    assert torch.allclose(xr, x, atol=1e-6) and torch.allclose(ldr, -ld, atol=1e-5)
+    with pytest.raises(ValueError, match="shape-preserving"):
+        FactorOut(Squeeze((2, 4, 4)), (5, 4, 4))
+    with pytest.raises(ValueError, match="some, not all"):
+        FactorOut(ActNorm((5, 4, 4)), (5, 4, 4))
+    with pytest.raises(ValueError, match="shape"):
+        t(torch.randn(3, 4, 4, 4))

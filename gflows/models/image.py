@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gflows.flow import Compose, Flow, Transform
+from gflows.flow import Compose, Flow, Inverse, Transform
 from gflows.groups import Group
 from gflows.transforms.autoregressive import GIAF
 from gflows.transforms.butterfly import Butterfly
 from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.invconv import GInvConv1x1
-from gflows.transforms.reshape import Squeeze
+from gflows.transforms.reshape import FactorOut, Squeeze
 from gflows.transforms.residual import GFCResidualBlock, GResidualBlock
 
 __all__ = ["FLOW_KINDS", "g_residual_flow", "image_flow", "image_model"]
@@ -58,6 +58,7 @@ def image_flow(
     fc_hidden: int = 128,
     squeeze_first: bool = False,
     invconv: bool = False,
+    factor_out: bool = False,
     **block_kwargs,
 ) -> Compose:
     """A multiscale transform of ``kind`` in :data:`FLOW_KINDS` (see the module docstring).
@@ -76,6 +77,9 @@ def image_flow(
             at half the resolution or less (``H`` and ``W`` divisible by ``2^n_scales``).
         invconv: a G-equivariant invertible 1x1 convolution (:class:`GInvConv1x1`, Glow's channel
             mixing) before every block.
+        factor_out: after each scale but the last, half the fields (rounded up; couplings keep at
+            least two) go on and the others are factored out to the base (:class:`FactorOut`, Glow's
+            split), so later scales run on fewer channels. Whole fields, hence equivariant.
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
@@ -85,26 +89,44 @@ def image_flow(
     if n_scales < 1:
         raise ValueError(f"n_scales must be >= 1, got {n_scales}")
     shape = tuple(int(s) for s in event_shape)
-    layers: list[Transform] = []
     first = int(bool(squeeze_first))
     last = first + n_scales - 1
-    for level in range(first, last + 1):
-        if level:
-            sq = Squeeze(shape)
-            layers.append(sq)
-            shape = sq.out_shape
+    fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode")}
+    # couplings split their fields in two: they need two at every scale
+    min_fields = 1 if kind in ("residual", "iaf") else 2
+
+    def scales(level: int, shape: tuple[int, ...]) -> tuple[list[Transform], list[Squeeze]]:
+        """Layers of scales ``level..last`` on ``shape``, and the squeezes among them at top level."""
+        layers: list[Transform] = []
         for i in range(blocks_per_scale):
             if invconv:
                 layers.append(GInvConv1x1(group, shape, squeeze_levels=level))
             layers += _block(kind, group, shape, level, i, hidden_fields, block_kwargs)
             if actnorm:
                 layers.append(ActNorm(shape, field_size=4**level))
-    fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode")}
-    for _ in range(fc_blocks):
-        layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=last, **fc_kwargs))
-        if actnorm:
-            layers.append(ActNorm(shape, field_size=4**last))
-    return Compose(layers)
+        if level == last:
+            for _ in range(fc_blocks):
+                layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=last, **fc_kwargs))
+                if actnorm:
+                    layers.append(ActNorm(shape, field_size=4**last))
+            return layers, []
+        sq = Squeeze(shape)
+        layers.append(sq)
+        fields, size = shape[0] // 4**level, 4 ** (level + 1)
+        keep = max(-(-fields // 2), min_fields)
+        if not factor_out or keep >= fields:
+            inner, squeezes = scales(level + 1, sq.out_shape)
+            return layers + inner, [sq, *squeezes]
+        kept = (keep * size, *sq.out_shape[1:])
+        inner, squeezes = scales(level + 1, kept)
+        undo = [Inverse(s) for s in reversed(squeezes)]
+        return layers + [FactorOut(Compose(inner + undo), sq.out_shape)], [sq]
+
+    if first:
+        sq = Squeeze(shape)
+        shape = sq.out_shape
+    layers, _ = scales(first, shape)
+    return Compose([sq, *layers] if first else layers)
 
 
 def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 32, 32),

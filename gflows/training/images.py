@@ -50,7 +50,8 @@ def build_model(cfg) -> Flow:
         blocks_per_scale=cfg.flow.blocks_per_scale, hidden_fields=hidden_fields,
         fc_blocks=int(cfg.flow.get("fc_blocks") or 0), fc_hidden=int(cfg.flow.get("fc_hidden") or 128),
         squeeze_first=bool(cfg.flow.get("squeeze_first") or False),
-        invconv=bool(cfg.flow.get("invconv") or False), **block,
+        invconv=bool(cfg.flow.get("invconv") or False), factor_out=bool(cfg.flow.get("factor_out") or False),
+        **block,
     )
 
 

@@ -6,7 +6,7 @@ from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.fourier import MomentumScale
 from gflows.transforms.invconv import GInvConv1x1
-from gflows.transforms.reshape import Squeeze
+from gflows.transforms.reshape import FactorOut, Squeeze
 from gflows.transforms.residual import (
     ConvergenceError,
     GResidualBlock,
@@ -22,6 +22,7 @@ __all__ = [
     "GInvConv1x1",
     "ConvergenceError",
     "Dequantize",
+    "FactorOut",
     "GResidualBlock",
     "Logit",
     "MomentumScale",

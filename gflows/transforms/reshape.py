@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 
-__all__ = ["AtFineGrid", "Squeeze", "squeeze", "squeezed_net", "squeezed_representation", "unsqueeze"]
+__all__ = ["AtFineGrid", "FactorOut", "Squeeze", "squeeze", "squeezed_net", "squeezed_representation",
+           "unsqueeze"]
 
 
 def squeeze(x: Tensor, levels: int = 1) -> Tensor:
@@ -124,6 +125,49 @@ class Squeeze(Transform):
 
         check_event(z, self.out_shape, "Squeeze inverse input")
         return unsqueeze(z), z.new_zeros(z.shape[0])
+
+
+class FactorOut(Transform):
+    r"""Glow's multiscale split: the first ``channels`` channels go on through ``transform``, the rest
+    are factored out (left as they are, for the base distribution).
+
+    Map:      ``(x_a, x_b) -> (f(x_a), x_b)``.
+    Inverse:  ``(z_a, z_b) -> (f^{-1}(z_a), z_b)``.
+    Log-det:  that of ``f``.
+
+    Group action: when the first ``channels`` channels are whole fields (the tensor's first fields, on
+    which the group acts by itself) and ``f`` commutes with the group, so does the layer, and the
+    standard-normal base is invariant on both parts. ``transform`` must keep its input's shape (undo
+    any squeezes inside it with :class:`~gflows.flow.Inverse`).
+
+    Args:
+        transform: the map ``f`` of the kept channels.
+        event_shape: ``(C, H, W)`` of the whole input; ``transform.event_shape`` is ``(channels, H, W)``.
+    """
+
+    def __init__(self, transform: Transform, event_shape: Sequence[int]):
+        super().__init__()
+        self.event_shape = tuple(int(s) for s in event_shape)
+        inner = tuple(transform.event_shape)
+        if tuple(transform.out_shape) != inner:
+            raise ValueError(f"FactorOut needs a shape-preserving transform, got {inner} -> "
+                             f"{tuple(transform.out_shape)}")
+        if inner[1:] != self.event_shape[1:] or not 0 < inner[0] < self.event_shape[0]:
+            raise ValueError(f"transform's event shape {inner} must keep some, not all, channels of "
+                             f"{self.event_shape}")
+        self.transform, self.channels = transform, inner[0]
+
+    def _map(self, fn, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, ladj = fn(x[:, : self.channels])
+        return torch.cat([y, x[:, self.channels :]], 1), ladj
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check(x)
+        return self._map(lambda a: self.transform(a, context), x)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check(z, "inverse input")
+        return self._map(lambda a: self.transform.inverse(a, context), z)
 
 
 class AtFineGrid(nn.Module):
