@@ -6,7 +6,8 @@ with ``fc_blocks`` fully-connected G-residual blocks
 (:class:`~gflows.transforms.residual.GFCResidualBlock`). Every layer is equivariant for the grid-exact
 elements of the group: after ``s`` squeezes the blocks' networks map between the squeezed tensors'
 true representations (on the coarse grid for subgroups of D4, see :mod:`gflows.transforms.reshape`)
-and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel.
+and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel. With ``factor_out``
+whole fields leave for the base between scales (:class:`~gflows.transforms.reshape.FactorOut`).
 """
 
 from __future__ import annotations
