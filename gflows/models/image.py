@@ -96,8 +96,8 @@ def image_flow(
     # couplings split their fields in two: they need two at every scale
     min_fields = 1 if kind in ("residual", "iaf") else 2
 
-    def scales(level: int, shape: tuple[int, ...]) -> tuple[list[Transform], list[Squeeze]]:
-        """Layers of scales ``level..last`` on ``shape``, and the squeezes among them at top level."""
+    def scales(level: int, shape: tuple[int, ...]) -> list[Transform]:
+        """Layers of scales ``level..last`` on ``shape``."""
         layers: list[Transform] = []
         for i in range(blocks_per_scale):
             if invconv:
@@ -110,24 +110,24 @@ def image_flow(
                 layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=last, **fc_kwargs))
                 if actnorm:
                     layers.append(ActNorm(shape, field_size=4**last))
-            return layers, []
+            return layers
         sq = Squeeze(shape)
         layers.append(sq)
         fields, size = shape[0] // 4**level, 4 ** (level + 1)
         keep = max(-(-fields // 2), min_fields)
         if not factor_out or keep >= fields:
-            inner, squeezes = scales(level + 1, sq.out_shape)
-            return layers + inner, [sq, *squeezes]
-        kept = (keep * size, *sq.out_shape[1:])
-        inner, squeezes = scales(level + 1, kept)
-        undo = [Inverse(s) for s in reversed(squeezes)]
-        return layers + [FactorOut(Compose(inner + undo), sq.out_shape)], [sq]
+            return layers + scales(level + 1, sq.out_shape)
+        inner = scales(level + 1, (keep * size, *sq.out_shape[1:]))
+        # FactorOut needs a shape-preserving map: undo the inner scales' own squeezes (those nested in
+        # their FactorOuts already are)
+        undo = [Inverse(t) for t in reversed(inner) if isinstance(t, Squeeze)]
+        return layers + [FactorOut(Compose(inner + undo), sq.out_shape)]
 
+    layers: list[Transform] = []
     if first:
-        sq = Squeeze(shape)
-        shape = sq.out_shape
-    layers, _ = scales(first, shape)
-    return Compose([sq, *layers] if first else layers)
+        layers.append(Squeeze(shape))
+        shape = layers[0].out_shape
+    return Compose(layers + scales(first, shape))
 
 
 def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 32, 32),

@@ -238,7 +238,7 @@ class GConv2d(nn.Module):
             self.register_buffer("bias_index", bias_index, persistent=False)
             self.orbit_bias = nn.Parameter(_orbit_mean(b, bias_index))
         # escnn's module, its basis and weights are no longer used: keep neither in the state_dict.
-        self.r2conv, self.dense_basis = None, None
+        self.r2conv = None
 
     @torch.no_grad()
     def zero_(self) -> GConv2d:
