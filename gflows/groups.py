@@ -97,6 +97,10 @@ class Group:
     def __hash__(self) -> int:
         return hash(self.name)
 
+    def __reduce__(self):
+        # escnn's gspaces hold local functions and do not pickle: a group is rebuilt from its name.
+        return (Group, (self.name,))
+
     @property
     def order(self) -> int:
         """Number of elements, which is also the size of a regular field."""

@@ -181,8 +181,6 @@ class GConv2d(nn.Module):
         basis: str = "escnn",
     ):
         super().__init__()
-        from escnn import nn as enn
-
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if padding_mode not in PADDING_MODES:
@@ -193,22 +191,12 @@ class GConv2d(nn.Module):
         if basis == "auto":
             basis = "orbit" if self.group.grid_exact else "escnn"
         self.basis = basis
+        self._fields = (tuple(in_fields), tuple(out_fields))
         self.in_type = field_type(self.group, *in_fields)
         self.out_type = field_type(self.group, *out_fields)
         self.kernel_size = kernel_size
         self.padding_mode = padding_mode
-        self.r2conv = enn.R2Conv(
-            self.in_type, self.out_type, kernel_size, padding=0, bias=bias, frequencies_cutoff=_full_band
-        )
-        # Drop escnn's cache buffers so that the state_dict is the same in every mode (see train).
-        nn.Module.train(self.r2conv, True)
-        for name in ("filter", "expanded_bias"):
-            self.r2conv._buffers.pop(name, None)
-        # escnn caches its block expansions and shares them between layers of equal field types, so
-        # moving one layer (.to(float64), .cuda()) would move the others' bases too: own a copy.
-        expansion = self.r2conv.basisexpansion
-        for name, child in list(expansion._modules.items()):
-            expansion._modules[name] = copy.deepcopy(child)
+        self.r2conv = self._build_r2conv(bias)
         # The filter is a linear function of the basis weights. For small layers (lattices) escnn's
         # block-wise expansion costs more than the convolution itself, so keep the expansion as one
         # dense matrix (not saved: the state_dict stays escnn's) and apply it with one product.
@@ -218,6 +206,49 @@ class GConv2d(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_after_load)
         if basis == "orbit":
             self._to_orbit_basis()
+
+    def _build_r2conv(self, bias: bool):
+        from escnn import nn as enn
+
+        r2conv = enn.R2Conv(
+            self.in_type, self.out_type, self.kernel_size, padding=0, bias=bias, frequencies_cutoff=_full_band
+        )
+        # Drop escnn's cache buffers so that the state_dict is the same in every mode (see train).
+        nn.Module.train(r2conv, True)
+        for name in ("filter", "expanded_bias"):
+            r2conv._buffers.pop(name, None)
+        # escnn caches its block expansions and shares them between layers of equal field types, so
+        # moving one layer (.to(float64), .cuda()) would move the others' bases too: own a copy.
+        expansion = r2conv.basisexpansion
+        for name, child in list(expansion._modules.items()):
+            expansion._modules[name] = copy.deepcopy(child)
+        return r2conv
+
+    # escnn's field types and modules hold local functions and do not pickle: pickling (torch.save of
+    # the module, copy.deepcopy, multiprocessing) keeps the field specifications and escnn's weights,
+    # and unpickling rebuilds the escnn objects from the group's name.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["in_type"] = state["out_type"] = None
+        modules = state["_modules"] = state["_modules"].copy()
+        if modules.get("r2conv") is not None:
+            state["_r2conv_state"] = modules["r2conv"].state_dict()
+            state["_r2conv_bias"] = modules["r2conv"].bias is not None
+            modules["r2conv"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        r2conv_state, bias = state.pop("_r2conv_state", None), state.pop("_r2conv_bias", None)
+        super().__setstate__(state)
+        self.in_type, self.out_type = (field_type(self.group, *f) for f in self._fields)
+        if r2conv_state is not None:
+            r2conv = self._build_r2conv(bias)
+            weights = r2conv_state["weights"]
+            r2conv.to(device=weights.device, dtype=weights.dtype)
+            r2conv.load_state_dict(r2conv_state)
+            for m in r2conv.modules():
+                m.training = self.training
+            self.r2conv = r2conv
 
     def _to_orbit_basis(self) -> None:
         index, bias_index = kernel_orbits(self.group, self.in_type, self.out_type, self.kernel_size)

@@ -154,6 +154,18 @@ class _SpectralNormalised:
         scale = torch.clamp(sigma / self.coeff, min=1.0)
         return weight / scale, bias
 
+    # A copy (pickle, deepcopy) has new tensors: keep whether the estimate matched the weights, so
+    # that a copy computes exactly what the original does instead of refreshing its estimate.
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_seen"] = self._seen is not None and self._seen == self._state()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        fresh = state.pop("_seen")
+        super().__setstate__(state)
+        self._seen = self._state() if fresh else None
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._seen = None

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gflows.flow import Compiled, Flow
-from gflows.models.lattice import LatticeSymmetrised, lattice_flow, realnvp_baseline
+from gflows.models.lattice import LatticeSymmetrised, lattice_flow, realnvp_baseline, residual_lattice_flow
 from gflows.physics.mcmc import ess, hmc, independence_mh, tau_int
 from gflows.physics.observables import measure
 from gflows.physics.phi4 import Phi4
@@ -35,6 +35,7 @@ from gflows.training.common import (
     skip_or_restore,
     truncate_metrics,
 )
+from gflows.transforms.residual import logdet_mode
 
 __all__ = [
     "build_lattice_model",
@@ -50,7 +51,7 @@ __all__ = [
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ESTIMATORS = ("reparam", "path")
-LATTICE_KINDS = ("coupling", "realnvp")
+LATTICE_KINDS = ("coupling", "realnvp", "residual")
 OBSERVABLES = ("abs_m", "chi2", "chi2_conn", "energy", "xi")
 
 
@@ -147,17 +148,26 @@ def theory_from_cfg(data) -> Phi4:
 
 
 def build_lattice_model(cfg, theory: Phi4) -> Flow:
-    """The lattice flow of ``cfg.flow`` (``kind`` coupling or realnvp, sizes in ``flow.lattice``)."""
+    """The lattice flow of ``cfg.flow`` (``kind`` coupling, realnvp or residual, sizes in
+    ``flow.lattice``)."""
     kind = cfg.flow.kind
     if kind not in LATTICE_KINDS:
         raise ValueError(f"flow={cfg.flow.name} (kind {kind!r}) is not available for data=phi4: "
-                         f"use flow=g_coupling, flow=coupling or flow=realnvp")
+                         f"use flow=g_coupling, coupling, g_residual, residual or realnvp")
     lat = cfg.flow.lattice
     if kind == "realnvp":
         return realnvp_baseline(theory.L, int(lat.n_layers), int(lat.hidden_channels))
     from gflows.groups import Group
 
     group = Group(cfg.flow.group or cfg.group.name)
+    if kind == "residual":
+        return residual_lattice_flow(
+            theory.L, int(lat.n_blocks), max(1, int(lat.hidden_channels) // group.order), group,
+            sign_symmetric=bool(lat.sign_symmetric), kernel_sizes=tuple(lat.kernel_sizes),
+            coeff=float(lat.coeff), site_spline_bins=int(lat.site_spline_bins),
+            site_spline_bound=float(lat.site_spline_bound), momentum_scale=bool(lat.momentum_scale),
+            n_exact_terms=int(lat.n_exact_terms), lipschitz_kwargs=dict(lat.lipschitz_kwargs),
+        )
     return lattice_flow(
         theory.L, int(lat.n_layers), max(1, int(lat.hidden_channels) // group.order), group,
         sign_symmetric=bool(lat.sign_symmetric), kernel_sizes=tuple(lat.kernel_sizes),
@@ -196,7 +206,9 @@ def sampler_report(flow: Flow, theory: Phi4, n_samples: int, hmc_cfg=None, seed:
     flow.eval()
     torch.manual_seed(seed)
     sampler = LatticeSymmetrised(flow) if symmetrise else flow
-    phi, lw = (t.cpu() for t in log_weights(sampler, theory, n_samples))  # MCMC and plots run on the CPU
+    # Residual blocks' log-dets exact (brute-force Jacobian), so that log w is not a noisy estimate.
+    with logdet_mode(flow, "exact"):
+        phi, lw = (t.cpu() for t in log_weights(sampler, theory, n_samples))  # MCMC and plots on the CPU
     if not bool(torch.isfinite(lw).all()):
         raise RuntimeError("the flow produced non-finite log-weights: the sampler is unusable")
     idx, acc = independence_mh(lw, torch.Generator().manual_seed(seed))

@@ -4,6 +4,9 @@ Map:      :math:`f(x) = x + g(x)` with :math:`\mathrm{Lip}(g) \le c < 1`.
 
 Inverse:  the fixed point of :math:`x \leftarrow y - g(x)`, a contraction with rate
           :math:`\mathrm{Lip}(g)`, iterated to ``atol + rtol |x|``; failure to converge raises.
+          Gradients of the inverse (in its input and in the parameters) come from the implicit
+          function theorem: the adjoint system :math:`(I + J_g)^\top u = v` is solved by its own
+          fixed-point iteration, with the same tolerance, cap and error (``_ImplicitInverse``).
 
 Log-det:  :math:`\log\det(I + J_g) = \sum_{k\ge1} (-1)^{k+1} \operatorname{tr}(J_g^k) / k`, either
 
@@ -194,14 +197,16 @@ class ResidualTransform(Transform):
         gx, logdet = self._g_and_logdet(x)
         return x + gx, logdet
 
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Fixed-point inverse; the output is not differentiable in the parameters."""
-        self.check(z)
+    def _converged(self, new: Tensor, old: Tensor) -> bool:
+        return bool(((new - old).abs() <= self.atol + self.rtol * new.abs()).all())
+
+    def _solve(self, z: Tensor) -> Tensor:
+        """The fixed point of ``x <- z - g(x)``, without gradients."""
         with torch.no_grad():
             x = z.clone()
             for it in range(1, self.max_iters + 1):
                 x_new = z - self.g(x)
-                done = bool(((x_new - x).abs() <= self.atol + self.rtol * x_new.abs()).all())
+                done = self._converged(x_new, x)
                 x = x_new
                 if done:
                     break
@@ -214,8 +219,67 @@ class ResidualTransform(Transform):
             if not bool(torch.isfinite(x).all()):
                 raise ConvergenceError("fixed-point inverse diverged to non-finite values")
         self.last_inverse_iterations = it
+        return x
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Fixed-point inverse, differentiable in ``z`` and in the parameters by implicit
+        differentiation (:class:`_ImplicitInverse`), and the log-det at the solved point."""
+        self.check(z)
+        x = self._solve(z)
+        params = [p for p in self.g.parameters() if p.requires_grad]
+        if torch.is_grad_enabled() and (z.requires_grad or params):
+            x = _ImplicitInverse.apply(self, z, x, *params)
         _, logdet = self._g_and_logdet(x)
         return x, -logdet
+
+
+class _ImplicitInverse(torch.autograd.Function):
+    r"""The solved point ``x`` of ``x + g(x) = z`` as a differentiable function of ``z`` and of the
+    parameters of ``g`` (implicit function theorem).
+
+    With ``v = dL/dx``, the adjoint ``u`` solves :math:`(I + J_g)^\top u = v`; then
+    :math:`dL/dz = u` and :math:`dL/d\theta = -u^\top \partial g / \partial\theta`. ``u`` is the fixed
+    point of :math:`u \leftarrow v - J_g^\top u`, a contraction with the rate ``Lip(g)`` of the forward
+    solve (``J_g^T`` has the norm of ``J_g``), iterated with the block's tolerance and cap. Each
+    iteration is one vector-Jacobian product at the solved point, so memory does not grow with the
+    number of iterations.
+    """
+
+    @staticmethod
+    def forward(ctx, block: ResidualTransform, z: Tensor, x: Tensor, *params: Tensor) -> Tensor:
+        ctx.block = block
+        ctx.save_for_backward(x)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, v: Tensor):
+        (x,) = ctx.saved_tensors
+        block = ctx.block
+        params = [p for p in block.g.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            gx = block.g(xg)
+            u = v
+            for _ in range(block.max_iters):
+                (jtu,) = torch.autograd.grad(gx, xg, u, retain_graph=True)
+                u_new = v - jtu
+                done = block._converged(u_new, u)
+                u = u_new
+                if done:
+                    break
+            else:
+                (jtu,) = torch.autograd.grad(gx, xg, u, retain_graph=True)
+                residual = float((u + jtu - v).abs().max())
+                raise ConvergenceError(
+                    f"backward solve (I + J_g)^T u = v of the fixed-point inverse did not converge in "
+                    f"{block.max_iters} iterations: max |(I + J_g)^T u - v| = {residual:.3e} "
+                    f"(atol={block.atol:g}, rtol={block.rtol:g})"
+                )
+            if not bool(torch.isfinite(u).all()):
+                raise ConvergenceError("backward solve of the fixed-point inverse diverged to non-finite "
+                                       "values")
+            grads = torch.autograd.grad(gx, params, -u, allow_unused=True) if params else ()
+        return (None, u, None, *grads)
 
 
 class _MemorySaving(torch.autograd.Function):
@@ -275,6 +339,9 @@ class GResidualBlock(ResidualTransform):
         padding_mode: ``'zeros'`` for images, ``'circular'`` for periodic lattices.
         lipschitz_kwargs: power-iteration options (``tol``, ``max_iters``, ``init_iters``) of
             :class:`~gflows.nn.lipschitz.LipschitzGConv2d`.
+        sign_symmetric: make ``g`` odd, ``g(-x) = -g(x)`` (convolutions without biases, ``tanh``
+            between them, 1-Lipschitz and odd), so that ``f`` commutes with ``x -> -x`` too (lattice
+            fields with a :math:`Z_2` symmetry) and ``log|det J_f|`` is even.
         squeeze_levels: the input has been squeezed this many times; ``g`` is then equivariant for
             the squeezed tensor's true representation: on the coarse grid with steerable kernels for
             it where every element of the group is grid-exact, else on the un-squeezed grid
@@ -293,6 +360,7 @@ class GResidualBlock(ResidualTransform):
         padding_mode: str = "zeros",
         lipschitz_kwargs: dict | None = None,
         squeeze_levels: int = 0,
+        sign_symmetric: bool = False,
         **kwargs,
     ):
         if len(event_shape) != 3:
@@ -308,12 +376,17 @@ class GResidualBlock(ResidualTransform):
             k = 2 ** (squeeze_levels - levels)  # 1 on the coarse grid, 2^L on the un-squeezed one
             conv_kwargs = {"input_hw": (h * k, w * k), "coeff": coeff, **(lipschitz_kwargs or {})}
             return GConvNet(group, c // (k * k), c // (k * k), hidden_fields, kernel_sizes, padding_mode,
-                            conv=LipschitzGConv2d, conv_kwargs=conv_kwargs, squeeze_levels=levels)
+                            conv=LipschitzGConv2d, conv_kwargs=conv_kwargs, squeeze_levels=levels,
+                            bias=not sign_symmetric, activation=_odd if sign_symmetric else LipSwish)
 
         super().__init__(squeezed_net(group, squeeze_levels, make), event_shape, **kwargs)
         self.group = get_group(group)
         self.coeff = coeff
+        self.sign_symmetric = bool(sign_symmetric)
 
+
+def _odd(n_fields: int, field_size: int) -> nn.Module:
+    return nn.Tanh()  # odd and 1-Lipschitz: keeps g odd and Lip(g) <= c^L
 
 
 class GFCResidualBlock(ResidualTransform):
