@@ -120,8 +120,22 @@ class Compiled(Transform):
         super().__init__()
         self.transform = transform
         self.event_shape = tuple(transform.event_shape)
-        self._forward = torch.compile(transform.forward, **compile_kwargs)
-        self._inverse = torch.compile(transform.inverse, **compile_kwargs)
+        self.compile_kwargs = dict(compile_kwargs)
+        self._compile()
+
+    def _compile(self) -> None:
+        self._forward = torch.compile(self.transform.forward, **self.compile_kwargs)
+        self._inverse = torch.compile(self.transform.inverse, **self.compile_kwargs)
+
+    # Compiled callables do not pickle: a copy compiles again (lazily, at its first call).
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        del state["_forward"], state["_inverse"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._compile()
 
     @property
     def out_shape(self) -> tuple[int, ...]:

@@ -90,7 +90,9 @@ class ResidualTransform(Transform):
         neumann_grad: Neumann-series gradients instead of back-propagating through the series.
         memory_saving: compute the log-det gradients in the forward pass and free its graph; needs
             a loss that weighs every sample's log-det equally (a mean or sum of log-likelihoods).
-        atol, rtol, max_iters: stopping rule of the fixed-point inverse.
+        atol, rtol, max_iters: stopping rule of the fixed-point inverse (and of its backward solve);
+            ``None``: ``1e-6`` in float32 and ``1e-12`` in float64, so that inverses hold to the
+            dtype's round-off.
     """
 
     def __init__(
@@ -104,8 +106,8 @@ class ResidualTransform(Transform):
         geom_p: float = 0.5,
         neumann_grad: bool = True,
         memory_saving: bool = False,
-        atol: float = 1e-6,
-        rtol: float = 1e-6,
+        atol: float | None = None,
+        rtol: float | None = None,
         max_iters: int = 500,
     ):
         super().__init__()
@@ -119,7 +121,9 @@ class ResidualTransform(Transform):
         self.n_exact_terms, self.n_exact_terms_eval = int(n_exact_terms), int(n_exact_terms_eval)
         self.geom_p = float(geom_p)
         self.neumann_grad, self.memory_saving = bool(neumann_grad), bool(memory_saving)
-        self.atol, self.rtol, self.max_iters = float(atol), float(rtol), int(max_iters)
+        self.atol = None if atol is None else float(atol)
+        self.rtol = None if rtol is None else float(rtol)
+        self.max_iters = int(max_iters)
         self.last_inverse_iterations = 0
 
     @property
@@ -197,8 +201,14 @@ class ResidualTransform(Transform):
         gx, logdet = self._g_and_logdet(x)
         return x + gx, logdet
 
+    def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        """``(atol, rtol)`` of the fixed-point solves in ``dtype``."""
+        default = 1e-12 if dtype == torch.float64 else 1e-6
+        return (default if self.atol is None else self.atol, default if self.rtol is None else self.rtol)
+
     def _converged(self, new: Tensor, old: Tensor) -> bool:
-        return bool(((new - old).abs() <= self.atol + self.rtol * new.abs()).all())
+        atol, rtol = self.tolerances(new.dtype)
+        return bool(((new - old).abs() <= atol + rtol * new.abs()).all())
 
     def _solve(self, z: Tensor) -> Tensor:
         """The fixed point of ``x <- z - g(x)``, without gradients."""
@@ -214,7 +224,7 @@ class ResidualTransform(Transform):
                 residual = float((x + self.g(x) - z).abs().max())
                 raise ConvergenceError(
                     f"fixed-point inverse did not converge in {self.max_iters} iterations: "
-                    f"max |f(x) - y| = {residual:.3e} (atol={self.atol:g}, rtol={self.rtol:g})"
+                    f"max |f(x) - y| = {residual:.3e} (atol, rtol = {self.tolerances(z.dtype)})"
                 )
             if not bool(torch.isfinite(x).all()):
                 raise ConvergenceError("fixed-point inverse diverged to non-finite values")
@@ -273,7 +283,7 @@ class _ImplicitInverse(torch.autograd.Function):
                 raise ConvergenceError(
                     f"backward solve (I + J_g)^T u = v of the fixed-point inverse did not converge in "
                     f"{block.max_iters} iterations: max |(I + J_g)^T u - v| = {residual:.3e} "
-                    f"(atol={block.atol:g}, rtol={block.rtol:g})"
+                    f"(atol, rtol = {block.tolerances(v.dtype)})"
                 )
             if not bool(torch.isfinite(u).all()):
                 raise ConvergenceError("backward solve of the fixed-point inverse diverged to non-finite "
