@@ -62,6 +62,30 @@ def test_cli_rejects_unknown_group_and_values_before_work(tmp_path):
     assert time.time() - t0 < 120
 
 
+def assert_clean_error(r, *words):
+    """One message on stderr naming ``words``, exit code 2, no Python traceback."""
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    for w in words:
+        assert w in r.stderr
+
+
+@pytest.mark.parametrize("download", ["false", "true"])
+def test_cli_without_cifar10_says_where_to_put_it(tmp_path, download):
+    # A download that fails at once: the proxy is a closed port on this machine.
+    env = {**os.environ, "WANDB_MODE": "disabled", "CI": "true", "https_proxy": "http://127.0.0.1:9",
+           "http_proxy": "http://127.0.0.1:9", "HYDRA_FULL_ERROR": "0"}
+    args = [sys.executable, str(ROOT / "train.py"), "preset=tiny", "wandb.mode=disabled",
+            f"data.root={tmp_path / 'empty'}", f"data.download={download}", f"run_dir={tmp_path / 'run'}"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert_clean_error(r, "data.root=", "cifar-10-python.tar.gz", "cifar-10-batches-py", "data.verify=false")
+    assert ("download failed" in r.stderr) == (download == "true")
+
+
+def test_cli_refuses_a_lattice_flow_for_images(tmp_path):
+    assert_clean_error(cli(tmp_path, "flow=realnvp"), "flow=realnvp", "data=phi4", "data=cifar10")
+
+
 def test_missing_data_says_where_to_put_it(tmp_path):
     from gflows.training.images import run
 

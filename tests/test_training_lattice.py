@@ -57,14 +57,34 @@ def test_cli_refuses_flows_and_values_it_cannot_run(tmp_path):
                 f"run_dir={tmp_path / 'run'}", *overrides]
         return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
-    r = cli()  # the default flow is the image model g_residual
-    assert r.returncode != 0
-    assert "flow=g_residual (kind 'residual') is not available for data=phi4" in r.stderr
+    r = cli("flow=g_iaf")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "flow=g_iaf (kind 'iaf') is not available for data=phi4" in r.stderr
     r = cli("flow=g_coupling", "data.dtype=float16")
     assert r.returncode != 0 and "unknown data.dtype 'float16'" in r.stderr
     r = cli("flow=g_coupling", "data.preset=E9")
     assert r.returncode != 0 and "unknown phi4 preset 'E9'" in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_default_flow_follows_the_data():
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        assert compose("config", ["data=phi4"]).flow.name == "coupling"  # the recommended sampler
+        assert compose("config", []).flow.name == "g_residual"
+        assert compose("config", ["data=phi4", "flow=g_residual"]).flow.name == "g_residual"
+
+
+def test_residual_sampler_trains_and_reports(tmp_path):
+    overrides = ["data=phi4", "flow=g_residual", "wandb.mode=disabled", "data.preset=E1",
+                 "flow.lattice.n_blocks=2", "flow.lattice.hidden_channels=8",
+                 "flow.lattice.kernel_sizes=[3,3]",
+                 "trainer.batch_size=16", "trainer.steps=6", "data.ess_samples=256",
+                 "data.hmc.trajectories=50", "data.hmc.therm=10", "data.hmc.chains=4",
+                 f"run_dir={tmp_path / 'run'}"]
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        result = run(compose("config", overrides))
+    assert result["step"] == 6 and 0 < result["ess"] <= 1
+    assert (tmp_path / "run" / "report.json").exists()
 
 
 def test_resume_continues_exactly_where_it_stopped(tmp_path):

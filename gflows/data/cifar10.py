@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = ["load_cifar10"]
 
 FOLDER = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"
 FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
@@ -48,11 +49,14 @@ def load_cifar10(root: str | Path, split: str = "train", verify: bool = True,
         base = root.parent if root.name == FOLDER else root
         try:
             ds = CIFAR10(str(base), train=split == "train", download=download)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:  # missing or corrupt files; a failed download (no internet)
+            what = (f"the download failed ({type(e).__name__}: {e})" if download
+                    else "the files are missing or corrupt (data.download=false)")
             raise FileNotFoundError(
-                f"CIFAR-10 not found or corrupt under {base} ({e}). Put the official "
-                f"'{FOLDER}' folder there, run with data.download=true on a machine with internet, "
-                f"or read a folder whose md5 check cannot pass with data.verify=false"
+                f"CIFAR-10 is not under data.root={base}: {what}. Put the official archive "
+                f"'{ARCHIVE}' (or its extracted '{FOLDER}' folder with data_batch_1..5 and test_batch) "
+                f"in that folder, or point data.root at a copy; a copy whose md5 check cannot pass "
+                f"(a subset) reads with data.verify=false"
             ) from None
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(ds.targets)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from gflows.flow import Flow
 from gflows.groups import Group
-from gflows.models.image import image_model
+from gflows.models.image import FLOW_KINDS, image_model
 from gflows.nn.lipschitz import update_lipschitz
 from gflows.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gflows.training.common import (
@@ -30,6 +30,7 @@ from gflows.training.common import (
     truncate_metrics,
 )
 from gflows.training.distributed import reseed_for_step, setup, wrap
+from gflows.training.lattice import LATTICE_KINDS
 
 __all__ = ["bits_per_dim", "build_model", "evaluate", "run"]
 
@@ -38,6 +39,10 @@ MODES = ("train", "eval", "sample")
 
 def build_model(cfg) -> Flow:
     """The flow named by ``cfg.flow`` for the group of ``cfg.group`` (or ``cfg.flow.group``)."""
+    if cfg.flow.kind not in FLOW_KINDS and cfg.flow.kind in LATTICE_KINDS:
+        raise ValueError(f"flow={cfg.flow.name} (kind {cfg.flow.kind!r}) is not available for "
+                         f"data={cfg.data.name}: it is a lattice flow (data=phi4); image flows are "
+                         "flow=g_residual, residual, g_coupling, coupling, g_iaf or glow_butterfly")
     group = Group(cfg.flow.group or cfg.group.name)
     hidden_fields = max(1, int(cfg.flow.hidden_channels) // group.order)
     block = dict(cfg.flow.get("block") or {})
