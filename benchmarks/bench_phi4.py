@@ -1,4 +1,5 @@
-"""Lattice phi^4: the gflows symmetric flow against the review's RealNVP, same wall clock, one run.
+"""Lattice phi^4: a gflows flow against the review's RealNVP (or another gflows flow), same wall clock,
+one run.
 
 Both train by reverse KL in one process. They take turns in slices of ``--slice`` seconds until
 each has had ``--minutes`` of wall clock, so that load from elsewhere on a shared machine hits both
@@ -9,10 +10,14 @@ tau_int of |M| along the chain.
   ``--set key=value`` Hydra overrides, and the batch size, learning rate, gradient estimator and
   gradient clipping of ``trainer/phi4.yaml``;
 * baseline: :func:`gflows.models.lattice.realnvp_baseline` (16 couplings, [1, 8, 8, 2], kernel 3,
-  LeakyReLU, final tanh, circular padding), Adam at the review's lr 1e-3, no clipping.
+  LeakyReLU, final tanh, circular padding), Adam at the review's lr 1e-3, no clipping; or, with
+  ``--against FLOW``, a second gflows flow trained like the first.
+
+Densities of residual flows are evaluated with the exact log-det for the report.
 
     python benchmarks/bench_phi4.py --presets review E2 E3 E4 E5 --minutes 8 2 2 2 2
     python benchmarks/bench_phi4.py --flow coupling --set flow.lattice.n_layers=12 trainer.lr=3e-3
+    python benchmarks/bench_phi4.py --flow g_residual --against coupling --minutes 5
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from gflows.models.lattice import realnvp_baseline
 from gflows.physics import Phi4, ess, independence_mh, tau_int
 from gflows.training.common import cosine_decay
 from gflows.training.lattice import build_lattice_model, log_weights, reverse_kl_loss
+from gflows.transforms.residual import logdet_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,11 +69,27 @@ class Trainer:
 
     def report(self, n: int) -> str:
         self.flow.eval()
-        phi, lw = log_weights(self.flow, self.theory, n)
+        with logdet_mode(self.flow, "exact"):
+            phi, lw = log_weights(self.flow, self.theory, n)
         idx, acc = independence_mh(lw)
         tau, _ = tau_int(phi[idx].flatten(1).sum(1).abs())
-        return (f"{self.name:8s} steps {self.steps:6d} ({self.used / 60:.1f} min)  "
+        return (f"{self.name:10s} steps {self.steps:6d} ({self.used / 60:.1f} min, "
+                f"{self.used / max(self.steps, 1):.3f} s/step)  "
                 f"ESS/N (N={n}) {ess(lw):.4f}  MH acceptance {acc:.3f}  tau_int(|M|) {tau:.2f}")
+
+
+def gflows_trainer(flow: str, overrides: list[str], preset: str, theory: Phi4, minutes: float, seed: int,
+                   name: str) -> Trainer:
+    """A gflows lattice flow of ``configs/`` with its trainer settings (cosine over the budget)."""
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", ["data=phi4", f"data.preset={preset}", f"flow={flow}", *overrides])
+    torch.manual_seed(seed)
+    model = build_lattice_model(cfg, theory)
+    print(f"# {name}: flow={flow} {' '.join(overrides)}: {dict(cfg.flow.lattice)}; batch "
+          f"{cfg.trainer.batch_size}, lr {cfg.trainer.lr} cosine over the budget, {cfg.trainer.gradient} "
+          f"gradients, clipping at {cfg.trainer.grad_clip}; seed {seed}")
+    return Trainer(name, model, theory, int(cfg.trainer.batch_size), float(cfg.trainer.lr), 60 * minutes,
+                   True, str(cfg.trainer.gradient), float(cfg.trainer.grad_clip))
 
 
 def main() -> None:
@@ -76,6 +98,7 @@ def main() -> None:
     p.add_argument("--minutes", nargs="+", type=float, default=[5.0], help="per preset (or one for all)")
     p.add_argument("--slice", type=float, default=20.0)
     p.add_argument("--flow", default="g_coupling")
+    p.add_argument("--against", default="realnvp", help="realnvp (the review's) or a gflows flow config")
     p.add_argument("--set", nargs="*", default=[], help="Hydra overrides, e.g. flow.lattice.n_layers=12")
     p.add_argument("--samples", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
@@ -85,21 +108,14 @@ def main() -> None:
     print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, GPU: {gpu}")
     for preset, mins in zip(a.presets, minutes, strict=True):
-        with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose("config", ["data=phi4", f"data.preset={preset}", f"flow={a.flow}", *a.set])
         theory = Phi4.preset(preset)
-        torch.manual_seed(a.seed)
-        ours = build_lattice_model(cfg, theory)
-        print(f"# gflows: flow={a.flow} {' '.join(a.set)}: {dict(cfg.flow.lattice)}; batch "
-              f"{cfg.trainer.batch_size}, lr {cfg.trainer.lr} cosine over the budget, {cfg.trainer.gradient} "
-              f"gradients, clipping at {cfg.trainer.grad_clip}. baseline: review "
-              f"RealNVP, batch 64, lr 1e-3. Turns of {a.slice} s, seed {a.seed}")
-        torch.manual_seed(a.seed)
-        base = realnvp_baseline(theory.L)
-        batch, lr = int(cfg.trainer.batch_size), float(cfg.trainer.lr)
-        runs = [Trainer("gflows", ours, theory, batch, lr, 60 * mins, True, str(cfg.trainer.gradient),
-                        float(cfg.trainer.grad_clip)),
-                Trainer("realnvp", base, theory, 64, 1e-3, 60 * mins, False)]
+        runs = [gflows_trainer(a.flow, a.set, preset, theory, mins, a.seed, a.flow)]
+        if a.against == "realnvp":
+            print(f"# baseline: review RealNVP, batch 64, lr 1e-3. Turns of {a.slice} s, seed {a.seed}")
+            torch.manual_seed(a.seed)
+            runs.append(Trainer("realnvp", realnvp_baseline(theory.L), theory, 64, 1e-3, 60 * mins, False))
+        else:
+            runs.append(gflows_trainer(a.against, a.set, preset, theory, mins, a.seed, a.against))
         while any(r.used < r.budget for r in runs):
             for r in runs:
                 if r.used < r.budget:

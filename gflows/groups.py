@@ -21,13 +21,31 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
-__all__ = ["Group", "GroupElement", "get_group"]
+__all__ = ["Group", "GroupElement", "escnn_float32", "get_group"]
+
+
+@contextmanager
+def escnn_float32() -> Iterator[torch.dtype]:
+    """Build escnn objects with float32 as the default dtype, yielding the caller's default.
+
+    escnn computes its bases in float32 and mixes them with tensors of the default dtype, so under
+    ``torch.set_default_dtype(torch.float64)`` it fails ("Float did not match Double"); layers build
+    their escnn parts inside this and then move to the caller's dtype.
+    """
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield old
+    finally:
+        torch.set_default_dtype(old)
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,13 @@ class Group:
     def grid_elements(self) -> list[GroupElement]:
         """The elements that map the pixel grid onto itself (exact action)."""
         return [g for g in self.elements if g.grid_exact]
+
+    def check_grid(self, height: int, width: int, what: str = "input") -> None:
+        """Refuse a grid the group cannot act on: quarter turns need a square one."""
+        if height != width and any(g.quarter_turns % 2 for g in self.grid_elements):
+            raise ValueError(f"{what}: {self.name} contains quarter turns, which map a grid onto itself "
+                             f"only when it is square; got {height} x {width} (use a group without them, "
+                             f"such as 'flip', 'c2' or 'd2', or a square input)")
 
     def escnn_element(self, g: GroupElement):
         """The escnn group element corresponding to ``g``."""

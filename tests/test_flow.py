@@ -98,7 +98,12 @@ def test_mixed_flow_passes_the_battery(group):
     G = gflows.Group(group)
     x = torch.randn(2, 4, 4, 4)
     assert max_reconstruction_error(t, x) <= 1e-5
-    assert max_equivariance_error(t, G, x) <= 1e-5
+    # float32 round-off relative to the outputs (which reach ~50 here); float64 to its own
+    with torch.no_grad():
+        scale = float(t(x)[0].abs().max())
+    assert max_equivariance_error(t, G, x) <= 1e-6 * scale
+    assert max_equivariance_error(t.double(), G, x.double()) <= 1e-13 * scale
+    t.float()
     flow = Flow(t)
     with gflows.logdet_mode(t, "exact"):
         assert torch.allclose(t(x)[1], autograd_logdet(t, x), atol=1e-4)

@@ -61,3 +61,33 @@ def test_rotation_needs_square_input():
     G = Group("c4")
     with pytest.raises(ValueError, match="square"):
         G.act(G.elements[1], torch.zeros(1, 4, 6))
+
+
+@pytest.mark.parametrize("group", ["c4", "d4", "c8"])
+def test_layers_refuse_grids_that_quarter_turns_cannot_carry(group):
+    import gflows
+    from gflows.transforms.residual import GFCResidualBlock
+
+    makers = [lambda: gflows.GCoupling(group, (4, 6, 8), hidden_fields=1),
+              lambda: gflows.GIAF(group, (4, 6, 8), hidden_fields=1),
+              lambda: gflows.GResidualBlock(group, (4, 6, 8), hidden_fields=1),
+              lambda: GFCResidualBlock(group, (4, 6, 8), hidden=4),
+              lambda: gflows.GInvConv1x1(group, (4, 6, 8))]
+    for make in makers:
+        with pytest.raises(ValueError, match="quarter turns.* square; got 6 x 8"):
+            make()
+
+
+@pytest.mark.parametrize("group", ["trivial", "flip", "c2", "d2"])
+def test_groups_without_quarter_turns_take_rectangles(group):
+    import gflows
+
+    t = gflows.GCoupling(group, (4, 6, 8), hidden_fields=1)
+    assert t(torch.randn(2, 4, 6, 8))[0].shape == (2, 4, 6, 8)
+
+
+def test_periodic_checkerboard_refuses_odd_lattices():
+    import gflows
+
+    with pytest.raises(ValueError, match="periodic 5 x 5 lattice needs even sizes"):
+        gflows.GCoupling("d4", (1, 5, 5), mask="checkerboard", padding_mode="circular", hidden_fields=1)

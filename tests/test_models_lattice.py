@@ -75,7 +75,7 @@ def test_realnvp_baseline_is_the_reviews_architecture():
     flow = realnvp_baseline(8)
     couplings = list(flow.transform.transforms)
     assert len(couplings) == 16
-    convs = [m for m in couplings[0].conditioner.net.layers if hasattr(m, "r2conv")]
+    convs = [m for m in couplings[0].conditioner.net.layers if hasattr(m, "basis_weights")]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding_mode) for c in convs] == [
         (1, 8, 3, "circular"), (8, 8, 3, "circular"), (8, 2, 3, "circular")]
     assert isinstance(couplings[0].conditioner.net.layers[1], torch.nn.LeakyReLU)

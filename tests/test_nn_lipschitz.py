@@ -54,7 +54,7 @@ def test_estimate_refreshes_when_weights_change_without_update_call():
     conv.eval()
     conv(torch.randn(1, 1, 4, 4))
     with torch.no_grad():
-        conv.r2conv.weights.mul_(10)
+        conv.basis_weights.mul_(10)
     w, _ = conv.normalised()
     assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
 

@@ -320,7 +320,7 @@ def test_inverse_gradients_match_finite_differences():
     convs = [m for m in b.modules() if isinstance(m, LipschitzGConv2d)]
     with torch.no_grad():
         for m in convs:  # the filter is linear in its basis weights
-            m.r2conv.weights.mul_(0.5 * m.coeff / float(m.sigma))
+            m.basis_weights.mul_(0.5 * m.coeff / float(m.sigma))
     update_lipschitz(b, certify=True)
     assert convs and all(float(m.sigma) < m.coeff for m in convs)
     z = torch.randn(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)

@@ -92,7 +92,7 @@ def image_flow(
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     last = first + n_scales - 1
-    fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode")}
+    fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode", "basis")}
     # couplings split their fields in two: they need two at every scale
     min_fields = 1 if kind in ("residual", "iaf") else 2
 

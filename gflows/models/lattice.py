@@ -55,6 +55,7 @@ def lattice_flow(
     spline_bins: int = 8,
     spline_bound: float = 3.0,
     momentum_scale: bool = False,
+    basis: str = "auto",
 ) -> Flow:
     """``n_layers`` checkerboard couplings on ``[1, L, L]`` with ``group``-equivariant conditioners.
 
@@ -76,6 +77,7 @@ def lattice_flow(
         momentum_scale: a :class:`~gflows.transforms.fourier.MomentumScale` (one learned scale per
             D4 orbit of momenta, invariant under the whole symmetry group of the action) on the
             noise side: the base becomes a learned translation-invariant Gaussian.
+        basis: parametrisation of the conditioners' filters (see :class:`~gflows.nn.equivariant.GConv2d`).
     """
     if not 0 <= spline_layers <= n_layers:
         raise ValueError(f"spline_layers must lie in [0, n_layers={n_layers}], got {spline_layers}")
@@ -86,7 +88,7 @@ def lattice_flow(
                   hidden_fields=hidden_fields, kernel_sizes=kernel_sizes, padding_mode="circular",
                   scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
                   zero_init=zero_init, spline_bins=spline_bins if i >= n_layers - spline_layers else 0,
-                  spline_bound=spline_bound)
+                  spline_bound=spline_bound, basis=basis)
         for i in range(n_layers)
     ]
     if site_spline_bins:

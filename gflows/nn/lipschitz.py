@@ -175,7 +175,9 @@ class LipschitzGConv2d(_SpectralNormalised, GConv2d):
     """A :class:`~gflows.nn.equivariant.GConv2d` whose operator norm is at most ``coeff``.
 
     Args:
-        group, in_fields, out_fields, kernel_size, padding_mode, bias: as for ``GConv2d``.
+        group, in_fields, out_fields, kernel_size, padding_mode, bias, basis: as for ``GConv2d``
+            (``basis='auto'``: one weight per orbit of filter entries where the group maps the grid
+            onto itself, escnn's basis otherwise).
         input_hw: spatial size ``(H, W)`` of the inputs the operator norm is taken on.
         coeff: bound on the operator norm, ``c < 1`` for residual flows.
         tol: relative eigen-residual of ``W^T W`` at which power iteration stops.
@@ -199,8 +201,9 @@ class LipschitzGConv2d(_SpectralNormalised, GConv2d):
         max_iters: int = 2000,
         init_iters: int = 5000,
         train_iters: int | None = None,
+        basis: str = "auto",
     ):
-        GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias)
+        GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias, basis)
         h, w = (int(s) for s in input_hw)
         self._init_norm(coeff, tol, max_iters, init_iters, (self.in_channels, h, w),
                         (self.out_channels, h, w), train_iters)

@@ -167,6 +167,7 @@ def build_lattice_model(cfg, theory: Phi4) -> Flow:
             coeff=float(lat.coeff), site_spline_bins=int(lat.site_spline_bins),
             site_spline_bound=float(lat.site_spline_bound), momentum_scale=bool(lat.momentum_scale),
             n_exact_terms=int(lat.n_exact_terms), lipschitz_kwargs=dict(lat.lipschitz_kwargs),
+            basis=str(lat.basis),
         )
     return lattice_flow(
         theory.L, int(lat.n_layers), max(1, int(lat.hidden_channels) // group.order), group,
@@ -181,6 +182,7 @@ def build_lattice_model(cfg, theory: Phi4) -> Flow:
         spline_bins=int(lat.get("spline_bins") or 8),
         spline_bound=float(lat.get("spline_bound", 3.0)),
         momentum_scale=bool(lat.get("momentum_scale", False)),
+        basis=str(lat.get("basis", "auto")),
     )
 
 

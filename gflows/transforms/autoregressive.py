@@ -57,6 +57,9 @@ class GIAF(Transform):
         super().__init__()
         self.group = get_group(group)
         self.event_shape = tuple(int(s) for s in event_shape)
+        if len(self.event_shape) != 3:
+            raise ValueError(f"event_shape must be (C, H, W), got {self.event_shape}")
+        self.group.check_grid(*self.event_shape[1:], "GIAF")
         c = self.event_shape[0]
         if not 2 <= n_blocks <= c:
             raise ValueError(f"n_blocks must lie in [2, {c}] for {c} channels, got {n_blocks}")

@@ -5,9 +5,11 @@ Inverse:  ``x_b = (y_b - t(y_a)) * exp(-s(y_a))``.
 Log-det:  ``sum s(x_a)`` over the ``b`` entries.
 
 Spline (``spline_bins = K > 0``): ``y_b = f_{theta(x_a)}(x_b)`` entry-wise, with ``f`` a monotonic
-rational-quadratic spline of ``K`` bins on ``[-B, B]`` (identity outside; Durkan et al. 2019, via
-zuko), its ``3K - 1`` parameters per entry from the conditioner; inverse ``x_b = f^{-1}(y_b)``
-(closed form), log-det ``sum log f'(x_b)``. Zero conditioner output gives the identity.
+rational-quadratic spline of ``K`` bins on ``[-B, B]`` (identity outside; Durkan et al. 2019,
+:class:`~gflows.transforms.spline.RQSpline`, whose slopes are bounded so that it inverts to round-off
+for any parameters), its ``3K - 1`` parameters per entry from the conditioner; inverse
+``x_b = f^{-1}(y_b)`` (closed form), log-det ``sum log f'(x_b)``. Zero conditioner output gives the
+identity.
 
 The split is a union of fibres that the group maps onto themselves, and ``s, t`` are
 G-equivariant (escnn steerable convolutions between scalar fields), so the layer commutes with the
@@ -50,6 +52,7 @@ from gflows.flow import Transform
 from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.equivariant import GConvNet, LipSwish
 from gflows.transforms.reshape import squeezed_net
+from gflows.transforms.spline import RQSpline
 
 __all__ = ["Conditioner", "GCoupling", "checkerboard", "conditioner_net", "parity_preserving"]
 
@@ -77,7 +80,7 @@ ACTIVATIONS = {
 def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
                     kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
                     activation: str = "lipswish", zero_init: bool = True,
-                    squeeze_levels: int = 0, basis: str = "escnn") -> GConvNet:
+                    squeeze_levels: int = 0, basis: str = "auto") -> GConvNet:
     """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
     ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
     with ``zero_init``, a last convolution starting at zero; ``basis`` of the
@@ -102,6 +105,9 @@ class Conditioner(nn.Module):
         affine: also produce a log-scale ``s`` (else ``s = 0``).
         sign_symmetric: even ``s``, odd ``t`` by symmetrising over ``{x, -x}``.
         scale_bound: soft bound ``B`` on ``|s|``.
+        shift_bound: soft bound ``T`` on ``|t|`` (``T tanh(t / T)``): the inverse subtracts ``t`` from
+            ``y``, which loses the bits of ``x`` when ``|t| >> |x|``, so a bound keeps the inverse exact
+            to round-off for any parameters; the default 100 is far above the shifts data need.
         activation: ``'lipswish'``, ``'leaky_relu'`` or ``'tanh'`` between convolutions (pointwise,
             hence equivariant on scalar and regular fields).
         final_tanh: ``s = tanh(s_raw)``, ``t = tanh(t_raw)`` (the lattice review's RealNVP) instead of
@@ -128,10 +134,12 @@ class Conditioner(nn.Module):
         final_tanh: bool = False,
         zero_init: bool = True,
         squeeze_levels: int = 0,
-        basis: str = "escnn",
+        basis: str = "auto",
+        shift_bound: float = 100.0,
     ):
         super().__init__()
         self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
+        self.shift_bound = float(shift_bound)
         self.final_tanh = final_tanh
         self.n_out = n_out
         self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
@@ -150,7 +158,8 @@ class Conditioner(nn.Module):
             t = (t - minus[:, -self.n_out :]) / 2
         if self.final_tanh:
             return torch.tanh(s_raw), torch.tanh(t)
-        return self.scale_bound * torch.tanh(s_raw / self.scale_bound), t
+        return (self.scale_bound * torch.tanh(s_raw / self.scale_bound),
+                self.shift_bound * torch.tanh(t / self.shift_bound))
 
 
 class GCoupling(Transform):
@@ -190,7 +199,7 @@ class GCoupling(Transform):
         zero_init: bool = True,
         spline_bins: int = 0,
         spline_bound: float = 3.0,
-        basis: str = "escnn",
+        basis: str = "auto",
     ):
         super().__init__()
         self.group = get_group(group)
@@ -200,7 +209,10 @@ class GCoupling(Transform):
         if self.spline_bins and (sign_symmetric or final_tanh or not affine):
             raise ValueError("spline couplings take neither sign_symmetric, final_tanh nor affine=False")
         self.event_shape = tuple(int(s) for s in event_shape)
+        if len(self.event_shape) != 3:
+            raise ValueError(f"event_shape must be (C, H, W), got {self.event_shape}")
         c, h, w = self.event_shape
+        self.group.check_grid(h, w, "GCoupling")
         self.mask_kind, self.flip, self.levels = mask, bool(flip), int(squeeze_levels)
         fibre = 4**self.levels
         if mask == "channel":
@@ -218,6 +230,9 @@ class GCoupling(Transform):
         elif mask == "checkerboard":
             if self.levels:
                 raise ValueError("checkerboard masks act on unsqueezed grids: use squeeze_levels=0")
+            if padding_mode == "circular" and (h % 2 or w % 2):
+                raise ValueError(f"a checkerboard on a periodic {h} x {w} lattice needs even sizes: with an "
+                                 "odd one, translations wrap sites onto the other parity")
             self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
             n_in, n_out = c, c
         else:
@@ -251,28 +266,26 @@ class GCoupling(Transform):
 
     def _spline(self, xa: Tensor):
         """The spline of every ``b`` entry, conditioned on ``xa``."""
-        from zuko.transforms import MonotonicRQSTransform
-
         if self.mask_kind == "checkerboard":
             xa = xa * (1 - self.mask_b)
         raw = self.conditioner(xa)  # [B, n_out * P * fibre, H, W]: channel (c * P + k) * fibre + sub
         K, (n, _, h, w) = self.spline_bins, raw.shape
         p = raw.view(n, self.n_out, 3 * K - 1, self.fibre, h, w).permute(0, 1, 3, 4, 5, 2)
         p = p.reshape(n, self.n_out * self.fibre, h, w, 3 * K - 1)
-        return MonotonicRQSTransform(p[..., :K], p[..., K : 2 * K], p[..., 2 * K :], bound=self.spline_bound)
+        return RQSpline(p[..., :K], p[..., K : 2 * K], p[..., 2 * K :], bound=self.spline_bound)
 
     def _spline_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         if self.mask_kind == "checkerboard":
             f = self._spline(x)  # the conditioning sites are unchanged by the map
             b = self.mask_b.bool()
-            xb = torch.where(b, f.inv(x), x) if inverse else x
-            y, ladj = f.call_and_ladj(xb)
+            xb = torch.where(b, f.inverse(x), x) if inverse else x
+            y, ladj = f(xb)
             ladj = (ladj * self.mask_b).flatten(1).sum(1)
             return (xb, -ladj) if inverse else (torch.where(b, y, x), ladj)
         a, b = self._split(x)
         f = self._spline(a)
-        xb = f.inv(b) if inverse else b
-        y, ladj = f.call_and_ladj(xb)
+        xb = f.inverse(b) if inverse else b
+        y, ladj = f(xb)
         ladj = ladj.flatten(1).sum(1)
         return (self._join(a, xb), -ladj) if inverse else (self._join(a, y), ladj)
 

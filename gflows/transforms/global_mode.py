@@ -1,8 +1,8 @@
 r"""Learned odd monotonic splines for lattice fields: of a field's zero mode, or of every site.
 
-Both use one monotonic rational-quadratic spline :math:`f` (Durkan et al. 2019, via zuko) on
-``[-bound, bound]`` (identity outside) whose bins, heights and knot slopes are mirrored about 0, so
-:math:`f` is odd; zero parameters give the identity.
+Both use one monotonic rational-quadratic spline :math:`f` (Durkan et al. 2019;
+:class:`~gflows.transforms.spline.RQSpline`) on ``[-bound, bound]`` (identity outside) whose bins,
+heights and knot slopes are mirrored about 0, so :math:`f` is odd; zero parameters give the identity.
 
 :class:`OddZeroModeSpline` maps the mean :math:`m = \frac1V \sum_x x_x` of the event.
 
@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from gflows.flow import Transform
+from gflows.transforms.spline import RQSpline
 
 __all__ = ["OddSiteSpline", "OddZeroModeSpline"]
 
@@ -53,11 +54,9 @@ class _OddSpline(Transform):
         self.heights = nn.Parameter(torch.zeros(bins))
         self.slopes = nn.Parameter(torch.zeros(bins))  # the knot at 0 and the bins - 1 on each side
 
-    def spline(self):
-        from zuko.transforms import MonotonicRQSTransform
-
+    def spline(self) -> RQSpline:
         w, h, d = self.widths, self.heights, self.slopes
-        return MonotonicRQSTransform(
+        return RQSpline(
             torch.cat([w.flip(0), w]), torch.cat([h.flip(0), h]),
             torch.cat([d[1:].flip(0), d[:1], d[1:]]), bound=self.bound,
         )
@@ -81,15 +80,15 @@ class OddZeroModeSpline(_OddSpline):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
         m = x.flatten(1).mean(1)
-        fm, ladj = self.spline().call_and_ladj(m)
+        fm, ladj = self.spline()(m)
         return self._shift(x, fm - m), ladj
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
         spline = self.spline()
         mz = z.flatten(1).mean(1)
-        m = spline.inv(mz)
-        _, ladj = spline.call_and_ladj(m)
+        m = spline.inverse(mz)
+        _, ladj = spline(m)
         return self._shift(z, m - mz), -ladj
 
 
@@ -107,12 +106,12 @@ class OddSiteSpline(_OddSpline):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
-        y, ladj = self.spline().call_and_ladj(x)
+        y, ladj = self.spline()(x)
         return y, ladj.flatten(1).sum(1)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
         spline = self.spline()
-        x = spline.inv(z)
-        _, ladj = spline.call_and_ladj(x)
+        x = spline.inverse(z)
+        _, ladj = spline(x)
         return x, -ladj.flatten(1).sum(1)

@@ -63,6 +63,7 @@ class GInvConv1x1(Transform):
         if len(event_shape) != 3:
             raise ValueError(f"event_shape must be (C, H, W), got {tuple(event_shape)}")
         self.event_shape = tuple(int(s) for s in event_shape)
+        self.group.check_grid(*self.event_shape[1:], "GInvConv1x1")
         c, self.fibre = self.event_shape[0], 4**squeeze_levels
         if c % self.fibre:
             raise ValueError(f"{c} channels are not whole fields of {self.fibre} squeezed sub-pixels")

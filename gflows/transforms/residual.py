@@ -349,6 +349,9 @@ class GResidualBlock(ResidualTransform):
         padding_mode: ``'zeros'`` for images, ``'circular'`` for periodic lattices.
         lipschitz_kwargs: power-iteration options (``tol``, ``max_iters``, ``init_iters``) of
             :class:`~gflows.nn.lipschitz.LipschitzGConv2d`.
+        basis: parametrisation of the filters, ``'auto'`` (one weight per orbit of filter entries for
+            subgroups of D4, escnn's basis otherwise), ``'orbit'`` or ``'escnn'`` (checkpoints written
+            before ``'auto'`` became the default; see :class:`~gflows.nn.equivariant.GConv2d`).
         sign_symmetric: make ``g`` odd, ``g(-x) = -g(x)`` (convolutions without biases, ``tanh``
             between them, 1-Lipschitz and odd), so that ``f`` commutes with ``x -> -x`` too (lattice
             fields with a :math:`Z_2` symmetry) and ``log|det J_f|`` is even.
@@ -371,6 +374,7 @@ class GResidualBlock(ResidualTransform):
         lipschitz_kwargs: dict | None = None,
         squeeze_levels: int = 0,
         sign_symmetric: bool = False,
+        basis: str = "auto",
         **kwargs,
     ):
         if len(event_shape) != 3:
@@ -381,10 +385,12 @@ class GResidualBlock(ResidualTransform):
         if not 0 < coeff < 1:
             raise ValueError(f"coeff must lie in (0, 1) for an invertible block, got {coeff}")
         c, h, w = (int(s) for s in event_shape)
+        get_group(group).check_grid(h, w, "GResidualBlock")
 
         def make(levels: int) -> GConvNet:
             k = 2 ** (squeeze_levels - levels)  # 1 on the coarse grid, 2^L on the un-squeezed one
-            conv_kwargs = {"input_hw": (h * k, w * k), "coeff": coeff, **(lipschitz_kwargs or {})}
+            conv_kwargs = {"input_hw": (h * k, w * k), "coeff": coeff, "basis": basis,
+                           **(lipschitz_kwargs or {})}
             return GConvNet(group, c // (k * k), c // (k * k), hidden_fields, kernel_sizes, padding_mode,
                             conv=LipschitzGConv2d, conv_kwargs=conv_kwargs, squeeze_levels=levels,
                             bias=not sign_symmetric, activation=_odd if sign_symmetric else LipSwish)
@@ -438,6 +444,7 @@ class GFCResidualBlock(ResidualTransform):
             raise ValueError(f"need hidden >= 1 and n_hidden >= 0, got {hidden}, {n_hidden}")
         r = 2**squeeze_levels
         c, h, w = int(event_shape[0]), int(event_shape[1]), int(event_shape[2])
+        get_group(group).check_grid(h, w, "GFCResidualBlock")
         if c % (r * r):
             raise ValueError(f"{c} channels are not whole fields of {r * r} sub-pixels")
         fine = (c // (r * r), h * r, w * r)
