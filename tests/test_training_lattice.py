@@ -223,3 +223,27 @@ def test_time_budget_stops_with_a_checkpoint_and_resume_finishes(tmp_path, capsy
     assert "trainer.max_minutes=0 reached at step 0" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 0
     assert run(config(tmp_path, *common))["step"] == 5  # resumes, with no budget now
+
+
+def test_a_corrupted_latest_checkpoint_costs_one_interval(tmp_path, capsys):
+    common = ["data.preset=E1", "trainer.schedule=constant", "trainer.ckpt_every=10",
+              "trainer.eval_at_end=false"]
+    run(config(tmp_path, *common, "trainer.steps=20"))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 3])  # truncated on disk
+    capsys.readouterr()
+    assert run(config(tmp_path, *common, "trainer.steps=30"))["step"] == 30
+    out = capsys.readouterr().out
+    assert f"rejected {ckpt}" in out and "continuing from step 10" in out
+
+
+def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
+    common = ["data.preset=E1", "trainer.steps=2", "trainer.eval_at_end=false"]
+    run(config(tmp_path, *common))
+    env = {**os.environ, "WANDB_MODE": "disabled", "CI": "true"}
+    args = [sys.executable, str(ROOT / "train.py"), *SMALL, "flow.lattice.hidden_channels=16",
+            f"run_dir={tmp_path / 'run'}", *common]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "holds a checkpoint of another model" in r.stderr and "with other shapes" in r.stderr

@@ -18,7 +18,14 @@ from gflows.flow import Flow
 from gflows.groups import Group
 from gflows.models.image import FLOW_KINDS, image_model
 from gflows.nn.lipschitz import update_lipschitz
-from gflows.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gflows.training.checkpoint import (
+    exists,
+    load_latest,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from gflows.training.common import (
     device_of,
     disabled,
@@ -152,10 +159,10 @@ def run(cfg) -> dict[str, Any]:
     dims = math.prod(cfg.data.shape)
 
     if cfg.mode in ("eval", "sample"):
-        if not ckpt_path.exists():
+        if not exists(ckpt_path):
             raise FileNotFoundError(f"no checkpoint at {ckpt_path}: train first (mode=train)")
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        state, used = load_latest(ckpt_path)
+        load_model_state(model, state["model"], used)
         model = _with_ema(model, state["ema"]).to(device)
         if cfg.mode == "sample":
             return {"samples": _save_samples(model, cfg.sample.n, cfg.sample.temperature, cfg.sample.path)}
@@ -181,15 +188,15 @@ def run(cfg) -> dict[str, Any]:
 
     def load() -> dict[str, Any]:
         """Weights, optimiser and EMA from the checkpoint; the logged curve is cut back to its step."""
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        state, used = load_latest(ckpt_path)
+        load_model_state(model, state["model"], used)
         opt.load_state_dict(state["optimizer"])
         ema.update({k: v.to(device) for k, v in state["ema"].items()})
         if dd.main:
             truncate_metrics(metrics, state["step"])
         return state
 
-    if cfg.resume and ckpt_path.exists():
+    if cfg.resume and exists(ckpt_path):
         state = load()
         step, restores, lr_scale = state["step"], state["restores"], state["lr_scale"]
         set_rng_state(state["rng"])
@@ -222,7 +229,7 @@ def run(cfg) -> dict[str, Any]:
             bad += 1
             wb.log({"skipped_step": step}, step=step)
             opt.zero_grad(set_to_none=True)
-            if skip_or_restore(cfg, step, bad, restores, ckpt_path.exists()):
+            if skip_or_restore(cfg, step, bad, restores, exists(ckpt_path)):
                 step = load()["step"]
                 restores, lr_scale, bad = restores + 1, lr_scale * 0.5, 0
                 print(f"restored step {step} from {ckpt_path}; learning rate scaled by {lr_scale}")

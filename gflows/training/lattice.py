@@ -25,7 +25,14 @@ from gflows.models.lattice import LatticeSymmetrised, lattice_flow, realnvp_base
 from gflows.physics.mcmc import ess, hmc, independence_mh, tau_int
 from gflows.physics.observables import measure
 from gflows.physics.phi4 import Phi4
-from gflows.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from gflows.training.checkpoint import (
+    exists,
+    load_latest,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from gflows.training.common import (
     device_of,
     learning_rate,
@@ -330,11 +337,13 @@ def _finish(cfg, model: Flow, theory: Phi4, run_dir: Path, wb) -> dict[str, Any]
     return report
 
 
-def _load(path: Path, theory: Phi4) -> dict[str, Any]:
-    state = load_checkpoint(path)
+def _load(path: Path, theory: Phi4, model: Flow) -> dict[str, Any]:
+    """The newest readable checkpoint, of this theory, loaded into ``model``."""
+    state, used = load_latest(path)
     if tuple(state["theory"]) != astuple(theory):
-        raise ValueError(f"the checkpoint at {path} was trained for (L, m2, lam) = {tuple(state['theory'])}, "
+        raise ValueError(f"the checkpoint at {used} was trained for (L, m2, lam) = {tuple(state['theory'])}, "
                          f"not {astuple(theory)}: set another run_dir")
+    load_model_state(model, state["model"], used)
     return state
 
 
@@ -359,17 +368,16 @@ def run(cfg) -> dict[str, Any]:
           f"{', '.join(f'{v:.5f}' for v in theory.hopping_parameters)}); {cfg.flow.name}, "
           f"{sum(p.numel() for p in model.parameters())} parameters, {cfg.data.dtype}")
     if cfg.mode == "eval":
-        if not ckpt_path.exists():
+        if not exists(ckpt_path):
             raise FileNotFoundError(f"no checkpoint at {ckpt_path}: train first (mode=train)")
-        model.load_state_dict(_load(ckpt_path, theory)["model"])
+        _load(ckpt_path, theory, model)
         return _finish(cfg, model, theory, run_dir, None)
 
     opt = torch.optim.Adam(model.parameters(), lr=cfg.trainer.lr)
     step, restores, lr_scale = 0, 0, 1.0
 
     def load() -> dict[str, Any]:
-        state = _load(ckpt_path, theory)
-        model.load_state_dict(state["model"])
+        state = _load(ckpt_path, theory, model)
         opt.load_state_dict(state["optimizer"])
         truncate_metrics(metrics, state["step"])
         return state
@@ -379,7 +387,7 @@ def run(cfg) -> dict[str, Any]:
                          "restores": restores, "lr_scale": lr_scale, "rng": rng_state(),
                          "theory": list(astuple(theory))}, ckpt_path)
 
-    if cfg.resume and ckpt_path.exists():
+    if cfg.resume and exists(ckpt_path):
         state = load()
         step, restores, lr_scale = state["step"], state["restores"], state["lr_scale"]
         set_rng_state(state["rng"])
@@ -405,7 +413,7 @@ def run(cfg) -> dict[str, Any]:
             bad += 1
             wb.log({"skipped_step": step}, step=step)
             opt.zero_grad(set_to_none=True)
-            if skip_or_restore(cfg, step, bad, restores, ckpt_path.exists()):
+            if skip_or_restore(cfg, step, bad, restores, exists(ckpt_path)):
                 step = load()["step"]
                 restores, lr_scale, bad = restores + 1, lr_scale * 0.5, 0
                 print(f"restored step {step} from {ckpt_path}; learning rate scaled by {lr_scale}")
