@@ -1,5 +1,6 @@
 """gflows: G-equivariant normalizing flows with exact likelihoods."""
 
+from gflows.export import export
 from gflows.flow import Compiled, Compose, Flow, Inverse, StandardNormal, Transform
 from gflows.groups import Group, GroupElement, get_group
 from gflows.models import g_residual_flow
@@ -41,6 +42,7 @@ __all__ = [
     "Squeeze",
     "StandardNormal",
     "Transform",
+    "export",
     "g_residual_flow",
     "get_group",
     "logdet_mode",
