@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test train lint bench clean
+.PHONY: setup test train sampler lint bench clean
 
 $(STAMP): pyproject.toml
 	@bash .ci/setup.sh
@@ -21,6 +21,10 @@ lint: $(STAMP)
 # The main job; pass overrides with ARGS="preset=tiny data.verify=false ...".
 train: $(STAMP)
 	$(BIN)/python train.py flow=g_residual data=cifar10 $(ARGS)
+
+# Offline first run: trains the lattice sampler (no data to download) and writes its report and plots.
+sampler: $(STAMP)
+	$(BIN)/python train.py data=phi4 data.preset=E1 trainer.steps=800 $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_residual_block.py
