@@ -9,6 +9,7 @@ All models run interleaved in one process, round by round, on the same inputs; t
 median seconds per step and the ratios.
 
     python benchmarks/bench_residual_block.py [--batch 16] [--size 32] [--hidden 64] [--rounds 15]
+        [--basis auto|escnn]   # the gflows filters: one weight per orbit (the default) or escnn's basis
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torch
 from gflows.transforms.residual import GResidualBlock
 
 
-def gflows_block(group: str, shape, hidden: int, memory_saving: bool, train_iters: int | None = None):
+def gflows_block(group: str, shape, hidden: int, memory_saving: bool, train_iters: int | None = None,
+                 basis: str = "auto"):
     order = {"trivial": 1, "c4": 4, "d4": 8}[group]
     lip = {"train_iters": train_iters} if train_iters else None
     return GResidualBlock(group, shape, hidden_fields=hidden // order, memory_saving=memory_saving,
-                          lipschitz_kwargs=lip)
+                          lipschitz_kwargs=lip, basis=basis)
 
 
 def normflows_block(shape, hidden: int):
@@ -61,16 +63,19 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--basis", default="auto", choices=["auto", "escnn"])
     a = p.parse_args()
     torch.manual_seed(0)
     shape = (3, a.size, a.size)
     models = {
-        "gflows d4": (gflows_block("d4", shape, a.hidden, False), "gflows"),
-        "gflows trivial": (gflows_block("trivial", shape, a.hidden, False), "gflows"),
-        "gflows d4 (memory saving)": (gflows_block("d4", shape, a.hidden, True), "gflows"),
-        "gflows trivial (memory saving)": (gflows_block("trivial", shape, a.hidden, True), "gflows"),
-        "gflows d4 (5 power its/step)": (gflows_block("d4", shape, a.hidden, True, 5), "gflows"),
-        "gflows trivial (5 power its/step)": (gflows_block("trivial", shape, a.hidden, True, 5), "gflows"),
+        "gflows d4": (gflows_block("d4", shape, a.hidden, False, basis=a.basis), "gflows"),
+        "gflows trivial": (gflows_block("trivial", shape, a.hidden, False, basis=a.basis), "gflows"),
+        "gflows d4 (memory saving)": (gflows_block("d4", shape, a.hidden, True, basis=a.basis), "gflows"),
+        "gflows trivial (memory saving)": (gflows_block("trivial", shape, a.hidden, True, basis=a.basis),
+                                           "gflows"),
+        "gflows d4 (5 power its/step)": (gflows_block("d4", shape, a.hidden, True, 5, a.basis), "gflows"),
+        "gflows trivial (5 power its/step)": (gflows_block("trivial", shape, a.hidden, True, 5, a.basis),
+                                              "gflows"),
         "normflows Residual+LipschitzCNN": (normflows_block(shape, a.hidden), "normflows"),
     }
     steps = {k: step_fn(m, kind) for k, (m, kind) in models.items()}
@@ -87,7 +92,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, GPU: no")
-    print(f"# batch {a.batch}, image {shape}, hidden channels {a.hidden}, rounds {a.rounds}")
+    print(f"# batch {a.batch}, image {shape}, hidden channels {a.hidden}, rounds {a.rounds}, basis {a.basis}")
     for k, v in med.items():
         params = sum(p.numel() for p in models[k][0].parameters())
         print(f"{k:34s} {v * 1e3:9.1f} ms/step   params {params}")
