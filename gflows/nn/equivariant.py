@@ -207,8 +207,7 @@ class GConv2d(nn.Module):
         self.to(dtype)
 
     def _build(self, bias: bool, basis: str) -> None:
-        self.in_type, self.out_type = (field_type(self.group, *f) for f in self._fields)
-        self.r2conv = self._build_r2conv(bias)
+        self.r2conv = self._build_escnn(bias)
         # The filter is a linear function of the basis weights. For small layers (lattices) escnn's
         # block-wise expansion costs more than the convolution itself, so keep the expansion as one
         # dense matrix (not saved: the state_dict stays escnn's) and apply it with one product.
@@ -219,9 +218,13 @@ class GConv2d(nn.Module):
         if basis == "orbit":
             self._to_orbit_basis()
 
-    def _build_r2conv(self, bias: bool):
+    def _build_escnn(self, bias: bool | None):
+        """escnn's field types and (unless ``bias`` is ``None``) its R2Conv for this layer."""
         from escnn import nn as enn
 
+        self.in_type, self.out_type = (field_type(self.group, *f) for f in self._fields)
+        if bias is None:
+            return None
         r2conv = enn.R2Conv(
             self.in_type, self.out_type, self.kernel_size, padding=0, bias=bias, frequencies_cutoff=_full_band
         )
@@ -253,8 +256,7 @@ class GConv2d(nn.Module):
         r2conv_state, bias = state.pop("_r2conv_state", None), state.pop("_r2conv_bias", None)
         super().__setstate__(state)
         with escnn_float32():
-            self.in_type, self.out_type = (field_type(self.group, *f) for f in self._fields)
-            r2conv = None if r2conv_state is None else self._build_r2conv(bias)
+            r2conv = self._build_escnn(bias)
         if r2conv is not None:
             weights = r2conv_state["weights"]
             r2conv.to(device=weights.device, dtype=weights.dtype)

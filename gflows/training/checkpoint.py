@@ -1,6 +1,6 @@
 """Atomic checkpoints that load with ``torch.load(weights_only=True)``, with the previous one kept.
 
-Writing ``checkpoint.pt`` first moves the existing file to ``checkpoint.prev.pt``, so a checkpoint
+Writing ``checkpoint.pt`` first keeps the existing file as ``checkpoint.prev.pt``, so a checkpoint
 damaged on disk (truncated, empty, foreign content, or one that would need arbitrary unpickling)
 costs at most one interval: :func:`load_latest` says which file it rejected and why, and falls back.
 """

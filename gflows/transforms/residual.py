@@ -210,17 +210,23 @@ class ResidualTransform(Transform):
         atol, rtol = self.tolerances(new.dtype)
         return bool(((new - old).abs() <= atol + rtol * new.abs()).all())
 
+    def _iterate(self, step, start: Tensor) -> tuple[Tensor, int | None]:
+        """``x <- step(x)`` from ``start`` until :meth:`_converged`; the last iterate and the number of
+        iterations, ``None`` where ``max_iters`` ran out (the forward solve and its adjoint)."""
+        x = start
+        for it in range(1, self.max_iters + 1):
+            new = step(x)
+            done = self._converged(new, x)
+            x = new
+            if done:
+                return x, it
+        return x, None
+
     def _solve(self, z: Tensor) -> Tensor:
         """The fixed point of ``x <- z - g(x)``, without gradients."""
         with torch.no_grad():
-            x = z.clone()
-            for it in range(1, self.max_iters + 1):
-                x_new = z - self.g(x)
-                done = self._converged(x_new, x)
-                x = x_new
-                if done:
-                    break
-            else:
+            x, it = self._iterate(lambda x: z - self.g(x), z)
+            if it is None:
                 residual = float((x + self.g(x) - z).abs().max())
                 raise ConvergenceError(
                     f"fixed-point inverse did not converge in {self.max_iters} iterations: "
@@ -269,17 +275,13 @@ class _ImplicitInverse(torch.autograd.Function):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             gx = block.g(xg)
-            u = v
-            for _ in range(block.max_iters):
-                (jtu,) = torch.autograd.grad(gx, xg, u, retain_graph=True)
-                u_new = v - jtu
-                done = block._converged(u_new, u)
-                u = u_new
-                if done:
-                    break
-            else:
-                (jtu,) = torch.autograd.grad(gx, xg, u, retain_graph=True)
-                residual = float((u + jtu - v).abs().max())
+
+            def vjp(u: Tensor) -> Tensor:
+                return torch.autograd.grad(gx, xg, u, retain_graph=True)[0]
+
+            u, it = block._iterate(lambda u: v - vjp(u), v)
+            if it is None:
+                residual = float((u + vjp(u) - v).abs().max())
                 raise ConvergenceError(
                     f"backward solve (I + J_g)^T u = v of the fixed-point inverse did not converge in "
                     f"{block.max_iters} iterations: max |(I + J_g)^T u - v| = {residual:.3e} "
