@@ -1,7 +1,7 @@
 """Train, evaluate or sample gflows models from the Hydra configs in ``configs/``.
 
     python train.py flow=g_residual data=cifar10            # exact-likelihood image model
-    python train.py data=phi4 data.preset=E2 flow=g_coupling  # lattice phi^4 sampler
+    python train.py data=phi4 data.preset=E2                 # lattice phi^4 sampler
 
 A mistake the program can name (an unknown value, missing data, a checkpoint of another model) ends
 with one line on stderr and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
@@ -19,10 +19,8 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    if cfg.data.name == "phi4":
-        from gflows.training.lattice import run
-    else:
-        from gflows.training.images import run
+    from gflows.training.run import run
+
     try:
         run(cfg)
     except USER_ERRORS as e:

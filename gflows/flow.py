@@ -200,15 +200,29 @@ class Flow(nn.Module):
         z, ladj = self.transform(x, context)
         return self.base.log_prob(z) + ladj
 
-    def sample(self, n: int, context: Tensor | None = None) -> Tensor:
-        """Draw ``n`` samples."""
-        z = self.base.sample(n)
-        x, _ = self.transform.inverse(z, context)
+    @property
+    def device(self) -> torch.device:
+        """Where the flow's parameters (and its base's buffers) live."""
+        return next(t for t in (*self.base.buffers(), *self.parameters())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The flow's floating-point type (that of its first floating parameter or base buffer)."""
+        tensors = [*self.parameters(), *self.base.buffers()]
+        return next(t.dtype for t in tensors if t.is_floating_point())
+
+    def push(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Map base noise ``z`` to samples ``x = f^{-1}(z)``, with their log-densities."""
+        x, ladj = self.transform.inverse(z, context)
+        # log q(x) = log p(z) + log|det dz/dx| = log p(z) - log|det dx/dz|.
+        return x, self.base.log_prob(z) - ladj
+
+    def sample(self, n: int, context: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+        """Draw ``n`` samples; ``temperature`` scales the base noise (below 1: typical samples, as
+        Glow shows them)."""
+        x, _ = self.transform.inverse(self.base.sample(n, temperature), context)
         return x
 
     def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` samples and their log-densities in one pass through the inverse."""
-        z = self.base.sample(n)
-        x, ladj = self.transform.inverse(z, context)
-        # log q(x) = log p(z) + log|det dz/dx| = log p(z) - log|det dx/dz|.
-        return x, self.base.log_prob(z) - ladj
+        return self.push(self.base.sample(n), context)

@@ -57,3 +57,21 @@ def test_bad_parameters():
         Phi4.preset("E9")
     with pytest.raises(ValueError, match="shape"):
         Phi4(4, -4.0, 1.0).action(torch.zeros(2, 4, 5))
+
+
+def test_theory_from_preset_overrides_and_hopping_form():
+    assert Phi4.from_settings("E2") == Phi4(8, -4.0, 6.008)
+    assert Phi4.from_settings("E2", L=6, lam=7.0) == Phi4(6, -4.0, 7.0)
+    kappa, lam_h = Phi4(8, -4.0, 8.0).hopping_parameters
+    th = Phi4.from_settings("E2", kappa=kappa, lambda_h=lam_h)
+    assert th.L == 8 and th.m2 == pytest.approx(-4.0) and th.lam == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="not both"):
+        Phi4.from_settings("E2", m2=-3.0, kappa=0.2)
+    with pytest.raises(ValueError, match="kappa"):
+        Phi4.from_settings("E2", kappa=0.2)
+    with pytest.raises(ValueError, match="give L"):
+        Phi4.from_settings(None, m2=-4.0, lam=1.0)
+    with pytest.raises(ValueError, match="unknown phi4 preset 'E9'"):
+        Phi4.from_settings("E9")
+    with pytest.raises(ValueError, match="unbounded below"):
+        Phi4.from_settings("E2", lam=-1.0)

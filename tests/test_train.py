@@ -83,11 +83,12 @@ def test_cli_without_cifar10_says_where_to_put_it(tmp_path, download):
 
 
 def test_cli_refuses_a_lattice_flow_for_images(tmp_path):
-    assert_clean_error(cli(tmp_path, "flow=realnvp"), "flow=realnvp", "data=phi4", "data=cifar10")
+    assert_clean_error(cli(tmp_path, "flow=realnvp"), "flow=realnvp is a lattice flow", "data=phi4",
+                       "data=cifar10", "flow=g_coupling")
 
 
 def test_missing_data_says_where_to_put_it(tmp_path):
-    from gflows.training.images import run
+    from gflows.training.run import run
 
     with pytest.raises(FileNotFoundError, match="put the official"):
         run(config(tmp_path, f"data.root={tmp_path / 'nothing'}"))
@@ -95,7 +96,7 @@ def test_missing_data_says_where_to_put_it(tmp_path):
 
 @needs_data
 def test_train_checkpoint_resume_evaluate_sample(tmp_path):
-    from gflows.training.images import run
+    from gflows.training.run import run
 
     first = run(config(tmp_path, "trainer.steps=4", "trainer.ckpt_every=2", "trainer.eval_at_end=false"))
     assert first["step"] == 4
@@ -137,6 +138,7 @@ def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
 @needs_data
 def test_non_finite_losses_are_skipped_then_restored_then_fatal(tmp_path, monkeypatch):
     import gflows.training.images as images
+    from gflows.training.run import run
 
     real = images.bits_per_dim
     calls = {"n": 0}
@@ -150,7 +152,7 @@ def test_non_finite_losses_are_skipped_then_restored_then_fatal(tmp_path, monkey
     # max_bad_steps=2 the run restores step 2 with half the learning rate, then finishes.
     poisoned.bad = lambda n: n in (4, 5)
     monkeypatch.setattr(images, "bits_per_dim", poisoned)
-    out = images.run(config(tmp_path, "trainer.steps=4", "trainer.ckpt_every=2", "trainer.max_bad_steps=2",
+    out = run(config(tmp_path, "trainer.steps=4", "trainer.ckpt_every=2", "trainer.max_bad_steps=2",
                             "trainer.eval_at_end=false"))
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert out["step"] == 4 and ckpt["restores"] == 1 and ckpt["lr_scale"] == 0.5
@@ -160,12 +162,12 @@ def test_non_finite_losses_are_skipped_then_restored_then_fatal(tmp_path, monkey
     # Always non-finite: restores run out and the run stops with a clear message.
     poisoned.bad = lambda n: True
     with pytest.raises(RuntimeError, match="training diverged"):
-        images.run(config(tmp_path, "trainer.steps=8", "trainer.max_bad_steps=1", "trainer.max_restores=1",
+        run(config(tmp_path, "trainer.steps=8", "trainer.max_bad_steps=1", "trainer.max_restores=1",
                           "trainer.eval_at_end=false"))
 
 
 def test_unknown_or_missing_device_is_refused(tmp_path):
-    from gflows.training.images import run
+    from gflows.training.run import run
 
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         run(config(tmp_path, "device=tpu"))
@@ -176,7 +178,7 @@ def test_unknown_or_missing_device_is_refused(tmp_path):
 
 @needs_data
 def test_time_budget_stops_with_a_checkpoint(tmp_path, capsys):
-    from gflows.training.images import run
+    from gflows.training.run import run
 
     out = run(config(tmp_path, "trainer.steps=4", "trainer.max_minutes=0", "trainer.eval_at_end=false"))
     assert out["step"] == 0 and "trainer.max_minutes=0 reached at step 0" in capsys.readouterr().out
@@ -187,7 +189,10 @@ def test_coupling_models_gather_their_filters_from_orbit_weights(tmp_path):
     """``flow.block.basis=auto``: orbit weights where the group maps the grid onto itself, escnn's
     basis for C8; an unknown basis is named."""
     from gflows.nn.equivariant import GConv2d
-    from gflows.training.images import build_model
+    from gflows.models.config import image_model_from_config
+
+    def build_model(cfg):
+        return image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha)
 
     for group, basis in [("d4", "orbit"), ("c8", "escnn")]:  # (no G-invertible 1x1 conv for C8)
         model = build_model(config(tmp_path, "flow=g_coupling", f"group={group}", "flow.n_scales=1",

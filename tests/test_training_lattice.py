@@ -11,42 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from gflows.flow import Flow
 from gflows.physics.phi4 import Phi4
 from gflows.training.checkpoint import load_checkpoint
-from gflows.training.lattice import OBSERVABLES, reverse_kl_loss, run, theory_from_cfg
+from gflows.physics.report import OBSERVABLES
+from gflows.training.lattice import reverse_kl_loss
+from gflows.training.run import run
 from gflows.transforms.elementwise import ActNorm
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data=phi4", "flow=g_coupling", "wandb.mode=disabled", "flow.lattice.n_layers=2",
-         "flow.lattice.hidden_channels=8", "flow.lattice.kernel_sizes=[3,3]", "trainer.batch_size=16"]
+SMALL = ["data=phi4", "flow=lattice_g_coupling", "wandb.mode=disabled", "flow.n_layers=2",
+         "flow.hidden_channels=8", "flow.kernel_sizes=[3,3]", "trainer.batch_size=16"]
 
 
 def config(tmp_path, *overrides):
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         return compose("config", [*SMALL, f"run_dir={tmp_path / 'run'}", *overrides])
-
-
-def test_theory_from_preset_overrides_and_hopping_form():
-    data = lambda **kw: OmegaConf.create({"preset": "E2", "L": None, "m2": None, "lam": None,  # noqa: E731
-                                          "kappa": None, "lambda_h": None} | kw)
-    assert theory_from_cfg(data()) == Phi4(8, -4.0, 6.008)
-    assert theory_from_cfg(data(L=6, lam=7.0)) == Phi4(6, -4.0, 7.0)
-    kappa, lam_h = Phi4(8, -4.0, 8.0).hopping_parameters
-    th = theory_from_cfg(data(kappa=kappa, lambda_h=lam_h))
-    assert th.L == 8 and th.m2 == pytest.approx(-4.0) and th.lam == pytest.approx(8.0)
-    with pytest.raises(ValueError, match="not both"):
-        theory_from_cfg(data(m2=-3.0, kappa=0.2))
-    with pytest.raises(ValueError, match="kappa"):
-        theory_from_cfg(data(kappa=0.2))
-    with pytest.raises(ValueError, match="data.L"):
-        theory_from_cfg(data(preset=None, m2=-4.0, lam=1.0))
-    with pytest.raises(ValueError, match="unknown phi4 preset 'E9'"):
-        theory_from_cfg(data(preset="E9"))
-    with pytest.raises(ValueError, match="unbounded below"):
-        theory_from_cfg(data(lam=-1.0))
 
 
 def test_cli_refuses_flows_and_values_it_cannot_run(tmp_path):
@@ -59,10 +40,11 @@ def test_cli_refuses_flows_and_values_it_cannot_run(tmp_path):
 
     r = cli("flow=g_iaf")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "flow=g_iaf (kind 'iaf') is not available for data=phi4" in r.stderr
-    r = cli("flow=g_coupling", "data.dtype=float16")
+    assert "flow=g_iaf is an image flow and data=phi4 needs a lattice flow" in r.stderr
+    assert "data=cifar10" in r.stderr and "flow=lattice_coupling" in r.stderr
+    r = cli("flow=lattice_g_coupling", "data.dtype=float16")
     assert r.returncode != 0 and "unknown data.dtype 'float16'" in r.stderr
-    r = cli("flow=g_coupling", "data.preset=E9")
+    r = cli("flow=lattice_g_coupling", "data.preset=E9")
     assert r.returncode != 0 and "unknown phi4 preset 'E9'" in r.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -71,13 +53,13 @@ def test_default_flow_follows_the_data():
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         assert compose("config", ["data=phi4"]).flow.name == "coupling"  # the recommended sampler
         assert compose("config", []).flow.name == "g_residual"
-        assert compose("config", ["data=phi4", "flow=g_residual"]).flow.name == "g_residual"
+        assert compose("config", ["data=phi4", "flow=lattice_g_residual"]).flow.name == "g_residual"
 
 
 def test_residual_sampler_trains_and_reports(tmp_path):
-    overrides = ["data=phi4", "flow=g_residual", "wandb.mode=disabled", "data.preset=E1",
-                 "flow.lattice.n_blocks=2", "flow.lattice.hidden_channels=8",
-                 "flow.lattice.kernel_sizes=[3,3]",
+    overrides = ["data=phi4", "flow=lattice_g_residual", "wandb.mode=disabled", "data.preset=E1",
+                 "flow.n_blocks=2", "flow.hidden_channels=8",
+                 "flow.kernel_sizes=[3,3]",
                  "trainer.batch_size=16", "trainer.steps=6", "data.ess_samples=256",
                  "data.hmc.trajectories=50", "data.hmc.therm=10", "data.hmc.chains=4",
                  f"run_dir={tmp_path / 'run'}"]
@@ -157,7 +139,7 @@ def test_compiled_training_follows_the_eager_curve(tmp_path):
     """trainer.compile=true trains the same flow (shared parameters, eager sampling noise): equal
     losses up to float rounding, and a checkpoint of the plain module."""
     common = ["data.preset=E1", "trainer.schedule=constant", "trainer.steps=4", "trainer.eval_at_end=false",
-              "trainer.gradient=path", "flow.lattice.n_layers=1"]
+              "trainer.gradient=path", "flow.n_layers=1"]
     run(config(tmp_path / "eager", *common))
     run(config(tmp_path / "compiled", *common, "trainer.compile=true"))
     runs = ("eager", "compiled")
@@ -199,7 +181,7 @@ def test_L6_sampler_agrees_with_hmc_within_three_standard_errors(tmp_path):
     every observable within 3 combined standard errors of HMC's (errors by binned jackknife with the
     bin size from tau_int; 5 observables, so a correct sampler fails this about once in 70 runs,
     but the run is seeded, hence deterministic on a given platform)."""
-    overrides = ["data.preset=E1", "flow.lattice.n_layers=8", "flow.lattice.hidden_channels=16",
+    overrides = ["data.preset=E1", "flow.n_layers=8", "flow.hidden_channels=16",
                  "trainer.steps=500", "trainer.batch_size=128", "trainer.lr=5e-3",
                  "data.hmc.chains=16", "data.hmc.trajectories=1000", "data.hmc.therm=100"]
     report = run(config(tmp_path, *overrides))
@@ -242,7 +224,7 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     common = ["data.preset=E1", "trainer.steps=2", "trainer.eval_at_end=false"]
     run(config(tmp_path, *common))
     env = {**os.environ, "WANDB_MODE": "disabled", "CI": "true"}
-    args = [sys.executable, str(ROOT / "train.py"), *SMALL, "flow.lattice.hidden_channels=16",
+    args = [sys.executable, str(ROOT / "train.py"), *SMALL, "flow.hidden_channels=16",
             f"run_dir={tmp_path / 'run'}", *common]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr

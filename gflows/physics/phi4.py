@@ -64,6 +64,32 @@ class Phi4:
     def hopping(cls, L: int, kappa: float, lam_h: float) -> Phi4:
         return cls(L, *from_hopping(kappa, lam_h))
 
+    @classmethod
+    def from_settings(cls, preset: str | None = None, L: int | None = None, m2: float | None = None,
+                      lam: float | None = None, kappa: float | None = None,
+                      lambda_h: float | None = None) -> Phi4:
+        """A ``preset`` (or none), with ``L`` and either ``(m2, lam)`` or the hopping parameters
+        ``(kappa, lambda_h)`` overriding it where they are given.
+
+        >>> Phi4.from_settings("E2", L=6)
+        Phi4(L=6, m2=-4.0, lam=6.008)
+        """
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown phi4 preset {preset!r}: expected one of {sorted(PRESETS)}")
+        base = PRESETS[preset] if preset is not None else (None, None, None)
+        L = L if L is not None else base[0]
+        if kappa is not None or lambda_h is not None:
+            if m2 is not None or lam is not None:
+                raise ValueError("give either m2/lam or kappa/lambda_h, not both")
+            if kappa is None or lambda_h is None or L is None:
+                raise ValueError("the hopping form needs kappa, lambda_h and L (or a preset)")
+            return cls.hopping(int(L), float(kappa), float(lambda_h))
+        m2 = m2 if m2 is not None else base[1]
+        lam = lam if lam is not None else base[2]
+        if L is None or m2 is None or lam is None:
+            raise ValueError("no preset: give L with m2 and lam (or kappa and lambda_h)")
+        return cls(int(L), float(m2), float(lam))
+
     @property
     def hopping_parameters(self) -> tuple[float, float]:
         """``(kappa, lambda_h)`` of the hopping form."""

@@ -1,0 +1,250 @@
+"""The one training loop: every objective (maximum likelihood on images, reverse KL on a lattice
+action) runs through :class:`Engine`.
+
+The engine owns what does not depend on the objective: the optimiser (Adam), the learning-rate
+schedule, gradient clipping, EMA weights, skipping non-finite steps and restoring the last
+checkpoint when they persist, atomic checkpoints and exact resume, the time budget, logging (tqdm,
+``metrics.jsonl``, wandb) and data parallelism under ``torchrun`` (gradients averaged over the
+ranks). An objective says what one step's loss is and what to report at the end (:class:`Objective`).
+
+Settings (``cfg.trainer``; every key is in ``configs/trainer/*.yaml``): ``steps``, ``max_minutes``,
+``lr``, ``warmup_steps``, ``schedule``, ``weight_decay``, ``grad_clip``, ``ema_decay`` (null: no EMA),
+``log_every``, ``ckpt_every``, ``max_bad_steps``, ``max_restores``, ``eval_at_end``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from gflows.nn.lipschitz import update_lipschitz
+from gflows.training.checkpoint import (
+    exists,
+    load_latest,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from gflows.training.distributed import Dist, setup
+from gflows.training.records import log_metrics, open_wandb, truncate_metrics
+from gflows.training.schedule import learning_rate
+
+__all__ = ["Engine", "Objective", "StepLoss", "load_trained", "out_of_time"]
+
+
+@dataclass
+class StepLoss:
+    """One step of an objective.
+
+    Attributes:
+        surrogate: this rank's scalar to differentiate (its gradient, averaged over the ranks, is
+            the step's gradient).
+        loss: the step's loss over the whole global batch, watched for finiteness and logged.
+        metrics: further numbers to log (``metrics.jsonl``, wandb as ``train/<key>``).
+    """
+
+    surrogate: Tensor
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """What the engine trains. ``model`` is the flow whose weights are checkpointed."""
+
+    model: nn.Module
+    #: the loss's name in the logs and progress bar (``loss_bpd``, ``loss``)
+    loss_name: str
+    #: the progress bar's label
+    label: str
+
+    def prepare(self, dd: Dist) -> None:
+        """Once before the first step of a fresh run (for example ActNorm's data initialisation)."""
+
+    def loss(self, step: int, dd: Dist) -> StepLoss:
+        """The loss of training step ``step`` (0-based); the same ``step`` gives the same batch."""
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """Plain data stored in the checkpoint beside the weights (what the model was trained for)."""
+
+    def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+        """Raise ``ValueError`` if ``state`` (from ``path``) was trained for something else."""
+
+    def finish(self, model: nn.Module, run_dir: Path, wb) -> dict[str, Any]:
+        """Evaluate and report on the trained ``model`` (EMA weights where kept); ``wb`` may log."""
+
+
+def out_of_time(minutes: float | None, start: float) -> bool:
+    """Whether ``minutes`` of wall clock (``None``: no budget) have passed since ``start``. The budget
+    counts from the start of this process's loop, so a resumed run gets a new one."""
+    return minutes is not None and time.time() - start >= 60 * float(minutes)
+
+
+def _with_ema(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
+    if not ema:
+        return model
+    m = copy.deepcopy(model)
+    m.load_state_dict(m.state_dict() | ema)
+    return m
+
+
+def load_trained(objective: Objective, run_dir: str | Path) -> nn.Module:
+    """The objective's model with the weights of ``run_dir``'s newest readable checkpoint (its EMA
+    weights where it kept them), for evaluation."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train first (mode=train)")
+    state, used = load_latest(path)
+    objective.check_checkpoint(state, used)
+    load_model_state(objective.model, state["model"], used)
+    return _with_ema(objective.model, state.get("ema"))
+
+
+class Engine:
+    """Trains ``objective.model`` with the settings of ``cfg.trainer`` into ``cfg.run_dir``.
+
+    Args:
+        objective: what to train (see :class:`Objective`).
+        cfg: the run's config: ``trainer``, ``run_dir``, ``resume``, ``seed``, ``device``, ``wandb``.
+        dd: the process group (default: what ``torchrun`` describes, else one process).
+    """
+
+    def __init__(self, objective: Objective, cfg, dd: Dist | None = None):
+        self.obj, self.cfg, self.t = objective, cfg, cfg.trainer
+        self.dd = dd if dd is not None else setup(cfg.device)
+        self.model = objective.model
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt, self.metrics = self.run_dir / "checkpoint.pt", self.run_dir / "metrics.jsonl"
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.step, self.restores, self.lr_scale = 0, 0, 1.0
+        self.ema: dict[str, Tensor] | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.dd.main:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                 "restores": self.restores, "lr_scale": self.lr_scale, "rng": rng_state(),
+                 **self.obj.checkpoint_info()}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        save_checkpoint(state, self.ckpt)
+
+    def load(self) -> dict[str, Any]:
+        """Weights, optimiser and EMA from the newest readable checkpoint; the logged curve is cut
+        back to its step."""
+        state, used = load_latest(self.ckpt)
+        self.obj.check_checkpoint(state, used)
+        load_model_state(self.model, state["model"], used)
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.update({k: v.to(self.ema[k].device) for k, v in state["ema"].items()})
+        if self.dd.main:
+            truncate_metrics(self.metrics, state["step"])
+        self.step = state["step"]
+        return state
+
+    def _resume(self) -> None:
+        if not (self.cfg.resume and exists(self.ckpt)):
+            return
+        state = self.load()
+        self.restores, self.lr_scale = state["restores"], state["lr_scale"]
+        set_rng_state(state["rng"])
+        print(f"resume: continuing from step {self.step} of {self.ckpt}")
+
+    # -- one step ------------------------------------------------------------------------------
+    def _non_finite(self, bad: int, wb) -> int:
+        """After a non-finite loss (the ``bad``-th in a row): skip it, or restore the last checkpoint
+        with half the learning rate; raise once ``max_restores`` restores have not helped."""
+        wb.log({"skipped_step": self.step}, step=self.step)
+        self.opt.zero_grad(set_to_none=True)
+        print(f"step {self.step}: non-finite loss skipped ({bad} in a row)")
+        if bad < self.t.max_bad_steps:
+            return bad
+        if self.restores >= self.t.max_restores or not exists(self.ckpt):
+            raise RuntimeError(f"training diverged: {bad} non-finite losses in a row at step {self.step}"
+                               f" after {self.restores} restores; lower trainer.lr")
+        self.load()
+        self.restores, self.lr_scale = self.restores + 1, self.lr_scale * 0.5
+        print(f"restored step {self.step} from {self.ckpt}; learning rate scaled by {self.lr_scale}")
+        return 0
+
+    def _update(self, out: StepLoss, lr: float) -> float:
+        """Backward, gradients averaged over the ranks, clipping, the optimiser step, the Lipschitz
+        layers' refresh and the EMA; returns the gradient norm."""
+        self.opt.zero_grad(set_to_none=True)
+        out.surrogate.backward()
+        self.dd.average_gradients(self.model)
+        for pg in self.opt.param_groups:
+            pg["lr"] = lr
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        self.opt.step()
+        update_lipschitz(self.model)
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, p in self.model.named_parameters():
+                    self.ema[k].mul_(self.t.ema_decay).add_(p.detach(), alpha=1 - self.t.ema_decay)
+        return float(gnorm)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to ``trainer.steps`` (or the time budget), checkpointing, then report."""
+        self.model.train()
+        self.obj.prepare(self.dd)
+        self.dd.broadcast(self.model)
+        if self.t.ema_decay is not None:
+            self.ema = {k: p.detach().clone() for k, p in self.model.named_parameters()}
+        self._resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        wb = open_wandb(self.cfg, self.run_dir, enabled=self.dd.main)
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.t.steps, initial=self.step, desc=self.obj.label,
+                   disable=os.environ.get("CI") == "true" or not self.dd.main)
+        bad, t0, last, recent = 0, time.time(), {}, []
+        while self.step < self.t.steps and not self.dd.any(out_of_time(self.t.max_minutes, t0)):
+            self.model.train()
+            lr = learning_rate(self.t, self.step) * self.lr_scale
+            out = self.obj.loss(self.step, self.dd)
+            if not self.dd.all_finite(torch.stack([out.loss.detach(), out.surrogate.detach()])):
+                bad = self._non_finite(bad + 1, wb)
+                continue
+            bad, gnorm = 0, self._update(out, lr)
+            self.step += 1
+            loss = float(out.loss)
+            last = {"step": self.step, self.obj.loss_name: loss, **out.metrics, "lr": lr, "grad_norm": gnorm,
+                    "seconds": time.time() - t0}
+            recent = (recent + [loss])[-50:]
+            bar.update(1)
+            bar.set_postfix({self.obj.loss_name: f"{sum(recent) / len(recent):.3f}"})
+            if self.dd.main:
+                log_metrics(self.metrics, last)
+            if self.step % self.t.log_every == 0:
+                wb.log({f"train/{k}": v for k, v in last.items() if k not in ("step", "seconds")}, step=self.step)
+            if self.step % self.t.ckpt_every == 0 or self.step == self.t.steps:
+                self.save()
+        bar.close()
+        return self._end(wb, last)
+
+    def _end(self, wb, last: dict[str, Any]) -> dict[str, Any]:
+        if self.step < self.t.steps:
+            print(f"trainer.max_minutes={self.t.max_minutes} reached at step {self.step}")
+            self.save()
+        self.dd.barrier()
+        result: dict[str, Any] = {"step": self.step}
+        if last:
+            result[f"train_{self.obj.loss_name}"] = last[self.obj.loss_name]
+        if self.t.eval_at_end and self.dd.main:
+            result |= self.obj.finish(_with_ema(self.model, self.ema), self.run_dir, wb)
+        wb.finish()
+        if self.dd.main:
+            print(json.dumps({k: v for k, v in result.items() if isinstance(v, int | float | str)}))
+        return result
