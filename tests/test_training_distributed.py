@@ -71,5 +71,5 @@ def test_two_processes_match_one_process_on_the_lattice(tmp_path):
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", LATTICE)
     torch.manual_seed(0)
-    fresh = lattice_model_from_config(cfg.flow, 6).state_dict()
+    fresh = lattice_model_from_config(cfg.flow, 6).double().state_dict()
     assert any(not torch.allclose(fresh[k], v) for k, v in one["model"].items())

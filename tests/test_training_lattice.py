@@ -51,9 +51,10 @@ def test_cli_refuses_flows_and_values_it_cannot_run(tmp_path):
 
 def test_default_flow_follows_the_data():
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-        assert compose("config", ["data=phi4"]).flow.name == "coupling"  # the recommended sampler
+        assert compose("config", ["data=phi4"]).flow.name == "lattice_coupling"  # the recommended sampler
         assert compose("config", []).flow.name == "g_residual"
-        assert compose("config", ["data=phi4", "flow=lattice_g_residual"]).flow.name == "g_residual"
+        lat = compose("config", ["data=phi4", "flow=lattice_g_residual"])
+        assert lat.flow.name == "lattice_g_residual" and lat.run_dir == "runs/lattice_g_residual-d4-phi4-review"
 
 
 def test_residual_sampler_trains_and_reports(tmp_path):

@@ -131,7 +131,8 @@ class LatticeTask:
         z = dd.shard(self.model.base.sample(self.cfg.trainer.batch_size))
         surrogate, log_w = reverse_kl_loss(self.sampler, self.action, len(z), self.cfg.trainer.gradient, z=z)
         log_w = dd.gather(log_w)
-        return StepLoss(surrogate, -log_w.mean(), {"ess_batch": ess(log_w)})
+        finite = bool(torch.isfinite(log_w).all())  # else the engine skips the step
+        return StepLoss(surrogate, -log_w.mean(), {"ess_batch": ess(log_w)} if finite else {})
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"theory": list(astuple(self.theory))}

@@ -17,21 +17,25 @@ __all__ = ["TASKS", "run"]
 TASKS = {"image": (ImageTask, ("train", "eval", "sample")), "lattice": (LatticeTask, ("train", "eval"))}
 
 
+#: the flow configs (``configs/flow``) of each domain, for the messages (tests check they exist)
+FLOWS = {"image": ("g_residual", "residual", "g_coupling", "coupling", "g_iaf", "glow_butterfly"),
+         "lattice": ("lattice_coupling", "lattice_g_coupling", "lattice_residual", "lattice_g_residual",
+                     "realnvp")}
+DATA = {"image": "data=cifar10", "lattice": "data=phi4"}
+
+
 def _check(cfg) -> None:
     if cfg.data.domain not in TASKS:
         raise ValueError(f"unknown data domain {cfg.data.domain!r}: expected one of {sorted(TASKS)}")
     modes = TASKS[cfg.data.domain][1]
     if cfg.mode not in modes:
         raise ValueError(f"unknown mode {cfg.mode!r} for data={cfg.data.name}: expected one of {modes}")
-    if cfg.flow.domain != cfg.data.domain:
-        other = "data=phi4" if cfg.flow.domain == "lattice" else "data=cifar10"
-        prefix = "lattice_" if cfg.data.domain == "lattice" else ""
-        raise ValueError(
-            f"flow={cfg.flow.name} is a{'n' if cfg.flow.domain == 'image' else ''} {cfg.flow.domain} flow and "
-            f"data={cfg.data.name} needs a{'n' if cfg.data.domain == 'image' else ''} {cfg.data.domain} flow: "
-            f"use {other} with it, or a {cfg.data.domain} flow with data={cfg.data.name} "
-            f"(flow={prefix}coupling, {prefix}g_coupling, {prefix}residual, {prefix}g_residual"
-            + (", realnvp)" if prefix else ", g_iaf, glow_butterfly)"))
+    flow, data = cfg.flow.domain, cfg.data.domain
+    if flow != data:
+        choices = ", ".join(f"flow={f}" for f in FLOWS[data])
+        raise ValueError(f"flow={cfg.flow.name} is a{'n' * (flow == 'image')} {flow} flow and "
+                         f"data={cfg.data.name} needs a{'n' * (data == 'image')} {data} flow: use "
+                         f"{DATA[flow]} with flow={cfg.flow.name}, or one of {choices} with data={cfg.data.name}")
 
 
 def run(cfg) -> dict[str, Any]:
