@@ -26,8 +26,9 @@ import torch
 
 from gflows.models.lattice import lattice_flow
 from gflows.physics import Phi4, ess, independence_mh
-from gflows.training.common import cosine_decay
-from gflows.training.lattice import compiled_sampler, log_weights, reverse_kl_loss
+from gflows.physics.report import log_weights
+from gflows.training.lattice import compiled_sampler, reverse_kl_loss
+from gflows.training.schedule import cosine_decay
 
 
 def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,

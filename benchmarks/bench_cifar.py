@@ -31,8 +31,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gflows.data.cifar10 import load_cifar10
-from gflows.training.common import cosine_decay
-from gflows.training.images import build_model, run
+from gflows.models.config import image_model_from_config
+from gflows.training.run import run
+from gflows.training.schedule import cosine_decay
+
+
+def build_model(cfg):
+    return image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from gflows.training.images import build_model
+from gflows.models.config import image_model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def model_for(group: str, basis: str, a) -> torch.nn.Module:
         cfg = compose("config", [f"flow={a.flow}", f"group={group}", f"flow.hidden_channels={a.hidden}",
                                  f"flow.block.basis={basis}", f"seed={a.seed}"])
     torch.manual_seed(a.seed)
-    return build_model(cfg)
+    return image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha)
 
 
 def step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:

@@ -2,8 +2,8 @@
 and escnn's basis against the orbit basis, side by side in one process.
 
 One reverse-KL step (path gradients, batch 64, Adam) of each configured sampler of ``configs/``
-(``--flows``, default: the recommended ``coupling`` and ``g_residual``) at the review's point, for
-each variant: ``pad=F.pad`` swaps :func:`gflows.nn.equivariant.circular_pad` for
+(``--flows``, default: the recommended ``lattice_coupling`` and ``lattice_g_residual``) at the
+review's point, for each variant: ``pad=F.pad`` swaps :func:`gflows.nn.equivariant.circular_pad` for
 ``F.pad(mode='circular')`` (what the layers used before), ``basis=escnn`` builds the filters from
 escnn's basis. Steps of all variants are interleaved; the script prints the median seconds per step
 and each variant's ratio to the first.
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 import gflows.nn.equivariant as equivariant
+from gflows.models.config import lattice_model_from_config
 from gflows.physics import Phi4
-from gflows.training.lattice import build_lattice_model, reverse_kl_loss
+from gflows.training.lattice import reverse_kl_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCAT = equivariant.circular_pad
@@ -46,7 +47,7 @@ VARIANTS = {  # name: (padding, basis)
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--flows", nargs="+", default=["coupling", "g_residual"])
+    p.add_argument("--flows", nargs="+", default=["lattice_coupling", "lattice_g_residual"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=64)
     a = p.parse_args()
@@ -58,9 +59,9 @@ def main() -> None:
         runs = {}
         for name, (pad, basis) in VARIANTS.items():
             with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-                cfg = compose("config", ["data=phi4", f"flow={flow}", f"flow.lattice.basis={basis}"])
+                cfg = compose("config", ["data=phi4", f"flow={flow}", f"flow.basis={basis}"])
             torch.manual_seed(0)
-            model = build_lattice_model(cfg, theory)
+            model = lattice_model_from_config(cfg.flow, theory.L)
             runs[name] = (pad, model, torch.optim.Adam(model.parameters(), lr=1e-4), [])
 
         def step(pad, model, opt) -> float:

@@ -6,7 +6,7 @@ each has had ``--minutes`` of wall clock, so that load from elsewhere on a share
 alike. Then each reports ESS/N on ``--samples`` fresh samples, independence-MH acceptance and
 tau_int of |M| along the chain.
 
-* gflows: the lattice model of ``--flow`` (default ``g_coupling``) as ``configs/`` define it, with
+* gflows: the lattice model of ``--flow`` (default ``lattice_g_coupling``) as ``configs/`` define it, with
   ``--set key=value`` Hydra overrides, and the batch size, learning rate, gradient estimator and
   gradient clipping of ``trainer/phi4.yaml``;
 * baseline: :func:`gflows.models.lattice.realnvp_baseline` (16 couplings, [1, 8, 8, 2], kernel 3,
@@ -16,8 +16,8 @@ tau_int of |M| along the chain.
 Densities of residual flows are evaluated with the exact log-det for the report.
 
     python benchmarks/bench_phi4.py --presets review E2 E3 E4 E5 --minutes 8 2 2 2 2
-    python benchmarks/bench_phi4.py --flow coupling --set flow.lattice.n_layers=12 trainer.lr=3e-3
-    python benchmarks/bench_phi4.py --flow g_residual --against coupling --minutes 5
+    python benchmarks/bench_phi4.py --flow lattice_coupling --set flow.n_layers=12 trainer.lr=3e-3
+    python benchmarks/bench_phi4.py --flow lattice_g_residual --against lattice_coupling --minutes 5
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from gflows.models.config import lattice_model_from_config
 from gflows.models.lattice import realnvp_baseline
 from gflows.physics import Phi4, ess, independence_mh, tau_int
-from gflows.training.common import cosine_decay
-from gflows.training.lattice import build_lattice_model, log_weights, reverse_kl_loss
+from gflows.physics.report import log_weights
+from gflows.training.lattice import reverse_kl_loss
+from gflows.training.schedule import cosine_decay
 from gflows.transforms.residual import logdet_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +86,8 @@ def gflows_trainer(flow: str, overrides: list[str], preset: str, theory: Phi4, m
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", ["data=phi4", f"data.preset={preset}", f"flow={flow}", *overrides])
     torch.manual_seed(seed)
-    model = build_lattice_model(cfg, theory)
-    print(f"# {name}: flow={flow} {' '.join(overrides)}: {dict(cfg.flow.lattice)}; batch "
+    model = lattice_model_from_config(cfg.flow, theory.L)
+    print(f"# {name}: flow={flow} {' '.join(overrides)}: {dict(cfg.flow)}; batch "
           f"{cfg.trainer.batch_size}, lr {cfg.trainer.lr} cosine over the budget, {cfg.trainer.gradient} "
           f"gradients, clipping at {cfg.trainer.grad_clip}; seed {seed}")
     return Trainer(name, model, theory, int(cfg.trainer.batch_size), float(cfg.trainer.lr), 60 * minutes,
@@ -97,9 +99,9 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["review"])
     p.add_argument("--minutes", nargs="+", type=float, default=[5.0], help="per preset (or one for all)")
     p.add_argument("--slice", type=float, default=20.0)
-    p.add_argument("--flow", default="g_coupling")
+    p.add_argument("--flow", default="lattice_g_coupling")
     p.add_argument("--against", default="realnvp", help="realnvp (the review's) or a gflows flow config")
-    p.add_argument("--set", nargs="*", default=[], help="Hydra overrides, e.g. flow.lattice.n_layers=12")
+    p.add_argument("--set", nargs="*", default=[], help="Hydra overrides, e.g. flow.n_layers=12")
     p.add_argument("--samples", type=int, default=16384)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()

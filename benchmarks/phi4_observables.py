@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gflows.physics import ess, independence_mh
+from gflows.models.config import lattice_model_from_config
+from gflows.physics import ess, independence_mh, report
 from gflows.physics.observables import measure
-from gflows.training import lattice as tl
+from gflows.physics.phi4 import Phi4
 from gflows.training.checkpoint import load_checkpoint
 
 
@@ -46,8 +47,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11, help="seed of the HMC reference (plus one)")
     a = p.parse_args()
     cfg = OmegaConf.load(a.run_dir / "hydra" / "config.yaml")
-    theory = tl.theory_from_cfg(cfg.data)
-    model = tl.build_lattice_model(cfg, theory)
+    d = cfg.data
+    theory = Phi4.from_settings(d.preset, d.L, d.m2, d.lam, d.kappa, d.lambda_h)
+    model = lattice_model_from_config(cfg.flow, theory.L)
     model.load_state_dict(load_checkpoint(a.run_dir / "checkpoint.pt")["model"])
     model.eval()
     print(f"# {datetime.date.today()}  {platform.machine()}, {os.cpu_count()} cores, "
@@ -57,7 +59,7 @@ def main() -> None:
     batches = []
     for seed in range(a.seeds):
         torch.manual_seed(seed)
-        batches.append(tl.log_weights(model, theory, a.mh_samples))
+        batches.append(report.log_weights(model, theory, a.mh_samples))
     phi, lw = (torch.cat(t).double() for t in zip(*batches, strict=True))
     a.samples = len(lw)
     rows[f"flow reweighted ({a.samples} draws)"] = measure(phi, log_w=lw)
@@ -68,16 +70,16 @@ def main() -> None:
           f"{time.time() - t0:.0f} s")
     t0 = time.time()
     h = cfg.data.hmc
-    ref, hmc_acc = tl.hmc_reference(theory, a.chains, a.trajectories, int(h.therm), int(h.n_steps),
+    ref, hmc_acc = report.hmc_reference(theory, a.chains, a.trajectories, int(h.therm), int(h.n_steps),
                                  float(h.step_size), a.seed + 1)
     rows[f"HMC {a.chains} x {a.trajectories}, chain jackknife"] = measure(ref, bin_size=a.trajectories)
     rows[f"HMC {a.chains} x {a.trajectories}, binned"] = measure(ref)
     print(f"HMC: acceptance {hmc_acc:.3f}, {time.time() - t0:.0f} s")
     hmc_key = f"HMC {a.chains} x {a.trajectories}, chain jackknife"
-    print(f"{'estimate':44s} {'bin':>5s} " + " ".join(f"{k:>22s}" for k in tl.OBSERVABLES))
+    print(f"{'estimate':44s} {'bin':>5s} " + " ".join(f"{k:>22s}" for k in report.OBSERVABLES))
     for name, obs in rows.items():
         print(f"{name:44s} {int(obs['bin_size'][0]):5d} "
-              + " ".join(f"{obs[k][0]:10.5f} +- {obs[k][1]:8.5f}" for k in tl.OBSERVABLES))
+              + " ".join(f"{obs[k][0]:10.5f} +- {obs[k][1]:8.5f}" for k in report.OBSERVABLES))
     n_sub = a.seeds
     if n_sub >= 4:
         subs = [measure(phi[i * a.mh_samples:(i + 1) * a.mh_samples],
@@ -85,7 +87,7 @@ def main() -> None:
         print(f"{n_sub} seeds of {a.mh_samples} draws, reweighted: spread of the estimates "
               f"(SD) / mean stated error (1 if the errors are honest):")
         ratios = {k: torch.tensor([o[k][0] for o in subs]).std().item() / (sum(o[k][1] for o in subs) / n_sub)
-                  for k in tl.OBSERVABLES}
+                  for k in report.OBSERVABLES}
         print("   " + " ".join(f"{k}={r:.2f}" for k, r in ratios.items())
               + f"  (an SD of {n_sub} values is uncertain by ~{100 / math.sqrt(2 * (n_sub - 1)):.0f}%)")
         ref_obs = rows[hmc_key]
@@ -98,7 +100,7 @@ def main() -> None:
             ref_obs = rows[hmc_key]
             print(f"{name:44s} " + " ".join(
                 f"{k}={abs(obs[k][0] - ref_obs[k][0]) / math.hypot(obs[k][1], ref_obs[k][1]):.1f}"
-                for k in tl.OBSERVABLES))
+                for k in report.OBSERVABLES))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gflows.groups import Group
-from gflows.transforms.reshape import squeeze, unsqueeze
+from gflows.representations import squeeze, unsqueeze
 
 
 def autograd_logdet(transform, x: torch.Tensor) -> torch.Tensor:

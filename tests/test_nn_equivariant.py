@@ -137,7 +137,7 @@ def test_squeezed_basis_is_the_same_in_every_process():
     import subprocess
     import sys
 
-    code = ("from gflows.transforms.reshape import squeezed_representation as s; "
+    code = ("from gflows.representations import squeezed_representation as s; "
             "print([s(g, n).change_of_basis.round(8).tolist() for g, n in (('c4', 1), ('flip', 2))])")
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
             for _ in range(2)]
@@ -189,7 +189,7 @@ def test_orbit_basis_is_exactly_equivariant(group, fields, padding_mode):
 
 
 def _act_regular(G: Group, g, x: torch.Tensor) -> torch.Tensor:
-    from gflows.nn.equivariant import field_type
+    from gflows.representations import field_type
 
     rep = torch.as_tensor(field_type(G, x.shape[1] // G.order, "regular").representation(G.escnn_element(g)))
     return G.act(g, torch.einsum("ij,bjhw->bihw", rep.to(x.dtype), x))

@@ -188,8 +188,8 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path, capsys):
 def test_coupling_models_gather_their_filters_from_orbit_weights(tmp_path):
     """``flow.block.basis=auto``: orbit weights where the group maps the grid onto itself, escnn's
     basis for C8; an unknown basis is named."""
-    from gflows.nn.equivariant import GConv2d
     from gflows.models.config import image_model_from_config
+    from gflows.nn.equivariant import GConv2d
 
     def build_model(cfg):
         return image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha)

@@ -37,7 +37,7 @@ def test_weight_space_is_the_whole_commutant(group, levels):
     """Every matrix commuting with the channels' permutation representation is reachable: the
     commutant of a permutation representation has dimension (1/|G|) sum_g fix(g)^2 per pair of
     fields (Burnside's count of orbits on pairs of sub-pixels)."""
-    from gflows.transforms.reshape import squeezed_representation
+    from gflows.representations import squeezed_representation
 
     G = Group(group)
     c = SHAPES[levels][0]

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from helpers import bad_inputs
 
 from gflows.groups import Group
-from gflows.transforms.reshape import Squeeze, squeeze, squeezed_representation, unsqueeze
+from gflows.representations import squeeze, squeezed_representation, unsqueeze
+from gflows.transforms.reshape import Squeeze
 
 
 def test_squeeze_roundtrip_layout_and_volume():

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.groups import Group, escnn_float32, get_group
+from gflows.representations import field_type, orbit_labels, permutation
 
-__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "circular_pad", "field_type", "kernel_orbits",
-           "orbit_labels", "permutation"]
+__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "circular_pad", "kernel_orbits"]
 
 PADDING_MODES = ("zeros", "circular")
 BASES = ("escnn", "orbit", "auto")
@@ -46,58 +46,6 @@ def _full_band(r: float) -> float:
     # escnn's default cut-off drops the highest angular frequencies, leaving 6 of the 9 dimensions
     # of a 3x3 kernel; 4 per unit radius keeps the whole space of equivariant grid kernels.
     return 4.0 * max(r, 1.0)
-
-
-def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
-    """escnn ``FieldType`` of ``n_fields`` ``'scalar'`` or ``'regular'`` fields of ``group``.
-
-    Scalar fields squeezed ``squeeze_levels`` times (:mod:`gflows.transforms.reshape`) have
-    ``4^squeeze_levels`` channels each, which carry
-    :func:`~gflows.transforms.reshape.squeezed_representation`.
-    """
-    gs = group.gspace
-    if squeeze_levels and kind != "scalar":
-        raise ValueError(f"only scalar fields can be squeezed, not {kind!r} ones")
-    if kind == "scalar" and squeeze_levels and group.order == 1:
-        # Every sub-pixel its own trivial field: the same kernels, but escnn expands them per pair
-        # of fields, which for one 4^L-dimensional field would be a dense 16^L-entry basis.
-        rep, n_fields = gs.trivial_repr, n_fields * 4**squeeze_levels
-    elif kind == "scalar" and squeeze_levels:
-        from gflows.transforms.reshape import squeezed_representation
-
-        rep = squeezed_representation(group, int(squeeze_levels))
-    elif kind == "scalar":
-        rep = gs.trivial_repr
-    elif kind == "regular":
-        rep = gs.regular_repr
-    else:
-        raise ValueError(f"unknown field kind {kind!r}: expected 'scalar' or 'regular'")
-    from escnn import nn as enn
-
-    return enn.FieldType(gs, n_fields * [rep])
-
-
-def permutation(rep, element) -> Tensor:
-    """The permutation ``sigma`` of a permutation representation, ``rho(g) e_b = e_sigma(b)``."""
-    m = torch.as_tensor(rep(element), dtype=torch.float64)
-    p = m.round()
-    if (m - p).abs().max() > 1e-6 or not torch.equal(p.sum(0), torch.ones(len(p), dtype=p.dtype)) \
-            or not torch.equal(p.sum(1), torch.ones(len(p), dtype=p.dtype)):
-        raise ValueError("basis='orbit' needs permutation representations")
-    return p.argmax(0)
-
-
-def orbit_labels(maps: Sequence[Tensor], n: int) -> Tensor:
-    """Orbit index in ``[0, n_orbits)`` of each of ``n`` points under the permutations ``maps`` (a
-    group's elements, ``maps[k][p]`` the image of ``p``), numbered in order of their smallest point."""
-    label = torch.arange(n)
-    while True:  # label of a point: the smallest point of its orbit (orbits have at most |G| points)
-        new = label
-        for m in maps:
-            new = torch.minimum(new, new[m])
-        if torch.equal(new, label):
-            return torch.unique(label, return_inverse=True)[1]
-        label = new
 
 
 def kernel_orbits(group: Group, in_type, out_type, kernel_size: int) -> tuple[Tensor, Tensor]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from gflows.groups import Group
 from gflows.nn.equivariant import GConv2d
 
-__all__ = ["LipschitzGConv2d", "LipschitzLinear", "operator_norm", "update_lipschitz"]
+__all__ = ["LipschitzGConv2d", "LipschitzLinear", "SpectralNormalised", "operator_norm", "update_lipschitz"]
 
 
 def _power_iteration(
@@ -68,7 +68,7 @@ def operator_norm(op, shape: Sequence[int], tol: float = 1e-5, max_iters: int = 
     return float(sigma)
 
 
-class _SpectralNormalised:
+class SpectralNormalised:
     """Operator-norm bound shared by the Lipschitz layers: subclasses give the raw ``(weight, bias)``,
     the linear map ``_linear_map(x, weight)`` and, where cheaper than autograd's, its ``_adjoint``."""
 
@@ -171,7 +171,7 @@ class _SpectralNormalised:
         self._seen = None
 
 
-class LipschitzGConv2d(_SpectralNormalised, GConv2d):
+class LipschitzGConv2d(SpectralNormalised, GConv2d):
     """A :class:`~gflows.nn.equivariant.GConv2d` whose operator norm is at most ``coeff``.
 
     Args:
@@ -225,7 +225,7 @@ class LipschitzGConv2d(_SpectralNormalised, GConv2d):
         return self.conv(x, w, b)
 
 
-class LipschitzLinear(_SpectralNormalised, nn.Linear):
+class LipschitzLinear(SpectralNormalised, nn.Linear):
     """A dense layer ``W x + b`` with ``||W||_2 <= coeff`` (power iteration on ``W^T W`` to ``tol``).
 
     Args:
@@ -261,5 +261,5 @@ def update_lipschitz(module: nn.Module, certify: bool | None = None) -> None:
     ``certify=True`` refreshes to the tolerance even in training mode (see ``train_iters``).
     """
     for m in module.modules():
-        if isinstance(m, _SpectralNormalised):
+        if isinstance(m, SpectralNormalised):
             m.update(certify=certify)

@@ -219,20 +219,24 @@ class Engine:
                 continue
             bad, gnorm = 0, self._update(out, lr)
             self.step += 1
-            loss = float(out.loss)
-            last = {"step": self.step, self.obj.loss_name: loss, **out.metrics, "lr": lr, "grad_norm": gnorm,
-                    "seconds": time.time() - t0}
-            recent = (recent + [loss])[-50:]
+            last = {"step": self.step, self.obj.loss_name: float(out.loss), **out.metrics, "lr": lr,
+                    "grad_norm": gnorm, "seconds": time.time() - t0}
+            recent = (recent + [last[self.obj.loss_name]])[-50:]
             bar.update(1)
             bar.set_postfix({self.obj.loss_name: f"{sum(recent) / len(recent):.3f}"})
-            if self.dd.main:
-                log_metrics(self.metrics, last)
-            if self.step % self.t.log_every == 0:
-                wb.log({f"train/{k}": v for k, v in last.items() if k not in ("step", "seconds")}, step=self.step)
-            if self.step % self.t.ckpt_every == 0 or self.step == self.t.steps:
-                self.save()
+            self._record(last, wb)
         bar.close()
         return self._end(wb, last)
+
+    def _record(self, last: dict[str, Any], wb) -> None:
+        """The step's record to ``metrics.jsonl`` (every step), wandb (every ``log_every``) and a
+        checkpoint (every ``ckpt_every`` and at the last step)."""
+        if self.dd.main:
+            log_metrics(self.metrics, last)
+        if self.step % self.t.log_every == 0:
+            wb.log({f"train/{k}": v for k, v in last.items() if k not in ("step", "seconds")}, step=self.step)
+        if self.step % self.t.ckpt_every == 0 or self.step == self.t.steps:
+            self.save()
 
     def _end(self, wb, last: dict[str, Any]) -> dict[str, Any]:
         if self.step < self.t.steps:

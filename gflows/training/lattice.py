@@ -139,8 +139,8 @@ class LatticeTask:
 
     def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
         if tuple(state["theory"]) != astuple(self.theory):
-            raise ValueError(f"the checkpoint at {path} was trained for (L, m2, lam) = {tuple(state['theory'])}, "
-                             f"not {astuple(self.theory)}: set another run_dir")
+            raise ValueError(f"the checkpoint at {path} was trained for (L, m2, lam) = "
+                             f"{tuple(state['theory'])}, not {astuple(self.theory)}: set another run_dir")
 
     def evaluate(self, model: nn.Module, wb=None) -> dict[str, Any]:
         """The sampler report (``data.symmetrise``: on the flow's mixture over the lattice

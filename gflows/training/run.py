@@ -35,7 +35,8 @@ def _check(cfg) -> None:
         choices = ", ".join(f"flow={f}" for f in FLOWS[data])
         raise ValueError(f"flow={cfg.flow.name} is a{'n' * (flow == 'image')} {flow} flow and "
                          f"data={cfg.data.name} needs a{'n' * (data == 'image')} {data} flow: use "
-                         f"{DATA[flow]} with flow={cfg.flow.name}, or one of {choices} with data={cfg.data.name}")
+                         f"{DATA[flow]} with flow={cfg.flow.name}, or one of {choices} with "
+                         f"data={cfg.data.name}")
 
 
 def run(cfg) -> dict[str, Any]:

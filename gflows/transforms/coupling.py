@@ -26,8 +26,8 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   permutes the ``4^L`` sub-pixel channels of every original channel (see :mod:`.reshape`). The
   split then keeps each original channel's sub-pixels in one half, and the conditioner maps between
   the squeezed tensors' true representations: on the coarse grid with steerable kernels for that
-  representation (:func:`~.reshape.squeezed_representation`) where every element is grid-exact,
-  else on the un-squeezed (depth-to-space) ``a`` part (:class:`~.reshape.AtFineGrid`).
+  representation (:func:`~gflows.representations.squeezed_representation`) where every element is grid-exact,
+  else on the un-squeezed (depth-to-space) ``a`` part (:class:`~gflows.nn.squeezed.AtFineGrid`).
 * spline parameters are scalar fields like ``s`` and ``t`` (one per entry and parameter), so spline
   couplings have the same symmetries as affine ones (except ``sign_symmetric``, not offered).
 * ``sign_symmetric=True``: the conditioner's output is symmetrised over ``{x, -x}``,
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from gflows.flow import Transform
 from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.equivariant import GConvNet, LipSwish
-from gflows.transforms.reshape import squeezed_net
+from gflows.nn.squeezed import squeezed_net
 from gflows.transforms.spline import RQSpline
 
 __all__ = ["Conditioner", "GCoupling", "checkerboard", "conditioner_net", "parity_preserving"]

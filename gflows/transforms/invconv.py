@@ -6,7 +6,7 @@ Log-det:  ``H W log|det W|``.
 
 Group action: a grid-exact element moves pixels, which any 1x1 convolution commutes with, and after
 ``L`` squeezes permutes the ``4^L`` sub-pixel channels of each field by ``pi_g``
-(:func:`~gflows.transforms.reshape.squeezed_representation`). ``W`` commutes with that permutation
+(:func:`~gflows.representations.squeezed_representation`). ``W`` commutes with that permutation
 representation exactly when each of its ``4^L x 4^L`` blocks is constant on the orbits of ``G`` on
 pairs of sub-pixels, ``A[a, b] = A[pi_g(a), pi_g(b)]``; so ``A`` is parametrised by one weight per
 orbit and pair of fields, which spans the whole commutant (dimension ``(1/|G|) sum_g fix(g)^2`` per
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
+from gflows.representations import orbit_labels, permutation, squeezed_representation
 
 __all__ = ["GInvConv1x1", "pair_orbits"]
 
@@ -36,8 +37,6 @@ def pair_orbits(group: Group, levels: int) -> Tensor:
     n = 4**levels
     if not levels:
         return torch.zeros(1, 1, dtype=torch.long)
-    from gflows.nn.equivariant import orbit_labels, permutation
-    from gflows.transforms.reshape import squeezed_representation
 
     rep = squeezed_representation(group, levels)
     ids = torch.arange(n * n).view(n, n)

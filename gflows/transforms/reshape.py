@@ -22,83 +22,15 @@ kernels for that representation, so they are exactly equivariant at ``4^L`` time
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from functools import cache
+from collections.abc import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from gflows.flow import Transform
+from gflows.representations import squeeze, unsqueeze
 
-__all__ = ["AtFineGrid", "FactorOut", "Squeeze", "squeeze", "squeezed_net", "squeezed_representation",
-           "unsqueeze"]
-
-
-def squeeze(x: Tensor, levels: int = 1) -> Tensor:
-    """``levels`` successive :class:`Squeeze` maps of ``x[B, C, H, W]`` (not one by ``2^levels``,
-    which orders the sub-pixels differently)."""
-    for _ in range(levels):
-        x = F.pixel_unshuffle(x, 2)
-    return x
-
-
-def unsqueeze(x: Tensor, levels: int = 1) -> Tensor:
-    """The inverse of :func:`squeeze`."""
-    for _ in range(levels):
-        x = F.pixel_shuffle(x, 2)
-    return x
-
-
-@contextmanager
-def _seeded_numpy(seed: int = 0):
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
-
-
-@cache
-def squeezed_representation(group, levels: int):
-    """escnn representation of ``group``'s fibre group on the ``4^levels`` channels that one scalar
-    channel becomes after ``levels`` squeezes: ``squeeze(g . x) = rho(g) (g . squeeze(x))``, with
-    ``g`` on the right moving the coarse grid. A permutation representation, read off by acting on a
-    single 2 x 2 block; ``levels`` squeezes give its ``levels``-fold tensor power (escnn decomposes
-    it into irreps by Clebsch-Gordan coefficients). It exists only where every element of ``group``
-    maps the grid onto itself (subgroups of D4), otherwise a :class:`ValueError`.
-    """
-    from escnn.group import directsum
-    from escnn.group.representation import build_from_discrete_group_representation
-
-    from gflows.groups import get_group
-
-    group = get_group(group)
-    if not group.grid_exact:
-        raise ValueError(f"{group} has elements that do not map the grid onto itself: no squeezed "
-                         "representation (un-squeeze instead: AtFineGrid)")
-    fibre = group.gspace.fibergroup
-    if group.order == 1:  # escnn's decomposition needs generators, which the trivial group lacks
-        return directsum([fibre.trivial_representation] * 4**levels, name=f"squeezed{levels}_{group.name}")
-    if levels > 1:  # channel (a_1 ... a_{L-1}) * 4 + a_L: a Kronecker product
-        rep = squeezed_representation(group, levels - 1)
-        with _seeded_numpy():
-            return rep.tensor(squeezed_representation(group, 1))
-    basis = torch.eye(4, dtype=torch.float64).view(4, 4, 1, 1)
-    matrices = {}
-    for g in group.elements:
-        # column s: the image of basis vector e_s
-        moved = squeeze(group.act(g, unsqueeze(basis))).view(4, 4).T
-        matrices[group.escnn_element(g)] = moved.numpy()
-    # escnn finds the change of basis to irreps (and Clebsch-Gordan coefficients) from random starts
-    # (randomised SVD, pymanopt): seed them, so that every process (DDP ranks, a resumed run) builds
-    # the same steerable basis.
-    with _seeded_numpy():
-        return build_from_discrete_group_representation(matrices, f"squeezed1_{group.name}", fibre,
-                                                        ["pointwise"])
+__all__ = ["FactorOut", "Squeeze", "squeeze", "unsqueeze"]
 
 
 class Squeeze(Transform):
@@ -171,36 +103,3 @@ class FactorOut(Transform):
         return self._map(lambda a: self.transform.inverse(a, context), z)
 
 
-class AtFineGrid(nn.Module):
-    """Run ``net`` on the un-squeezed (depth-to-space) input and squeeze its output(s) back.
-
-    For a tensor squeezed ``levels`` times, ``net`` then sees scalar fields on the fine grid, where
-    the group only moves pixels, so an equivariant ``net`` gives a map that is equivariant for the
-    squeezed tensors' true representation. Squeezing permutes entries: Lipschitz constants are
-    unchanged. A tuple output (for example a conditioner's ``(s, t)``) is squeezed entry by entry.
-    """
-
-    def __init__(self, net: nn.Module, levels: int):
-        super().__init__()
-        self.net, self.levels = net, int(levels)
-
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        out = self.net(unsqueeze(x, self.levels))
-        if isinstance(out, tuple):
-            return tuple(squeeze(o, self.levels) for o in out)
-        return squeeze(out, self.levels)
-
-
-def squeezed_net(group, levels: int, make: Callable[[int], nn.Module]) -> nn.Module:
-    """A network on a tensor squeezed ``levels`` times, equivariant for its true representation.
-
-    ``make(L)`` builds the network for scalar fields squeezed ``L`` times. Where every element of
-    ``group`` maps the grid onto itself it runs on the coarse grid, ``make(levels)`` (kernels for
-    :func:`squeezed_representation`); otherwise ``make(0)`` runs on the un-squeezed grid inside
-    :class:`AtFineGrid`.
-    """
-    from gflows.groups import get_group
-
-    if levels and not get_group(group).grid_exact:
-        return AtFineGrid(make(0), levels)
-    return make(levels)

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
 from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish
-from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, _SpectralNormalised
-from gflows.transforms.reshape import AtFineGrid, squeezed_net
+from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, SpectralNormalised
+from gflows.nn.squeezed import AtFineGrid, squeezed_net
 
 __all__ = [
     "ConvergenceError",
@@ -130,7 +130,7 @@ class ResidualTransform(Transform):
     def lipschitz_bound(self) -> float:
         """Upper bound on ``Lip(g)``: the product of the bounds of its spectrally normalised layers
         (the activations between them are 1-Lipschitz)."""
-        bounds = [m.coeff for m in self.g.modules() if isinstance(m, _SpectralNormalised)]
+        bounds = [m.coeff for m in self.g.modules() if isinstance(m, SpectralNormalised)]
         if not bounds:
             raise ValueError("g has no spectrally normalised layers: its Lipschitz bound is unknown")
         return math.prod(bounds)
@@ -360,7 +360,7 @@ class GResidualBlock(ResidualTransform):
         squeeze_levels: the input has been squeezed this many times; ``g`` is then equivariant for
             the squeezed tensor's true representation: on the coarse grid with steerable kernels for
             it where every element of the group is grid-exact, else on the un-squeezed grid
-            (:class:`~gflows.transforms.reshape.AtFineGrid`). Squeezing permutes entries, so the
+            (:class:`~gflows.nn.squeezed.AtFineGrid`). Squeezing permutes entries, so the
             Lipschitz bound holds either way.
         **kwargs: log-det and inverse options of :class:`ResidualTransform`.
     """
