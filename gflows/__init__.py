@@ -1,5 +1,6 @@
 """gflows: G-equivariant normalizing flows with exact likelihoods."""
 
+from gflows.equivariance import check_equivariance
 from gflows.export import export
 from gflows.flow import Compiled, Compose, Flow, Inverse, StandardNormal, Transform
 from gflows.groups import Group, GroupElement, get_group
@@ -42,6 +43,7 @@ __all__ = [
     "Squeeze",
     "StandardNormal",
     "Transform",
+    "check_equivariance",
     "export",
     "g_residual_flow",
     "get_group",

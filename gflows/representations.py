@@ -22,7 +22,8 @@ from torch import Tensor
 
 from gflows.groups import Group, get_group
 
-__all__ = ["field_type", "orbit_labels", "permutation", "squeeze", "squeezed_representation", "unsqueeze"]
+__all__ = ["field_type", "orbit_labels", "permutation", "squeeze", "squeezed_action",
+           "squeezed_representation", "unsqueeze"]
 
 
 def squeeze(x: Tensor, levels: int = 1) -> Tensor:
@@ -135,3 +136,10 @@ def orbit_labels(maps: Sequence[Tensor], n: int) -> Tensor:
         if torch.equal(new, label):
             return torch.unique(label, return_inverse=True)[1]
         label = new
+
+
+def squeezed_action(group: str | Group, levels: int = 1):
+    """The group's action on a tensor squeezed ``levels`` times: un-squeeze, move the pixels,
+    squeeze (that is, :func:`squeezed_representation` on the channels and the coarse grid moved)."""
+    group = get_group(group)
+    return lambda g, y: squeeze(group.act(g, unsqueeze(y, levels)), levels)

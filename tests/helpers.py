@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from gflows.equivariance import check_equivariance
 from gflows.groups import Group
-from gflows.representations import squeeze, unsqueeze
+from gflows.representations import squeezed_action
 
 
 def autograd_logdet(transform, x: torch.Tensor) -> torch.Tensor:
@@ -30,16 +31,10 @@ def max_reconstruction_error(transform, x: torch.Tensor) -> float:
 def max_equivariance_error(transform, group: Group, x: torch.Tensor, act=None) -> float:
     """``max_g |T(g.x) - g.T(x)|`` over the grid-exact elements of ``group``; ``act(g, x)``
     defaults to ``group.act`` (scalar fields)."""
-    act = act or group.act
-    with torch.no_grad():
-        y, _ = transform(x)
-        errs = [float((transform(act(g, x))[0] - act(g, y)).abs().max()) for g in group.grid_elements]
-    return max(errs)
+    return max(e for _, e in check_equivariance(transform, group, x, act, logdet=False))
 
 
-def squeezed_act(group: Group, levels: int = 1):
-    """The group's action on a tensor squeezed ``levels`` times: un-squeeze, move pixels, squeeze."""
-    return lambda g, y: squeeze(group.act(g, unsqueeze(y, levels)), levels)
+squeezed_act = squeezed_action
 
 
 def bad_inputs(shape: tuple[int, ...]) -> list[tuple[object, type, str]]:

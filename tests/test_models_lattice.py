@@ -4,7 +4,8 @@ from helpers import perturb
 
 from gflows.models.lattice import lattice_flow, realnvp_baseline
 from gflows.physics.phi4 import Phi4
-from gflows.training.lattice import log_weights, train_reverse_kl
+from gflows.physics.report import log_weights
+from gflows.training.lattice import train_reverse_kl
 from gflows.transforms.coupling import checkerboard
 
 

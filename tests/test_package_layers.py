@@ -13,7 +13,7 @@ LAYERS = [
     ("gflows._checks", "gflows.groups", "gflows.representations", "gflows.physics", "gflows.data"),
     ("gflows.nn",),
     ("gflows.flow", "gflows.transforms"),
-    ("gflows.models", "gflows.export", "gflows.interop"),
+    ("gflows.models", "gflows.export", "gflows.interop", "gflows.equivariance"),
     ("gflows.training",),
     ("gflows",),  # the package's __init__: the public names
 ]

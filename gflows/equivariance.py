@@ -1,0 +1,77 @@
+"""Measured equivariance of a layer, a network or a flow (as escnn's modules offer
+``check_equivariance``).
+
+For a transform ``T`` (``forward(x) -> (z, log|det J|)``) and the group's action ``g .`` on inputs
+and outputs, the error of each grid-exact element is ``max |T(g . x) - g . T(x)|`` (outputs) and
+``max |ladj(g . x) - ladj(x)|`` (the log-det of an equivariant layer is invariant, the action being a
+permutation); for a module returning one tensor, only the first. On grid-exact elements both
+vanish up to round-off (about 1e-6 relative in float32, 1e-15 in float64); C8's and D8's extra
+elements rotate by interpolation, so they are left out (see :attr:`~gflows.groups.Group.grid_elements`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gflows.groups import Group, GroupElement, get_group
+
+__all__ = ["check_equivariance"]
+
+Action = Callable[[GroupElement, Tensor], Tensor]
+
+
+def _outputs(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    out = module(x)
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, None
+
+
+@torch.no_grad()
+def check_equivariance(module: nn.Module, group: str | Group, x: Tensor, act: Action | None = None,
+                       act_out: Action | None = None, logdet: bool = True, atol: float | None = None,
+                       rtol: float = 0.0) -> list[tuple[GroupElement, float]]:
+    """The equivariance error of ``module`` at ``x`` for every grid-exact element of ``group``.
+
+    Args:
+        module: a :class:`~gflows.flow.Transform` (its log-det is checked too) or any module
+            mapping a tensor to a tensor.
+        group: the symmetry group.
+        x: inputs ``[B, ...]``.
+        act: the action on inputs (default: :meth:`Group.act`, scalar fields; for squeezed tensors
+            :func:`~gflows.representations.squeezed_action`).
+        act_out: the action on outputs (default: ``act``).
+        logdet: also compare a transform's log-dets. Stochastic log-det estimates (residual blocks in
+            training mode) differ from call to call: check those in eval mode, or with ``logdet=False``.
+        atol, rtol: with ``atol``, raise ``AssertionError`` naming the first element whose error
+            exceeds ``atol + rtol * max |T(x)|``.
+
+    Returns:
+        ``(element, error)`` for each grid-exact element: the largest absolute difference of the
+        outputs (and of the log-dets).
+
+    >>> from gflows import GCoupling
+    >>> layer = GCoupling("d4", (2, 6, 6), hidden_fields=2)
+    >>> errors = check_equivariance(layer, "d4", torch.randn(3, 2, 6, 6), atol=1e-5)
+    >>> len(errors)
+    8
+    """
+    group = get_group(group)
+    act = act or group.act
+    act_out = act_out or act
+    y, ladj = _outputs(module, x)
+    scale = float(y.abs().max())
+    errors = []
+    for g in group.grid_elements:
+        yg, ladj_g = _outputs(module, act(g, x))
+        err = float((yg - act_out(g, y)).abs().max())
+        if logdet and ladj is not None:
+            err = max(err, float((ladj_g - ladj).abs().max()))
+        errors.append((g, err))
+        if atol is not None and err > atol + rtol * scale:
+            raise AssertionError(f"{type(module).__name__} is not {group.name}-equivariant at {g}: "
+                                 f"error {err:.3g} > {atol:g} + {rtol:g} * {scale:.3g}")
+    return errors
