@@ -63,3 +63,28 @@ def test_the_check_can_fail():
     assert layer("gflows.nn.equivariant") < layer("gflows.transforms.reshape")
     assert layer("gflows.models.config") < layer("gflows.training.engine")
     assert any(t.startswith("gflows.transforms") for t, _ in imports(PACKAGE / "models" / "image.py"))
+
+
+def test_functions_are_short():
+    """No function of the package is longer than about 60 lines (65 with its docstring)."""
+    long = []
+    for _, path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            if function and node.end_lineno - node.lineno >= 65:
+                long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}")
+    assert not long, long
+
+
+def test_tests_mirror_the_package():
+    """``gflows/<package>/<module>.py`` has ``tests/test_<package>_<module>.py`` (top level:
+    ``tests/test_<module>.py``); private helpers (``_checks``) are tested through their users."""
+    tests = {p.stem for p in (PACKAGE.parent / "tests").glob("test_*.py")}
+    missing = []
+    for name, path in modules():
+        if path.name == "__init__.py" or path.stem.startswith("_"):
+            continue
+        expected = "test_" + "_".join(name.split(".")[1:])
+        if expected not in tests:
+            missing.append(f"{path.relative_to(PACKAGE)} -> tests/{expected}.py")
+    assert not missing, missing

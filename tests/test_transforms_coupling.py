@@ -17,7 +17,7 @@ from gflows.transforms.coupling import GCoupling, parity_preserving
 CONFIGS = {
     "affine": dict(shape=(2, 4, 4), kw={}),
     "additive": dict(shape=(3, 4, 4), kw=dict(affine=False, split=1)),
-    "sign": dict(shape=(2, 4, 4), kw=dict(sign_symmetric=True, flip=True)),
+    "sign": dict(shape=(2, 4, 4), kw=dict(sign_symmetric=True, swap=True)),
     "squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1)),
     "squeezed2": dict(shape=(32, 2, 2), kw=dict(squeeze_levels=2)),
     "orbit": dict(shape=(2, 4, 4), kw=dict(basis="orbit")),

@@ -1,10 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import bad_inputs
 
 from gflows.groups import Group
-from gflows.representations import squeeze, squeezed_representation, unsqueeze
 from gflows.transforms.reshape import Squeeze
 
 
@@ -41,42 +39,6 @@ def test_bad_input_and_odd_sizes():
             s(x)
     with pytest.raises(ValueError, match="event shape"):
         s.inverse(torch.zeros(1, 2, 4, 4))
-
-
-def test_functional_squeeze_is_repeated_squeeze_not_one_by_four():
-    x = torch.randn(2, 3, 8, 8)
-    s1, s2 = Squeeze((3, 8, 8)), Squeeze((12, 4, 4))
-    assert torch.equal(squeeze(x, 2), s2(s1(x)[0])[0])
-    assert not torch.equal(squeeze(x, 2), F.pixel_unshuffle(x, 4))  # the sub-pixel order differs
-    assert torch.equal(unsqueeze(squeeze(x, 2), 2), x)
-
-
-@pytest.mark.parametrize("levels", [1, 2, 3])
-@pytest.mark.parametrize("group", ["trivial", "flip", "c2", "c4", "d2", "d4"])
-def test_squeezed_representation_describes_the_squeezed_action(group, levels):
-    """squeeze(g . x) = rho(g) (g . squeeze(x)) on a grid of several blocks, and rho is a
-    permutation representation of the group (a homomorphism)."""
-    G = Group(group)
-    rep = squeezed_representation(G, levels)
-    n = 4**levels
-    assert rep.size == n
-    x = torch.randn(2, 2, 3 * 2**levels, 3 * 2**levels, dtype=torch.float64)
-    z = squeeze(x, levels)
-    for g in G.elements:
-        rho = torch.as_tensor(rep(G.escnn_element(g)))
-        assert torch.allclose(rho.abs().sum(0), torch.ones(n, dtype=rho.dtype))  # a permutation
-        moved = G.act(g, z).unflatten(1, (2, n))
-        expected = torch.einsum("st,bctij->bcsij", rho, moved).flatten(1, 2)
-        assert torch.allclose(squeeze(G.act(g, x), levels), expected, atol=1e-12)
-        for h in G.elements:
-            gh = G.escnn_element(g) @ G.escnn_element(h)
-            assert torch.allclose(torch.as_tensor(rep(gh)), rho @ torch.as_tensor(rep(G.escnn_element(h))),
-                                  atol=1e-9)
-
-
-def test_no_squeezed_representation_for_non_grid_rotations():
-    with pytest.raises(ValueError, match="grid onto itself"):
-        squeezed_representation(Group("c8"), 1)
 
 
 def test_factor_out_maps_the_kept_channels_only_and_checks_shapes():

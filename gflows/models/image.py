@@ -13,6 +13,7 @@ whole fields leave for the base between scales (:class:`~gflows.transforms.resha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from gflows.flow import Compose, Flow, Inverse, Transform
 from gflows.groups import Group
@@ -33,7 +34,7 @@ def _block(kind: str, group, shape, level: int, index: int, hidden_fields: int, 
     if kind == "residual":
         return [GResidualBlock(group, shape, hidden_fields, squeeze_levels=level, **kw)]
     if kind == "coupling":
-        return [GCoupling(group, shape, squeeze_levels=level, flip=bool(index % 2),
+        return [GCoupling(group, shape, squeeze_levels=level, swap=bool(index % 2),
                           hidden_fields=hidden_fields, **kw)]
     if kind == "iaf":
         if level:
@@ -42,7 +43,7 @@ def _block(kind: str, group, shape, level: int, index: int, hidden_fields: int, 
     if kind == "glow_butterfly":
         # Butterfly channel mixing commutes with pixel moves but not with the sub-pixel
         # permutations a squeeze brings in: this model is equivariant only at scale 0.
-        return [Butterfly(shape), GCoupling(group, shape, squeeze_levels=level, flip=bool(index % 2),
+        return [Butterfly(shape), GCoupling(group, shape, squeeze_levels=level, swap=bool(index % 2),
                                             hidden_fields=hidden_fields, **kw)]
     raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
 
@@ -91,43 +92,62 @@ def image_flow(
         raise ValueError(f"n_scales must be >= 1, got {n_scales}")
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
-    last = first + n_scales - 1
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode", "basis")}
-    # couplings split their fields in two: they need two at every scale
-    min_fields = 1 if kind in ("residual", "iaf") else 2
-
-    def scales(level: int, shape: tuple[int, ...]) -> list[Transform]:
-        """Layers of scales ``level..last`` on ``shape``."""
-        layers: list[Transform] = []
-        for i in range(blocks_per_scale):
-            if invconv:
-                layers.append(GInvConv1x1(group, shape, squeeze_levels=level))
-            layers += _block(kind, group, shape, level, i, hidden_fields, block_kwargs)
-            if actnorm:
-                layers.append(ActNorm(shape, field_size=4**level))
-        if level == last:
-            for _ in range(fc_blocks):
-                layers.append(GFCResidualBlock(group, shape, fc_hidden, squeeze_levels=last, **fc_kwargs))
-                if actnorm:
-                    layers.append(ActNorm(shape, field_size=4**last))
-            return layers
-        sq = Squeeze(shape)
-        layers.append(sq)
-        fields, size = shape[0] // 4**level, 4 ** (level + 1)
-        keep = max(-(-fields // 2), min_fields)
-        if not factor_out or keep >= fields:
-            return layers + scales(level + 1, sq.out_shape)
-        inner = scales(level + 1, (keep * size, *sq.out_shape[1:]))
-        # FactorOut needs a shape-preserving map: undo the inner scales' own squeezes (those nested in
-        # their FactorOuts already are)
-        undo = [Inverse(t) for t in reversed(inner) if isinstance(t, Squeeze)]
-        return layers + [FactorOut(Compose(inner + undo), sq.out_shape)]
-
+    plan = _Plan(kind, group, first + n_scales - 1, blocks_per_scale, hidden_fields, actnorm, fc_blocks,
+                 fc_hidden, invconv, factor_out, block_kwargs, fc_kwargs)
     layers: list[Transform] = []
     if first:
         layers.append(Squeeze(shape))
         shape = layers[0].out_shape
-    return Compose(layers + scales(first, shape))
+    return Compose(layers + _scales(plan, first, shape))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The settings of :func:`image_flow` that every scale uses (``last``: the last scale's level)."""
+
+    kind: str
+    group: str | Group
+    last: int
+    blocks_per_scale: int
+    hidden_fields: int
+    actnorm: bool
+    fc_blocks: int
+    fc_hidden: int
+    invconv: bool
+    factor_out: bool
+    block_kwargs: dict
+    fc_kwargs: dict
+
+
+def _scales(p: _Plan, level: int, shape: tuple[int, ...]) -> list[Transform]:
+    """Layers of scales ``level..p.last`` on ``shape``."""
+    layers: list[Transform] = []
+    field_size = 4**level  # the sub-pixels of one original channel after ``level`` squeezes
+    for i in range(p.blocks_per_scale):
+        if p.invconv:
+            layers.append(GInvConv1x1(p.group, shape, squeeze_levels=level))
+        layers += _block(p.kind, p.group, shape, level, i, p.hidden_fields, p.block_kwargs)
+        if p.actnorm:
+            layers.append(ActNorm(shape, field_size=field_size))
+    if level == p.last:
+        for _ in range(p.fc_blocks):
+            layers.append(GFCResidualBlock(p.group, shape, p.fc_hidden, squeeze_levels=level, **p.fc_kwargs))
+            if p.actnorm:
+                layers.append(ActNorm(shape, field_size=field_size))
+        return layers
+    sq = Squeeze(shape)
+    layers.append(sq)
+    fields = shape[0] // field_size
+    # couplings split their fields in two: they need two at every scale
+    keep = max(-(-fields // 2), 1 if p.kind in ("residual", "iaf") else 2)
+    if not p.factor_out or keep >= fields:
+        return layers + _scales(p, level + 1, sq.out_shape)
+    inner = _scales(p, level + 1, (keep * 4 * field_size, *sq.out_shape[1:]))
+    # FactorOut needs a shape-preserving map: undo the inner scales' own squeezes (those nested in
+    # their FactorOuts already are)
+    undo = [Inverse(t) for t in reversed(inner) if isinstance(t, Squeeze)]
+    return layers + [FactorOut(Compose(inner + undo), sq.out_shape)]
 
 
 def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 32, 32),

@@ -65,7 +65,7 @@ def lattice_flow(
         hidden_fields: regular fields per hidden layer of each conditioner (``hidden_fields * |G|``
             channels).
         group, sign_symmetric, kernel_sizes, scale_bound, activation, final_tanh, zero_init: see
-            :class:`~gflows.transforms.coupling.Conditioner`.
+            :class:`~gflows.transforms.conditioner.Conditioner`.
         zero_mode_bins: with ``> 0``, an :class:`~gflows.transforms.global_mode.OddZeroModeSpline`
             of that many bins per side (range ``zero_mode_bound``) on the data side of the couplings.
         site_spline_bins: with ``> 0``, an :class:`~gflows.transforms.global_mode.OddSiteSpline` (the
@@ -94,17 +94,25 @@ def lattice_flow(
         for i in range(n_layers)
     ]
     if site_spline_bins:
-        def spline() -> OddSiteSpline:
-            return OddSiteSpline((1, L, L), site_spline_bins, site_spline_bound)
-
-        every = site_spline_every or n_layers
-        layers = [spline()] + [m for i, c in enumerate(layers)
-                               for m in ([c, spline()] if (i + 1) % every == 0 or i + 1 == n_layers else [c])]
+        layers = _with_site_splines(layers, L, site_spline_bins, site_spline_bound, site_spline_every)
     if zero_mode_bins:
         layers.insert(0, OddZeroModeSpline((1, L, L), zero_mode_bins, zero_mode_bound))
     if momentum_scale:
         layers.append(MomentumScale((1, L, L)))
     return Flow(Compose(layers))
+
+
+def _with_site_splines(layers: list[nn.Module], L: int, bins: int, bound: float,
+                       every: int) -> list[nn.Module]:
+    """``layers`` with an :class:`OddSiteSpline` before the first, after the last and after every
+    ``every`` of them (0: only at the ends)."""
+    every = every or len(layers)
+
+    def spline() -> OddSiteSpline:
+        return OddSiteSpline((1, L, L), bins, bound)
+
+    return [spline()] + [m for i, c in enumerate(layers)
+                         for m in ([c, spline()] if (i + 1) % every == 0 or i + 1 == len(layers) else [c])]
 
 
 def residual_lattice_flow(

@@ -372,13 +372,13 @@ class GConvNet(nn.Module):
         self.group = get_group(group)
         if len(kernel_sizes) < 1:
             raise ValueError("kernel_sizes must name at least one convolution")
-        fibre = 4**squeeze_levels
-        if in_channels % fibre or out_channels % fibre:
-            raise ValueError(f"{in_channels} -> {out_channels} channels are not whole fields of {fibre} "
+        field_size = 4**squeeze_levels
+        if in_channels % field_size or out_channels % field_size:
+            raise ValueError(f"{in_channels} -> {out_channels} channels are not whole fields of {field_size} "
                              "squeezed sub-pixels")
-        fields = [(in_channels // fibre, "scalar", squeeze_levels)]
+        fields = [(in_channels // field_size, "scalar", squeeze_levels)]
         fields += [(hidden_fields, "regular")] * (len(kernel_sizes) - 1)
-        fields += [(out_channels // fibre, "scalar", squeeze_levels)]
+        fields += [(out_channels // field_size, "scalar", squeeze_levels)]
         layers: list[nn.Module] = []
         for i, k in enumerate(kernel_sizes):
             layers.append(

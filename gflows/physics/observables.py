@@ -19,6 +19,14 @@ def two_point(phi: Tensor) -> Tensor:
     return torch.fft.ifft2(f * f.conj()).real / (phi.shape[-1] * phi.shape[-2])
 
 
+def _xi(means: Tensor) -> Tensor:
+    """Correlation length from the means of ``C(0), C(1), C(2)`` (columns 4-6)."""
+    c0, c1, c2 = means[0, 4], means[0, 5], means[0, 6]
+    arg = (c0 + c2) / (2 * c1)
+    # No decaying correlator (arg <= 1, e.g. a stuck chain): undefined, not a huge number.
+    return 1 / torch.acosh(arg) if arg > 1 else torch.tensor(float("nan"), dtype=arg.dtype)
+
+
 def measure(phi: Tensor, bin_size: int | None = None, log_w: Tensor | None = None,
             ) -> dict[str, tuple[float, float]]:
     r"""Observables with errors: ``(value, error)`` each, plus the bin size used.
@@ -54,18 +62,12 @@ def measure(phi: Tensor, bin_size: int | None = None, log_w: Tensor | None = Non
         else:
             bin_size = max(1, math.ceil(4 * max(tau_int(cols[:, k])[0] for k in (0, 1, 3))))
 
-    def xi(means: Tensor) -> Tensor:
-        c0, c1, c2 = means[0, 4], means[0, 5], means[0, 6]
-        arg = (c0 + c2) / (2 * c1)
-        # No decaying correlator (arg <= 1, e.g. a stuck chain): undefined, not a huge number.
-        return 1 / torch.acosh(arg) if arg > 1 else torch.tensor(float("nan"), dtype=arg.dtype)
-
     estimators = {
         "abs_m": lambda b: b[0, 0],
         "chi2": lambda b: b[0, 1],
         "chi2_conn": lambda b: b[0, 1] - b[0, 2] ** 2 / V,
         "energy": lambda b: b[0, 3],
-        "xi": xi,
+        "xi": _xi,
     }
     if log_w is not None:
         if log_w.shape != (len(phi),) or not bool(torch.isfinite(log_w).all()):

@@ -11,7 +11,7 @@ Inverse (noise -> data, ``inverse``):  ``x_i = z_i * exp(s_i(z_<i)) + t_i(z_<i)`
 Log-det:  exact, the Jacobian is block triangular with diagonal blocks ``diag(exp(s_i))``:
     ``log|det dx/dz| = sum_i sum s_i(z_<i)``; ``forward`` returns minus that.
 
-Each ``(s_i, t_i)`` comes from a G-equivariant :class:`~gflows.transforms.coupling.Conditioner` on the
+Each ``(s_i, t_i)`` comes from a G-equivariant :class:`~gflows.transforms.conditioner.Conditioner` on the
 concatenated blocks ``z_<i``; block 0 has a learned per-channel constant shift and log-scale
 (constants per channel commute with pixel permutations; with ``sign_symmetric`` the shift is
 dropped). The layer commutes with every grid element of the group, and with ``x -> -x`` when
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
-from gflows.transforms.coupling import Conditioner
+from gflows.transforms.conditioner import Conditioner
 
 __all__ = ["GIAF"]
 
@@ -40,7 +40,7 @@ class GIAF(Transform):
         event_shape: ``(C, H, W)``, ``C >= n_blocks``.
         n_blocks: number of channel blocks ``K``.
         sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode: see
-            :class:`~gflows.transforms.coupling.Conditioner`.
+            :class:`~gflows.transforms.conditioner.Conditioner`.
     """
 
     def __init__(

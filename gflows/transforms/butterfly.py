@@ -62,10 +62,6 @@ class Butterfly(Transform):
         # One [a, b, c, d] per factor and pair: 2n parameters per factor.
         self.weight = nn.Parameter(abcd)
 
-    def _factor_view(self, x: Tensor, k: int) -> Tensor:
-        # [rows, n_mixed] -> [rows, 2^(k-1), 2, n / 2^k]: pairs sit on axis 2.
-        return x.reshape(x.shape[0], 2 ** (k - 1), 2, self.n_mixed // 2**k)
-
     def _rows(self, x: Tensor) -> Tensor:
         # Move the mixed axis last, flatten everything else into rows.
         return x.movedim(1, -1).reshape(-1, self.n)

@@ -1,4 +1,6 @@
-r"""G-coupling flows: affine, additive and spline coupling with G-equivariant conditioners.
+r"""G-coupling flows: one coupling mechanism (split, condition, map element-wise, merge) with affine,
+additive and spline element-wise maps, and G-equivariant conditioners (nflows' ``CouplingTransform``
+and zuko's ``GeneralCouplingTransform`` are the models of this design).
 
 Map:      ``y_a = x_a``, ``y_b = x_b * exp(s(x_a)) + t(x_a)`` (additive: ``s = 0``).
 Inverse:  ``x_b = (y_b - t(y_a)) * exp(-s(y_a))``.
@@ -15,7 +17,8 @@ The split is a union of fibres that the group maps onto themselves, and ``s, t``
 G-equivariant (escnn steerable convolutions between scalar fields), so the layer commutes with the
 group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020):
 
-* ``mask='channel'``: the first ``split`` channels condition the rest; every grid element.
+* ``mask='channel'``: the first ``split`` channels condition the rest (``swap=True``: the other way
+  round); every grid element.
 * ``mask='checkerboard'``: sites of parity ``(i + j) % 2 == parity`` condition the others (all
   channels). Exact for the elements that map the parity pattern onto itself (:func:`parity_preserving`):
   translations by ``(di, dj)`` with ``di + dj`` even when ``padding_mode='circular'`` on an even
@@ -50,11 +53,11 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, GroupElement, get_group
-from gflows.nn.equivariant import GConvNet, LipSwish
 from gflows.nn.squeezed import squeezed_net
+from gflows.transforms.conditioner import Conditioner, conditioner_net
 from gflows.transforms.spline import RQSpline
 
-__all__ = ["Conditioner", "GCoupling", "checkerboard", "conditioner_net", "parity_preserving"]
+__all__ = ["AffineMap", "GCoupling", "SplineMap", "checkerboard", "parity_preserving"]
 
 
 def checkerboard(h: int, w: int, parity: int = 0) -> Tensor:
@@ -70,96 +73,51 @@ def parity_preserving(group: Group, g: GroupElement, h: int, w: int) -> bool:
     return bool(torch.equal(group.act(g, m), m))
 
 
-ACTIVATIONS = {
-    "lipswish": LipSwish,
-    "leaky_relu": lambda n_fields, field_size: nn.LeakyReLU(),
-    "tanh": lambda n_fields, field_size: nn.Tanh(),
-}
+class AffineMap:
+    """``y = b exp(s) + t`` entry-wise, from the conditioner's ``(s, t)`` (additive: ``s = 0``);
+    log-det ``s`` per entry."""
+
+    def forward(self, b: Tensor, params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        s, t = params
+        return b * torch.exp(s) + t, s
+
+    def inverse(self, y: Tensor, params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        s, t = params
+        return (y - t) * torch.exp(-s), -s
 
 
-def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
-                    kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
-                    activation: str = "lipswish", zero_init: bool = True,
-                    squeeze_levels: int = 0, basis: str = "auto") -> GConvNet:
-    """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
-    ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
-    with ``zero_init``, a last convolution starting at zero; ``basis`` of the
-    :class:`~gflows.nn.equivariant.GConv2d` filters."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
-    net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
-                   activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels,
-                   conv_kwargs={"basis": basis})
-    if zero_init:
-        net.layers[-1].zero_()
-    return net
+class SplineMap:
+    """A rational-quadratic spline per entry (:class:`~gflows.transforms.spline.RQSpline`, ``bins``
+    bins on ``[-bound, bound]``), its ``3 bins - 1`` parameters per entry from the conditioner's
+    channels ``(c * P + k) * field_size + sub``."""
+
+    def __init__(self, bins: int, bound: float, n_out: int, field_size: int):
+        self.bins, self.bound, self.n_out, self.field_size = bins, bound, n_out, field_size
+
+    def spline(self, raw: Tensor) -> RQSpline:
+        K, (n, _, h, w) = self.bins, raw.shape
+        p = raw.view(n, self.n_out, 3 * K - 1, self.field_size, h, w).permute(0, 1, 3, 4, 5, 2)
+        p = p.reshape(n, self.n_out * self.field_size, h, w, 3 * K - 1)
+        return RQSpline(p[..., :K], p[..., K : 2 * K], p[..., 2 * K :], bound=self.bound)
+
+    def forward(self, b: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
+        return self.spline(raw)(b)
+
+    def inverse(self, y: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.spline(raw)
+        b = f.inverse(y)
+        return b, -f(b)[1]
 
 
-class Conditioner(nn.Module):
-    """Equivariant map from ``a`` channels to ``(s, t)`` for ``n_out`` channels.
-
-    Args:
-        group: symmetry group.
-        n_in, n_out: channels in and out (per ``s`` and per ``t``).
-        hidden_fields, kernel_sizes, padding_mode: of the :class:`~gflows.nn.equivariant.GConvNet`.
-        affine: also produce a log-scale ``s`` (else ``s = 0``).
-        sign_symmetric: even ``s``, odd ``t`` by symmetrising over ``{x, -x}``.
-        scale_bound: soft bound ``B`` on ``|s|``.
-        shift_bound: soft bound ``T`` on ``|t|`` (``T tanh(t / T)``): the inverse subtracts ``t`` from
-            ``y``, which loses the bits of ``x`` when ``|t| >> |x|``, so a bound keeps the inverse exact
-            to round-off for any parameters; the default 100 is far above the shifts data need.
-        activation: ``'lipswish'``, ``'leaky_relu'`` or ``'tanh'`` between convolutions (pointwise,
-            hence equivariant on scalar and regular fields).
-        final_tanh: ``s = tanh(s_raw)``, ``t = tanh(t_raw)`` (the lattice review's RealNVP) instead of
-            the soft bound.
-        zero_init: start the last convolution at zero, so the layer starts as the identity.
-        squeeze_levels: the channels are scalar fields squeezed this many times (``4^L`` channels
-            each); the net runs on the coarse grid (grid-exact groups, see :class:`GConvNet`).
-        basis: ``'escnn'`` or ``'orbit'`` parametrisation of the filters (see
-            :class:`~gflows.nn.equivariant.GConv2d`; ``'orbit'`` for subgroups of D4 only).
-    """
-
-    def __init__(
-        self,
-        group: str | Group,
-        n_in: int,
-        n_out: int,
-        hidden_fields: int = 8,
-        kernel_sizes: Sequence[int] = (3, 3, 3),
-        padding_mode: str = "zeros",
-        affine: bool = True,
-        sign_symmetric: bool = False,
-        scale_bound: float = 3.0,
-        activation: str = "lipswish",
-        final_tanh: bool = False,
-        zero_init: bool = True,
-        squeeze_levels: int = 0,
-        basis: str = "auto",
-        shift_bound: float = 100.0,
-    ):
-        super().__init__()
-        self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
-        self.shift_bound = float(shift_bound)
-        self.final_tanh = final_tanh
-        self.n_out = n_out
-        self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
-                                   padding_mode, activation, zero_init, squeeze_levels, basis)
-
-    def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
-        if self.sign_symmetric:
-            plus, minus = self.net(torch.cat([xa, -xa])).chunk(2)
-        else:
-            plus = self.net(xa)
-        s_raw = plus[:, : self.n_out] if self.affine else torch.zeros_like(plus[:, : self.n_out])
-        t = plus[:, -self.n_out :]
-        if self.sign_symmetric:
-            if self.affine:
-                s_raw = (s_raw + minus[:, : self.n_out]) / 2
-            t = (t - minus[:, -self.n_out :]) / 2
-        if self.final_tanh:
-            return torch.tanh(s_raw), torch.tanh(t)
-        return (self.scale_bound * torch.tanh(s_raw / self.scale_bound),
-                self.shift_bound * torch.tanh(t / self.shift_bound))
+def _channel_split(c: int, field_size: int, split: int | None) -> int:
+    """The number of conditioning channels: ``split``, or half the fields, in whole squeezed fields."""
+    if c % field_size:
+        raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
+    split = split if split is not None else (c // field_size // 2) * field_size
+    if split % field_size or not 0 < split < c:
+        raise ValueError(f"split {split} must lie strictly between 0 and {c} and keep each channel's "
+                         f"{field_size} squeezed sub-pixels together")
+    return split
 
 
 class GCoupling(Transform):
@@ -170,7 +128,7 @@ class GCoupling(Transform):
         event_shape: ``(C, H, W)``.
         mask: ``'channel'`` or ``'checkerboard'``.
         split: with ``mask='channel'``, the number of conditioning channels (default ``C // 2``,
-            rounded to whole squeezed fields); ``flip=True`` conditions the first part on the second.
+            rounded to whole squeezed fields); ``swap=True`` conditions the first part on the second.
         parity: with ``mask='checkerboard'``, which sublattice conditions the other.
         squeeze_levels: how many times the input has been squeezed (``mask='channel'`` only).
         affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, activation,
@@ -185,7 +143,7 @@ class GCoupling(Transform):
         event_shape: Sequence[int],
         mask: str = "channel",
         split: int | None = None,
-        flip: bool = False,
+        swap: bool = False,
         parity: int = 0,
         squeeze_levels: int = 0,
         affine: bool = True,
@@ -213,20 +171,12 @@ class GCoupling(Transform):
             raise ValueError(f"event_shape must be (C, H, W), got {self.event_shape}")
         c, h, w = self.event_shape
         self.group.check_grid(h, w, "GCoupling")
-        self.mask_kind, self.flip, self.levels = mask, bool(flip), int(squeeze_levels)
-        fibre = 4**self.levels
+        self.mask_kind, self.swap, self.levels = mask, bool(swap), int(squeeze_levels)
+        self.field_size = field_size = 4**self.levels
         if mask == "channel":
-            if c % fibre:
-                raise ValueError(f"{c} channels are not whole fields of {fibre} squeezed sub-pixels")
-            split = split if split is not None else (c // fibre // 2) * fibre
-            if split % fibre or not 0 < split < c:
-                raise ValueError(
-                    f"split {split} must lie strictly between 0 and {c} and keep each channel's "
-                    f"{fibre} squeezed sub-pixels together"
-                )
-            self.split = split
-            n_a, n_b = (c - split, split) if flip else (split, c - split)
-            n_in, n_out = n_a // fibre, n_b // fibre
+            self.split = _channel_split(c, field_size, split)
+            n_a, n_b = (c - self.split, self.split) if swap else (self.split, c - self.split)
+            n_in, n_out = n_a // field_size, n_b // field_size
         elif mask == "checkerboard":
             if self.levels:
                 raise ValueError("checkerboard masks act on unsqueezed grids: use squeeze_levels=0")
@@ -237,76 +187,55 @@ class GCoupling(Transform):
             n_in, n_out = c, c
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
-        self.n_out, self.fibre = n_out, fibre
+        self.n_out = n_out
+        self.elementwise = (SplineMap(self.spline_bins, self.spline_bound, n_out, field_size)
+                            if self.spline_bins else AffineMap())
 
-        def make(levels: int) -> nn.Module:
-            f = 4**levels
-            if self.spline_bins:  # n_out * (3K - 1) fields, field-major: c * (3K - 1) + k
-                return conditioner_net(self.group, n_in * f, n_out * (3 * self.spline_bins - 1) * f,
-                                       hidden_fields, kernel_sizes, padding_mode, activation, zero_init,
-                                       levels, basis)
-            return Conditioner(self.group, n_in * f, n_out * f, hidden_fields, kernel_sizes, padding_mode,
-                               affine, sign_symmetric, scale_bound, activation, final_tanh, zero_init, levels,
-                               basis)
+        settings = (hidden_fields, kernel_sizes, padding_mode, affine, sign_symmetric, scale_bound,
+                    activation, final_tanh, zero_init, basis)
+        self.conditioner = squeezed_net(self.group, self.levels,
+                                        lambda lv: self._conditioner(n_in, lv, *settings))
 
-        self.conditioner = squeezed_net(self.group, self.levels, make)
+    def _conditioner(self, n_in: int, levels: int, hidden_fields, kernel_sizes, padding_mode, affine,
+                     sign_symmetric, scale_bound, activation, final_tanh, zero_init, basis) -> nn.Module:
+        """The conditioner for inputs squeezed ``levels`` times: ``(s, t)``, or the spline parameters
+        (``n_out * (3K - 1)`` fields, field-major: ``c * (3K - 1) + k``)."""
+        f = 4**levels
+        if self.spline_bins:
+            return conditioner_net(self.group, n_in * f, self.n_out * (3 * self.spline_bins - 1) * f,
+                                   hidden_fields, kernel_sizes, padding_mode, activation, zero_init, levels,
+                                   basis)
+        return Conditioner(self.group, n_in * f, self.n_out * f, hidden_fields, kernel_sizes, padding_mode,
+                           affine, sign_symmetric, scale_bound, activation, final_tanh, zero_init, levels,
+                           basis)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, b)``: the conditioning part (checkerboard: the whole field with the ``b`` sites
+        zeroed) and the part the element-wise map moves (checkerboard: the whole field)."""
+        if self.mask_kind == "checkerboard":
+            return x * (1 - self.mask_b), x
         a, b = x[:, : self.split], x[:, self.split :]
-        return (b, a) if self.flip else (a, b)
+        return (b, a) if self.swap else (a, b)
 
-    def _join(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.cat([b, a] if self.flip else [a, b], 1)
-
-    def _params(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+    def _merge(self, x: Tensor, a: Tensor, y: Tensor) -> Tensor:
         if self.mask_kind == "checkerboard":
-            s, t = self.conditioner(xa * (1 - self.mask_b))
-            return s * self.mask_b, t * self.mask_b
-        return self.conditioner(xa)
+            return torch.where(self.mask_b.bool(), y, x)
+        return torch.cat([y, a] if self.swap else [a, y], 1)
 
-    def _spline(self, xa: Tensor):
-        """The spline of every ``b`` entry, conditioned on ``xa``."""
-        if self.mask_kind == "checkerboard":
-            xa = xa * (1 - self.mask_b)
-        raw = self.conditioner(xa)  # [B, n_out * P * fibre, H, W]: channel (c * P + k) * fibre + sub
-        K, (n, _, h, w) = self.spline_bins, raw.shape
-        p = raw.view(n, self.n_out, 3 * K - 1, self.fibre, h, w).permute(0, 1, 3, 4, 5, 2)
-        p = p.reshape(n, self.n_out * self.fibre, h, w, 3 * K - 1)
-        return RQSpline(p[..., :K], p[..., K : 2 * K], p[..., 2 * K :], bound=self.spline_bound)
-
-    def _spline_map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        if self.mask_kind == "checkerboard":
-            f = self._spline(x)  # the conditioning sites are unchanged by the map
-            b = self.mask_b.bool()
-            xb = torch.where(b, f.inverse(x), x) if inverse else x
-            y, ladj = f(xb)
-            ladj = (ladj * self.mask_b).flatten(1).sum(1)
-            return (xb, -ladj) if inverse else (torch.where(b, y, x), ladj)
+    def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """The coupling in either direction: the conditioning part is unchanged by the map, so the
+        parameters are the same function of the input and of the output."""
         a, b = self._split(x)
-        f = self._spline(a)
-        xb = f.inverse(b) if inverse else b
-        y, ladj = f(xb)
-        ladj = ladj.flatten(1).sum(1)
-        return (self._join(a, xb), -ladj) if inverse else (self._join(a, y), ladj)
+        params = self.conditioner(a)
+        y, ladj = (self.elementwise.inverse if inverse else self.elementwise.forward)(b, params)
+        if self.mask_kind == "checkerboard":
+            ladj = ladj * self.mask_b
+        return self._merge(x, a, y), ladj.flatten(1).sum(1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
-        if self.spline_bins:
-            return self._spline_map(x, inverse=False)
-        if self.mask_kind == "checkerboard":
-            s, t = self._params(x)
-            return x * torch.exp(s) + t, s.flatten(1).sum(1)
-        a, b = self._split(x)
-        s, t = self._params(a)
-        return self._join(a, b * torch.exp(s) + t), s.flatten(1).sum(1)
+        return self._map(x, inverse=False)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
-        if self.spline_bins:
-            return self._spline_map(z, inverse=True)
-        if self.mask_kind == "checkerboard":
-            s, t = self._params(z)  # the conditioning sites are unchanged by the map
-            return (z - t) * torch.exp(-s), -s.flatten(1).sum(1)
-        a, b = self._split(z)
-        s, t = self._params(a)
-        return self._join(a, (b - t) * torch.exp(-s)), -s.flatten(1).sum(1)
+        return self._map(z, inverse=True)

@@ -63,10 +63,10 @@ class GInvConv1x1(Transform):
             raise ValueError(f"event_shape must be (C, H, W), got {tuple(event_shape)}")
         self.event_shape = tuple(int(s) for s in event_shape)
         self.group.check_grid(*self.event_shape[1:], "GInvConv1x1")
-        c, self.fibre = self.event_shape[0], 4**squeeze_levels
-        if c % self.fibre:
-            raise ValueError(f"{c} channels are not whole fields of {self.fibre} squeezed sub-pixels")
-        self.fields = c // self.fibre
+        c, self.field_size = self.event_shape[0], 4**squeeze_levels
+        if c % self.field_size:
+            raise ValueError(f"{c} channels are not whole fields of {self.field_size} squeezed sub-pixels")
+        self.fields = c // self.field_size
         orbit = pair_orbits(self.group, int(squeeze_levels))
         self.register_buffer("orbit", orbit.clone(), persistent=False)
         self.weights = nn.Parameter(torch.zeros(self.fields, self.fields, int(orbit.max()) + 1))

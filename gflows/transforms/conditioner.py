@@ -1,0 +1,110 @@
+"""The conditioners of coupling and autoregressive layers: G-equivariant networks from the
+conditioning channels to the parameters of the element-wise maps.
+
+Their outputs are scalar fields (one per entry and parameter, squeezed like the input), so a
+conditioner commutes with the group when its network does (:class:`~gflows.nn.equivariant.GConvNet`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gflows.groups import Group
+from gflows.nn.equivariant import GConvNet, LipSwish
+
+__all__ = ["ACTIVATIONS", "Conditioner", "conditioner_net"]
+
+
+ACTIVATIONS = {
+    "lipswish": LipSwish,
+    "leaky_relu": lambda n_fields, field_size: nn.LeakyReLU(),
+    "tanh": lambda n_fields, field_size: nn.Tanh(),
+}
+
+
+def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
+                    kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
+                    activation: str = "lipswish", zero_init: bool = True,
+                    squeeze_levels: int = 0, basis: str = "auto") -> GConvNet:
+    """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
+    ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
+    with ``zero_init``, a last convolution starting at zero; ``basis`` of the
+    :class:`~gflows.nn.equivariant.GConv2d` filters."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
+    net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
+                   activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels,
+                   conv_kwargs={"basis": basis})
+    if zero_init:
+        net.layers[-1].zero_()
+    return net
+
+
+class Conditioner(nn.Module):
+    """Equivariant map from ``a`` channels to ``(s, t)`` for ``n_out`` channels.
+
+    Args:
+        group: symmetry group.
+        n_in, n_out: channels in and out (per ``s`` and per ``t``).
+        hidden_fields, kernel_sizes, padding_mode: of the :class:`~gflows.nn.equivariant.GConvNet`.
+        affine: also produce a log-scale ``s`` (else ``s = 0``).
+        sign_symmetric: even ``s``, odd ``t`` by symmetrising over ``{x, -x}``.
+        scale_bound: soft bound ``B`` on ``|s|``.
+        shift_bound: soft bound ``T`` on ``|t|`` (``T tanh(t / T)``): the inverse subtracts ``t`` from
+            ``y``, which loses the bits of ``x`` when ``|t| >> |x|``, so a bound keeps the inverse exact
+            to round-off for any parameters; the default 100 is far above the shifts data need.
+        activation: ``'lipswish'``, ``'leaky_relu'`` or ``'tanh'`` between convolutions (pointwise,
+            hence equivariant on scalar and regular fields).
+        final_tanh: ``s = tanh(s_raw)``, ``t = tanh(t_raw)`` (the lattice review's RealNVP) instead of
+            the soft bound.
+        zero_init: start the last convolution at zero, so the layer starts as the identity.
+        squeeze_levels: the channels are scalar fields squeezed this many times (``4^L`` channels
+            each); the net runs on the coarse grid (grid-exact groups, see :class:`GConvNet`).
+        basis: ``'escnn'`` or ``'orbit'`` parametrisation of the filters (see
+            :class:`~gflows.nn.equivariant.GConv2d`; ``'orbit'`` for subgroups of D4 only).
+    """
+
+    def __init__(
+        self,
+        group: str | Group,
+        n_in: int,
+        n_out: int,
+        hidden_fields: int = 8,
+        kernel_sizes: Sequence[int] = (3, 3, 3),
+        padding_mode: str = "zeros",
+        affine: bool = True,
+        sign_symmetric: bool = False,
+        scale_bound: float = 3.0,
+        activation: str = "lipswish",
+        final_tanh: bool = False,
+        zero_init: bool = True,
+        squeeze_levels: int = 0,
+        basis: str = "auto",
+        shift_bound: float = 100.0,
+    ):
+        super().__init__()
+        self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
+        self.shift_bound = float(shift_bound)
+        self.final_tanh = final_tanh
+        self.n_out = n_out
+        self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
+                                   padding_mode, activation, zero_init, squeeze_levels, basis)
+
+    def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        if self.sign_symmetric:
+            plus, minus = self.net(torch.cat([xa, -xa])).chunk(2)
+        else:
+            plus = self.net(xa)
+        s_raw = plus[:, : self.n_out] if self.affine else torch.zeros_like(plus[:, : self.n_out])
+        t = plus[:, -self.n_out :]
+        if self.sign_symmetric:
+            if self.affine:
+                s_raw = (s_raw + minus[:, : self.n_out]) / 2
+            t = (t - minus[:, -self.n_out :]) / 2
+        if self.final_tanh:
+            return torch.tanh(s_raw), torch.tanh(t)
+        return (self.scale_bound * torch.tanh(s_raw / self.scale_bound),
+                self.shift_bound * torch.tanh(t / self.shift_bound))

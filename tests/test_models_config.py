@@ -1,0 +1,54 @@
+"""Config -> model: every flow config builds for its domain, and mistakes are named."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from gflows.models.config import image_model_from_config, lattice_model_from_config
+from gflows.training.run import FLOWS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "flow").glob("*.yaml")
+                 if not p.stem.startswith("default_"))
+SMALL = {"image": ["flow.n_scales=1", "flow.blocks_per_scale=1", "flow.hidden_channels=8",
+                   "flow.fc_hidden=8"],
+         "lattice": ["flow.hidden_channels=8"]}
+
+
+def flow_config(name: str, *overrides: str):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", [f"flow={name}", *overrides]).flow
+
+
+def build(flow):
+    if flow.domain == "image":
+        return image_model_from_config(flow, (3, 8, 8), 0.05)
+    return lattice_model_from_config(flow, 4)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_flow_config_builds(name):
+    flow = flow_config(name)
+    flow = flow_config(name, *SMALL[flow.domain], *(["flow.fc_blocks=1"] if flow.kind == "residual" and
+                                                   flow.domain == "image" else []))
+    model = build(flow)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert name in FLOWS[flow.domain]  # the run's error messages offer it
+
+
+def test_twins_extend_the_g_flows():
+    for g, twin in [("g_coupling", "coupling"), ("g_residual", "residual"),
+                    ("lattice_g_coupling", "lattice_coupling"), ("lattice_g_residual", "lattice_residual")]:
+        a, b = flow_config(g), flow_config(twin)
+        assert a.group == "d4" and b.group == "trivial"
+        assert {k for k in a if a[k] != b[k]} <= {"name", "group", "sign_symmetric"}
+
+
+def test_mistakes_are_named():
+    with pytest.raises(ValueError, match="flow=lattice_coupling is a lattice flow, not an image flow"):
+        image_model_from_config(flow_config("lattice_coupling"), (3, 8, 8), 0.05)
+    with pytest.raises(ValueError, match="unknown flow kind 'maf' for image flows"):
+        build(flow_config("g_coupling", "flow.kind=maf"))
+    with pytest.raises(ValueError, match="unknown setting 'depth' for lattice_flow"):
+        build(flow_config("lattice_coupling", "+flow.depth=3"))

@@ -1,0 +1,53 @@
+"""The sampler report on samplers whose answer is known."""
+
+import math
+
+import pytest
+import torch
+
+from gflows.physics.phi4 import Phi4
+from gflows.physics.report import OBSERVABLES, format_report, hmc_reference, log_weights, sampler_report
+
+
+class Gaussian:
+    """i.i.d. N(0, sigma^2) on every site: an exact sampler with a known density."""
+
+    def __init__(self, L: int, sigma: float):
+        self.L, self.sigma = L, sigma
+
+    def sample_and_log_prob(self, n: int):
+        x = self.sigma * torch.randn(n, 1, self.L, self.L, dtype=torch.float64)
+        lq = (-0.5 * (x / self.sigma) ** 2 - math.log(self.sigma * math.sqrt(2 * math.pi))).flatten(1).sum(1)
+        return x, lq
+
+
+def test_log_weights_are_minus_action_minus_log_q():
+    th, q = Phi4(4, -4.0, 6.0), Gaussian(4, 0.7)
+    torch.manual_seed(0)
+    phi, lw = log_weights(q, th, 100, batch=32)
+    torch.manual_seed(0)
+    x, lq = zip(*(q.sample_and_log_prob(m) for m in (32, 32, 32, 4)), strict=True)
+    x, lq = torch.cat(x), torch.cat(lq)
+    assert phi.shape == (100, 4, 4) and torch.allclose(lw, -th.action(x) - lq)
+
+
+def test_report_runs_and_compares_with_hmc():
+    th = Phi4(4, -4.0, 6.0)
+    hmc = {"chains": 2, "trajectories": 100, "therm": 20, "n_steps": 10, "step_size": 0.1}
+    report, arrays = sampler_report(Gaussian(4, 0.8), th, 512, hmc, seed=1)
+    assert 0 < report["ess"] < 1 and 0 < report["mh_acceptance"] < 1  # a poor but valid sampler
+    assert set(report["z"]) == set(OBSERVABLES) and "m_hmc" in arrays and len(arrays["log_w"]) == 512
+    text = format_report(report)
+    assert "ESS/N on 512 fresh samples" in text and all(k in text for k in OBSERVABLES)
+    ref, acc = hmc_reference(th, seed=2, **hmc)
+    assert ref.shape == (200, 4, 4) and 0.5 < acc <= 1
+
+
+def test_non_finite_log_weights_are_refused():
+    class Broken(Gaussian):
+        def sample_and_log_prob(self, n):
+            x, lq = super().sample_and_log_prob(n)
+            return x, lq * float("nan")
+
+    with pytest.raises(RuntimeError, match="non-finite log-weights"):
+        sampler_report(Broken(4, 1.0), Phi4(4, -4.0, 6.0), 64)
