@@ -201,3 +201,15 @@ def test_coupling_models_gather_their_filters_from_orbit_weights(tmp_path):
         assert convs and {c.basis for c in convs} == {basis}
     with pytest.raises(ValueError, match="unknown basis 'dense'"):
         build_model(config(tmp_path, "flow=g_coupling", "flow.block.basis=dense"))
+
+
+@needs_data
+def test_float64_image_training(tmp_path):
+    """``data.dtype=float64``: the model and its batches in float64, end to end."""
+    from gflows.training.run import run
+
+    out = run(config(tmp_path, "flow=g_coupling", "group=flip", "flow.n_scales=1", "flow.blocks_per_scale=1",
+                     "data.dtype=float64", "trainer.steps=2", "trainer.eval_orbit=false", "sample.n=1"))
+    assert out["step"] == 2 and 0 < out["test_bpd"] < 12
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert all(v.dtype == torch.float64 for v in state["model"].values() if v.is_floating_point())

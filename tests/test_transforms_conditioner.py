@@ -24,7 +24,7 @@ def test_zero_init_then_even_scales_and_odd_shifts(dtype):
 def test_soft_bounds_and_settings():
     cond = perturb(Conditioner("trivial", 1, 1, hidden_fields=2, scale_bound=0.5, shift_bound=2.0), 10.0)
     s, t = cond(100 * torch.randn(2, 1, 4, 4))
-    assert s.abs().max() < 0.5 and t.abs().max() < 2.0
+    assert s.abs().max() <= 0.5 and t.abs().max() <= 2.0  # tanh saturates to 1 in float32
     additive = perturb(Conditioner("trivial", 1, 1, hidden_fields=2, affine=False))
     assert not additive(torch.randn(2, 1, 4, 4))[0].any()
     with pytest.raises(ValueError, match="unknown activation 'relu6'"):
