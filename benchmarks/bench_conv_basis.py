@@ -36,10 +36,13 @@ def model_for(group: str, basis: str, a) -> torch.nn.Module:
 
 
 def step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     opt.zero_grad()
     (-model.log_prob(x).mean()).backward()
     opt.step()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -51,14 +54,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed steps of each model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     a = p.parse_args()
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, GPU: no; {a.flow}, hidden {a.hidden}, batch {a.batch}, "
+          f"threads {torch.get_num_threads()}, device {a.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if a.device == 'cuda' else ''}; {a.flow}, "
+          f"hidden {a.hidden}, batch {a.batch}, "
           f"median of {a.steps} steps")
     print(f"{'group':>6} {'params':>9} {'escnn s/step':>13} {'orbit s/step':>13} {'escnn/orbit':>12}")
-    x = torch.randint(0, 256, (a.batch, 3, 32, 32)).float()
+    x = torch.randint(0, 256, (a.batch, 3, 32, 32)).float().to(a.device)
     for group in a.groups:
-        models = {b: model_for(group, b, a) for b in ("escnn", "orbit")}
+        models = {b: model_for(group, b, a).to(a.device) for b in ("escnn", "orbit")}
         opts = {b: torch.optim.Adam(m.parameters(), 1e-4) for b, m in models.items()}
         times: dict[str, list[float]] = {b: [] for b in models}
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from gflows.physics.phi4 import Phi4
-from gflows.physics.report import OBSERVABLES, format_report, hmc_reference, log_weights, sampler_report
+from gflows.physics.report import (
+    OBSERVABLES,
+    format_report,
+    hmc_reference,
+    log_partition,
+    log_weights,
+    sampler_report,
+)
 
 
 class Gaussian:
@@ -36,6 +43,9 @@ def test_report_runs_and_compares_with_hmc():
     hmc = {"chains": 2, "trajectories": 100, "therm": 20, "n_steps": 10, "step_size": 0.1}
     report, arrays = sampler_report(Gaussian(4, 0.8), th, 512, hmc, seed=1)
     assert 0 < report["ess"] < 1 and 0 < report["mh_acceptance"] < 1  # a poor but valid sampler
+    assert set(report["flow_gamma"]) >= set(OBSERVABLES) and set(report["errors_agree"]) == set(OBSERVABLES)
+    cost = report["cost"]
+    assert cost["flow_seconds_per_independent"] > 0 and cost["hmc_seconds_per_independent"] > 0
     assert set(report["z"]) == set(OBSERVABLES) and "m_hmc" in arrays and len(arrays["log_w"]) == 512
     text = format_report(report)
     assert "ESS/N on 512 fresh samples" in text and all(k in text for k in OBSERVABLES)
@@ -51,3 +61,37 @@ def test_non_finite_log_weights_are_refused():
 
     with pytest.raises(RuntimeError, match="non-finite log-weights"):
         sampler_report(Broken(4, 1.0), Phi4(4, -4.0, 6.0), 64)
+
+
+class ExactGaussian:
+    """Samples of exactly the free theory's density ``exp(-S) / Z`` (precision ``2 A``)."""
+
+    def __init__(self, theory: Phi4):
+        L = theory.L
+        zero = torch.zeros(L * L, dtype=torch.float64)
+        # S is quadratic, so exp(-S) is the normal density whose precision is S's Hessian
+        precision = torch.autograd.functional.hessian(lambda v: theory.action(v.view(1, L, L))[0], zero)
+        self.dist = torch.distributions.MultivariateNormal(zero, precision_matrix=precision)
+        self.L = L
+
+    def sample_and_log_prob(self, n):
+        x = self.dist.sample((n,))
+        return x.view(n, 1, self.L, self.L), self.dist.log_prob(x)
+
+
+def test_log_z_of_the_free_theory():
+    """Closed form (the Laplacian's eigenvalues) against importance sampling: exact for the exact
+    Gaussian sampler (log w is constant), within 3 standard errors for a poorer one."""
+    th = Phi4(4, 0.5, 0.0)
+    exact = th.gaussian_log_z()
+    torch.manual_seed(0)
+    _, lw = log_weights(ExactGaussian(th), th, 256)
+    value, error = log_partition(lw)
+    assert abs(value - exact) < 1e-6 and error < 1e-6
+    _, lw = log_weights(Gaussian(4, 0.7), th, 20000)
+    value, error = log_partition(lw)
+    assert 0 < error < 0.5 and abs(value - exact) < 3 * error
+    with pytest.raises(ValueError, match="closed form only for lam = 0"):
+        Phi4(4, -4.0, 6.0).gaussian_log_z()
+    with pytest.raises(ValueError, match="unbounded below"):
+        Phi4(4, -1.0, 0.0)

@@ -231,3 +231,21 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "holds a checkpoint of another model" in r.stderr and "with other shapes" in r.stderr
+
+
+def test_transfer_to_a_larger_lattice(tmp_path, capsys):
+    """``init_from``: an L=6 run's weights start an L=12 run; the report says where they came from;
+    a missing source is refused before any training."""
+    common = ["data.preset=E1", "trainer.steps=2", "trainer.eval_at_end=false", "flow.n_layers=1"]
+    run(config(tmp_path / "small", *common))
+    source = tmp_path / "small" / "run"
+    capsys.readouterr()
+    out = run(config(tmp_path / "large", *common, "data.L=12", f"init_from={source}",
+                     "trainer.eval_at_end=true", "data.ess_samples=256", "data.hmc.enabled=false"))
+    printed = capsys.readouterr().out
+    assert f"init_from: the weights of {source / 'checkpoint.pt'} (L=6" in printed
+    assert "momentum-orbit scales of L=6" in printed
+    assert out["init_from"] == str(source) and out["theory"]["L"] == 12
+    assert load_checkpoint(tmp_path / "large" / "run" / "checkpoint.pt")["init_from"] == str(source)
+    with pytest.raises(FileNotFoundError, match="init_from=.*no checkpoint"):
+        run(config(tmp_path / "other", *common, f"init_from={tmp_path / 'nowhere'}"))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gflows.physics.mcmc import binned_jackknife, tau_int
 
-__all__ = ["measure", "two_point"]
+__all__ = ["measure", "primaries", "two_point"]
 
 
 def two_point(phi: Tensor) -> Tensor:
@@ -17,6 +17,19 @@ def two_point(phi: Tensor) -> Tensor:
     :math:`G(x) = \frac{1}{V}\sum_y \phi_y \phi_{y+x}`, shape ``[N, L, L]`` (FFT)."""
     f = torch.fft.fft2(phi.double())
     return torch.fft.ifft2(f * f.conj()).real / (phi.shape[-1] * phi.shape[-2])
+
+
+def primaries(phi: Tensor) -> tuple[Tensor, int]:
+    """Per-configuration primary observables ``[N, 7]`` (``|M|/V``, ``M^2/V``, ``|M|``, the Ising
+    energy, ``C(0)``, ``C(1)``, ``C(2)``) of ``phi [N, L, L]``, and the volume ``V``."""
+    phi = phi.double()
+    V = phi.shape[-1] * phi.shape[-2]
+    m = phi.flatten(1).sum(1)
+    g = two_point(phi)
+    ct = g.sum(-1)  # zero momentum in the second direction: C(t) = sum_x G(t, x)
+    cols = torch.stack([m.abs() / V, m * m / V, m.abs(), 0.5 * (g[:, 1, 0] + g[:, 0, 1]),
+                        ct[:, 0], ct[:, 1], ct[:, 2]], 1)
+    return cols, V
 
 
 def _xi(means: Tensor) -> Tensor:
@@ -49,13 +62,7 @@ def measure(phi: Tensor, bin_size: int | None = None, log_w: Tensor | None = Non
             with jackknife errors over bins of the draws (ratio estimators: biased by
             :math:`O(1/N)`, consistent).
     """
-    phi = phi.double()
-    V = phi.shape[-1] * phi.shape[-2]
-    m = phi.flatten(1).sum(1)
-    g = two_point(phi)
-    ct = g.sum(-1)  # zero momentum in the second direction: C(t) = sum_x G(t, x)
-    cols = torch.stack([m.abs() / V, m * m / V, m.abs(), 0.5 * (g[:, 1, 0] + g[:, 0, 1]),
-                        ct[:, 0], ct[:, 1], ct[:, 2]], 1)
+    cols, V = primaries(phi)
     if bin_size is None:
         if log_w is not None:
             bin_size = max(1, len(phi) // 256)

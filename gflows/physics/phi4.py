@@ -51,8 +51,9 @@ class Phi4:
     def __post_init__(self) -> None:
         if int(self.L) != self.L or self.L < 2:
             raise ValueError(f"the lattice size L must be an integer >= 2, got {self.L}")
-        if not self.lam > 0:
-            raise ValueError(f"lam must be > 0, else the action is unbounded below; got {self.lam}")
+        if not (self.lam > 0 or (self.lam == 0 and self.m2 > 0)):
+            raise ValueError(f"lam must be > 0 (or 0 with m2 > 0, the free field), else the action is "
+                             f"unbounded below; got lam={self.lam}, m2={self.m2}")
 
     @classmethod
     def preset(cls, name: str) -> Phi4:
@@ -98,6 +99,21 @@ class Phi4:
     @property
     def volume(self) -> int:
         return self.L * self.L
+
+    def gaussian_log_z(self) -> float:
+        r"""Exact :math:`\log Z` of the free theory (``lam = 0``, ``m2 > 0``): ``S = phi^T A phi`` with
+        eigenvalues :math:`m^2 + 4\sin^2(\pi k_1/L) + 4\sin^2(\pi k_2/L)`, so
+        :math:`\log Z = \frac{V}{2}\log\pi - \frac12\sum_k \log \lambda_k`.
+
+        >>> round(Phi4(4, 1.0, 0.0).gaussian_log_z(), 6)
+        -2.858132
+        """
+        if self.lam != 0 or not self.m2 > 0:
+            raise ValueError(f"log Z is known in closed form only for lam = 0 and m2 > 0 (a bounded "
+                             f"Gaussian action), not lam={self.lam}, m2={self.m2}")
+        s = torch.sin(math.pi * torch.arange(self.L, dtype=torch.float64) / self.L).pow(2)
+        eig = self.m2 + 4 * (s[:, None] + s[None, :])
+        return 0.5 * self.volume * math.log(math.pi) - 0.5 * float(eig.log().sum())
 
     def _check(self, phi: Tensor) -> Tensor:
         if phi.dim() == 4 and phi.shape[1] == 1:

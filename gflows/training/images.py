@@ -67,6 +67,8 @@ class ImageTask:
     loss_name = "loss_bpd"
 
     def __init__(self, cfg):
+        if cfg.init_from:
+            raise ValueError(f"init_from={cfg.init_from}: transfer between lattice sizes is for data=phi4")
         self.cfg = cfg
         self.group = get_group(cfg.flow.group)
         self.model = image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha)

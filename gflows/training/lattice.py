@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from gflows.flow import Compiled, Flow
 from gflows.models.config import lattice_model_from_config
 from gflows.models.lattice import LatticeSymmetrised
+from gflows.models.transfer import transfer_lattice_state
 from gflows.physics.mcmc import ess
 from gflows.physics.phi4 import Phi4
 from gflows.physics.plots import save_plots
 from gflows.physics.report import format_report, sampler_report
+from gflows.training.checkpoint import exists, load_latest
 from gflows.training.distributed import Dist, device_of, step_seed
 from gflows.training.engine import StepLoss
 from gflows.training.records import read_metrics
@@ -117,14 +119,31 @@ class LatticeTask:
         if t.compile:
             self.sampler, self.action = compiled_sampler(self.model, self.theory.action)
         th = self.theory
-        print(f"phi4: L={th.L} m2={th.m2} lam={th.lam} (kappa, lambda_h = "
-              f"{', '.join(f'{v:.5f}' for v in th.hopping_parameters)}); {cfg.flow.name}, "
+        hopping = (f" (kappa, lambda_h = {', '.join(f'{v:.5f}' for v in th.hopping_parameters)})"
+                   if th.lam else "")  # the free field has no hopping form
+        print(f"phi4: L={th.L} m2={th.m2} lam={th.lam}{hopping}; {cfg.flow.name}, "
               f"{sum(p.numel() for p in self.model.parameters())} parameters, {d.dtype}")
 
     def prepare(self, dd: Dist) -> None:
         if self.cfg.trainer.batch_size % dd.world:
             raise ValueError(f"trainer.batch_size {self.cfg.trainer.batch_size} does not split over "
                              f"{dd.world} processes")
+        if self.cfg.init_from and not (self.cfg.resume and exists(Path(self.cfg.run_dir) / "checkpoint.pt")):
+            self._transfer(Path(self.cfg.init_from))
+
+    def _transfer(self, source: Path) -> None:
+        """Start from the weights of the run in ``source`` (another lattice size of this sampler)."""
+        path = source / "checkpoint.pt"
+        if not exists(path):
+            raise FileNotFoundError(f"init_from={source}: no checkpoint at {path}")
+        state, used = load_latest(path)
+        if "theory" not in state:
+            raise ValueError(f"init_from={source}: {used} is not a lattice sampler's checkpoint")
+        L0, m2, lam = state["theory"]
+        notes = transfer_lattice_state(self.model, state["model"], int(L0), self.theory.L)
+        self.model.to(device=device_of(self.cfg.device), dtype=getattr(torch, self.cfg.data.dtype))
+        print(f"init_from: the weights of {used} (L={L0}, m2={m2}, lam={lam}, step {state['step']})"
+              + "".join(f"\n  {n}" for n in notes))
 
     def loss(self, step: int, dd: Dist) -> StepLoss:
         torch.manual_seed(step_seed(self.cfg.seed, step))
@@ -135,7 +154,7 @@ class LatticeTask:
         return StepLoss(surrogate, -log_w.mean(), {"ess_batch": ess(log_w)} if finite else {})
 
     def checkpoint_info(self) -> dict[str, Any]:
-        return {"theory": list(astuple(self.theory))}
+        return {"theory": list(astuple(self.theory)), "init_from": str(self.cfg.init_from or "")}
 
     def check_checkpoint(self, state: dict[str, Any], path: Path) -> None:
         if tuple(state["theory"]) != astuple(self.theory):
@@ -146,6 +165,8 @@ class LatticeTask:
         """The sampler report (``data.symmetrise``: on the flow's mixture over the lattice
         symmetries), its table, ``report.json`` and plots in ``run_dir``."""
         d, run_dir = self.cfg.data, Path(self.cfg.run_dir)
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        train_seconds = rows[-1]["seconds"] if rows else None  # of the last training invocation
         model.eval()
         hmc = None
         if d.hmc.enabled:
@@ -153,12 +174,14 @@ class LatticeTask:
         # residual blocks' log-dets exact (brute-force Jacobian), so that log w is not a noisy estimate
         with logdet_mode(model, "exact"):
             sampler = LatticeSymmetrised(model) if d.symmetrise else model
-            report, arrays = sampler_report(sampler, self.theory, int(d.ess_samples), hmc, int(self.cfg.seed))
+            report, arrays = sampler_report(sampler, self.theory, int(d.ess_samples), hmc, int(self.cfg.seed),
+                                            train_seconds, int(d.amortise_samples))
         report["symmetrised"] = bool(d.symmetrise)
+        report["init_from"] = self.cfg.init_from  # the run the weights started from (null: none)
         print(format_report(report))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-        curve = [(r["step"], r["ess_batch"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+        curve = [(r["step"], r["ess_batch"]) for r in rows]
         plots = save_plots(run_dir, arrays, curve)
         print(f"report: wrote {run_dir / 'report.json'} and {', '.join(plots)}")
         if wb is not None:
