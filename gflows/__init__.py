@@ -1,6 +1,6 @@
 """gflows: G-equivariant normalizing flows with exact likelihoods."""
 
-from gflows.equivariance import check_equivariance
+from gflows.equivariance import check_equivariance, density_gaps
 from gflows.export import export
 from gflows.flow import Compiled, Compose, Flow, Inverse, StandardNormal, Transform
 from gflows.groups import Group, GroupElement, get_group
@@ -44,6 +44,7 @@ __all__ = [
     "StandardNormal",
     "Transform",
     "check_equivariance",
+    "density_gaps",
     "export",
     "g_residual_flow",
     "get_group",

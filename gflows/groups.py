@@ -159,6 +159,20 @@ class Group:
                              f"only when it is square; got {height} x {width} (use a group without them, "
                              f"such as 'flip', 'c2' or 'd2', or a square input)")
 
+    def random_act(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Each sample ``x[i]`` (``[B, ..., H, W]``) moved by its own uniformly random grid-exact
+        element (data augmentation, or making data exactly invariant); exact permutations only, so
+        integer images stay integer."""
+        self.check_grid(x.shape[-2], x.shape[-1], f"a random element of {self.name}")
+        elements = self.grid_elements
+        which = torch.randint(len(elements), (len(x),), generator=generator)
+        out = x.clone()
+        for i, g in enumerate(elements):
+            rows = which == i
+            if rows.any():
+                out[rows] = self.act(g, x[rows])
+        return out
+
     def escnn_element(self, g: GroupElement):
         """The escnn group element corresponding to ``g``."""
         G = self.gspace.fibergroup

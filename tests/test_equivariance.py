@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import perturb
 
-from gflows import GCoupling, GResidualBlock, check_equivariance
+from gflows import Flow, GCoupling, GResidualBlock, check_equivariance, density_gaps
 from gflows.representations import squeezed_action
 from gflows.transforms.reshape import Squeeze
 
@@ -39,3 +39,13 @@ def test_a_non_equivariant_map_fails_and_a_stochastic_logdet_is_skipped_on_reque
     assert max(e for _, e in check_equivariance(block, "c4", x, logdet=False)) < 1e-5
     with pytest.raises(AssertionError, match="GResidualBlock"):
         check_equivariance(block, "c4", x, atol=1e-5)
+
+
+def test_density_gaps_vanish_for_an_invariant_flow_and_not_otherwise():
+    x = torch.randn(16, 2, 6, 6, dtype=torch.float64)
+    invariant = Flow(perturb(GCoupling("d4", (2, 6, 6), hidden_fields=2, basis="orbit"))).double()
+    gaps = density_gaps(invariant, "d4", x, batch_size=5)
+    assert len(gaps) == 9 and gaps["|gap|"][0] < 1e-12
+    plain = Flow(perturb(GCoupling("trivial", (2, 6, 6), hidden_fields=2))).double()
+    gaps = density_gaps(plain, "d4", x)
+    assert gaps["|gap|"][0] > 1e-3 and gaps["(rot 0 deg)"] == (0.0, 0.0)

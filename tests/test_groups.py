@@ -91,3 +91,15 @@ def test_periodic_checkerboard_refuses_odd_lattices():
 
     with pytest.raises(ValueError, match="periodic 5 x 5 lattice needs even sizes"):
         gflows.GCoupling("d4", (1, 5, 5), mask="checkerboard", padding_mode="circular", hidden_fields=1)
+
+
+def test_random_act_moves_each_sample_by_a_grid_element():
+    G = Group("d4")
+    x = torch.randint(0, 256, (64, 3, 6, 6), dtype=torch.uint8)
+    y = G.random_act(x, torch.Generator().manual_seed(0))
+    assert y.dtype == torch.uint8
+    which = [next(i for i, g in enumerate(G.grid_elements) if torch.equal(G.act(g, a), b))
+             for a, b in zip(x, y, strict=True)]
+    assert len(set(which)) == 8  # all elements drawn
+    with pytest.raises(ValueError, match="quarter turns"):
+        G.random_act(torch.zeros(2, 1, 4, 6))

@@ -221,3 +221,29 @@ def test_orbit_gather_gradient():
     index = torch.randint(0, 7, (3, 2, 3, 3))
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: _Gather.apply(v, index), (w,))
+
+
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_relax_zero_is_the_strict_layer_and_the_error_grows_with_relax(group):
+    """relax=0 has the strict layer's parameters and outputs bit for bit; with a fixed free part the
+    equivariance error is round-off at relax -> 0 and grows in proportion to relax."""
+    from gflows.equivariance import check_equivariance
+
+    torch.manual_seed(1)
+    strict = GConv2d(group, (2, "scalar"), (3, "scalar"), 3, basis="orbit").double()
+    torch.manual_seed(1)
+    zero = GConv2d(group, (2, "scalar"), (3, "scalar"), 3, basis="orbit", relax=0.0).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    assert strict.state_dict().keys() == zero.state_dict().keys() and torch.equal(strict(x), zero(x))
+    errors = []
+    for relax in (1e-8, 1e-4, 1e-2, 1.0):
+        torch.manual_seed(1)
+        layer = GConv2d(group, (2, "scalar"), (3, "scalar"), 3, basis="orbit", relax=relax).double()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(2)
+            layer.free_weight.copy_(torch.randn(layer.free_weight.shape, generator=g))
+        errors.append(max(e for _, e in check_equivariance(layer, group, x)))
+    assert max(e for _, e in check_equivariance(zero, group, x)) < 1e-13
+    assert errors == sorted(errors) and errors[-1] / errors[1] == pytest.approx(1e4, rel=1e-3)
+    with pytest.raises(ValueError, match="relax must be >= 0"):
+        GConv2d(group, (1, "scalar"), (1, "scalar"), 3, relax=-0.1)

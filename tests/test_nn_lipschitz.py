@@ -126,3 +126,15 @@ def test_quick_training_refreshes_are_certified_in_evaluation_mode(group):
     assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
     with pytest.raises(ValueError, match="train_iters"):
         LipschitzGConv2d(group, (1, "scalar"), (1, "scalar"), 3, input_hw=(4, 4), train_iters=0)
+
+
+@pytest.mark.parametrize("group", ["c4", "d4"])
+def test_relaxed_filters_respect_the_bound_on_the_true_operator(group):
+    """The bound holds for the whole relaxed filter ``W_G + relax V`` (measured on the operator)."""
+    conv = LipschitzGConv2d(group, (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5, relax=1.0)
+    with torch.no_grad():
+        conv.free_weight.normal_()
+    for _ in sgd_steps(conv, 3):
+        w, _ = conv.normalised()
+        assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
+    assert float(conv.free_weight.abs().max()) > 0

@@ -56,8 +56,9 @@ def _call(builder: Callable[..., Flow], name: str, *args, **kwargs) -> Flow:
         raise ValueError(f"flow={name}: unknown setting {key!r} for {builder.__name__}") from None
 
 
-def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float) -> Flow:
-    """The image model of ``flow`` (``cfg.flow``) on 8-bit images of ``shape`` with logit ``alpha``.
+def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float, levels: int = 256) -> Flow:
+    """The image model of ``flow`` (``cfg.flow``) on images of ``shape`` with ``levels`` grey levels
+    (8-bit by default) and logit ``alpha``.
 
     >>> import torch
     >>> flow = {"name": "tiny", "domain": "image", "kind": "coupling", "group": "flip",
@@ -69,7 +70,7 @@ def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float) -
     kw = _settings(flow, "image")
     group = get_group(flow["group"])
     block = kw.pop("block", {}) or {}
-    return _call(image_model, flow["name"], flow["kind"], group, tuple(shape), alpha=alpha,
+    return _call(image_model, flow["name"], flow["kind"], group, tuple(shape), alpha=alpha, levels=levels,
                  hidden_fields=max(1, int(flow["hidden_channels"]) // group.order), **kw, **block)
 
 

@@ -92,7 +92,8 @@ def image_flow(
         raise ValueError(f"n_scales must be >= 1, got {n_scales}")
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
-    fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in ("kernel_sizes", "padding_mode", "basis")}
+    conv_only = ("kernel_sizes", "padding_mode", "basis", "relax")  # not for the fully-connected blocks
+    fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
     plan = _Plan(kind, group, first + n_scales - 1, blocks_per_scale, hidden_fields, actnorm, fc_blocks,
                  fc_hidden, invconv, factor_out, block_kwargs, fc_kwargs)
     layers: list[Transform] = []
@@ -151,14 +152,16 @@ def _scales(p: _Plan, level: int, shape: tuple[int, ...]) -> list[Transform]:
 
 
 def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 32, 32),
-                alpha: float = 0.05, **kwargs) -> Flow:
-    """Flow on 8-bit images: uniform dequantisation, logit(alpha), then :func:`image_flow`.
+                alpha: float = 0.05, levels: int = 256, **kwargs) -> Flow:
+    """Flow on images of ``levels`` grey levels (8-bit by default): uniform dequantisation,
+    logit(alpha), then :func:`image_flow`.
 
     ``-flow.log_prob(x) / (D ln 2)`` is then the bits per dimension of integer images ``x``,
-    counting every log-det of the preprocessing and the 256 bins.
+    counting every log-det of the preprocessing and the ``levels`` bins.
     """
     shape = tuple(event_shape)
-    return Flow(Compose(Dequantize(shape), Logit(shape, alpha), image_flow(kind, group, shape, **kwargs)))
+    return Flow(Compose(Dequantize(shape, levels), Logit(shape, alpha),
+                        image_flow(kind, group, shape, **kwargs)))
 
 
 def g_residual_flow(

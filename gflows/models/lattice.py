@@ -56,6 +56,7 @@ def lattice_flow(
     spline_bound: float = 3.0,
     momentum_scale: bool = False,
     basis: str = "escnn",
+    relax: float = 0.0,
 ) -> Flow:
     """``n_layers`` checkerboard couplings on ``[1, L, L]`` with ``group``-equivariant conditioners.
 
@@ -77,22 +78,14 @@ def lattice_flow(
         momentum_scale: a :class:`~gflows.transforms.fourier.MomentumScale` (one learned scale per
             D4 orbit of momenta, invariant under the whole symmetry group of the action) on the
             noise side: the base becomes a learned translation-invariant Gaussian.
-        basis: parametrisation of the conditioners' filters (see :class:`~gflows.nn.equivariant.GConv2d`):
-            escnn's basis trained better at equal steps than one weight per orbit (``'auto'``), which
-            is exactly equivariant in float64 (escnn's basis to about 1e-7).
+        basis, relax: the conditioners' filters (:class:`~gflows.nn.equivariant.GConv2d`): escnn's
+            basis trained better at equal steps than the orbit basis (``'auto'``, exactly equivariant
+            in float64; escnn's to about 1e-7); ``relax``: relaxed equivariance.
     """
-    if not 0 <= spline_layers <= n_layers:
-        raise ValueError(f"spline_layers must lie in [0, n_layers={n_layers}], got {spline_layers}")
-    if spline_layers and sign_symmetric:
-        raise ValueError("spline couplings are not sign-symmetric: set sign_symmetric=False")
-    layers = [
-        GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2, sign_symmetric=sign_symmetric,
-                  hidden_fields=hidden_fields, kernel_sizes=kernel_sizes, padding_mode="circular",
-                  scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
-                  zero_init=zero_init, spline_bins=spline_bins if i >= n_layers - spline_layers else 0,
-                  spline_bound=spline_bound, basis=basis)
-        for i in range(n_layers)
-    ]
+    coupling = dict(sign_symmetric=sign_symmetric, hidden_fields=hidden_fields, kernel_sizes=kernel_sizes,
+                    scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
+                    zero_init=zero_init, spline_bound=spline_bound, basis=basis, relax=relax)
+    layers = _couplings(L, n_layers, group, spline_layers, spline_bins, coupling)
     if site_spline_bins:
         layers = _with_site_splines(layers, L, site_spline_bins, site_spline_bound, site_spline_every)
     if zero_mode_bins:
@@ -100,6 +93,16 @@ def lattice_flow(
     if momentum_scale:
         layers.append(MomentumScale((1, L, L)))
     return Flow(Compose(layers))
+
+
+def _couplings(L: int, n: int, group, spline_layers: int, spline_bins: int, kw: dict) -> list[nn.Module]:
+    """``n`` checkerboard couplings of alternating parity, the last ``spline_layers`` of them splines."""
+    if not 0 <= spline_layers <= n:
+        raise ValueError(f"spline_layers must lie in [0, n_layers={n}], got {spline_layers}")
+    if spline_layers and kw["sign_symmetric"]:
+        raise ValueError("spline couplings are not sign-symmetric: set sign_symmetric=False")
+    return [GCoupling(group, (1, L, L), mask="checkerboard", parity=i % 2, padding_mode="circular",
+                      spline_bins=spline_bins if i >= n - spline_layers else 0, **kw) for i in range(n)]
 
 
 def _with_site_splines(layers: list[nn.Module], L: int, bins: int, bound: float,
@@ -127,6 +130,7 @@ def residual_lattice_flow(
     site_spline_bound: float = 3.0,
     momentum_scale: bool = True,
     basis: str = "escnn",
+    relax: float = 0.0,
     **block_kwargs,
 ) -> Flow:
     r"""A G-residual sampler on ``[1, L, L]``: ``n_blocks``
@@ -152,12 +156,12 @@ def residual_lattice_flow(
         site_spline_bins: odd site splines of that many bins per side at both ends (0: none).
         site_spline_bound: their range.
         momentum_scale: a learned Gaussian with one scale per D4 orbit of momenta on the noise side.
-        basis: parametrisation of the filters, as for :func:`lattice_flow`.
+        basis, relax: parametrisation and relaxed equivariance of the filters, as for :func:`lattice_flow`.
         **block_kwargs: log-det, inverse and power-iteration options of the blocks.
     """
     layers: list[nn.Module] = [
         GResidualBlock(group, (1, L, L), hidden_fields, kernel_sizes, coeff, padding_mode="circular",
-                       sign_symmetric=sign_symmetric, basis=basis, **block_kwargs)
+                       sign_symmetric=sign_symmetric, basis=basis, relax=relax, **block_kwargs)
         for _ in range(n_blocks)
     ]
     if site_spline_bins:

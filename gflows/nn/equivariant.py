@@ -124,6 +124,12 @@ class GConv2d(nn.Module):
             D4 only; parameters ``orbit_weights`` and ``orbit_bias``; see the module docstring). The
             two span the same filters and start from the same one. ``'auto'``: ``'orbit'`` where the
             group allows it, else ``'escnn'``.
+        relax: relaxed equivariance (the residual pathway of Finzi et al. 2021): the filter is
+            ``W = W_G + relax * V`` with ``V`` an unconstrained filter (and bias) that starts at zero,
+            so the layer starts equivariant and ``relax`` sets how far training can break the
+            symmetry (with Adam, ``V`` moves by about the learning rate per step, ``W`` by ``relax``
+            times that). ``relax=0`` (the default) is the strict layer itself: no ``V``, the same
+            parameters and outputs. Every consumer of the filter (spectral norms, export) sees the sum.
     """
 
     def __init__(
@@ -135,8 +141,11 @@ class GConv2d(nn.Module):
         padding_mode: str = "zeros",
         bias: bool = True,
         basis: str = "escnn",
+        relax: float = 0.0,
     ):
         super().__init__()
+        if not relax >= 0:
+            raise ValueError(f"relax must be >= 0 (0: strictly equivariant), got {relax}")
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         if padding_mode not in PADDING_MODES:
@@ -152,6 +161,11 @@ class GConv2d(nn.Module):
         self.padding_mode = padding_mode
         with escnn_float32() as dtype:
             self._build(bias, basis)
+        self.relax = float(relax)
+        if self.relax:
+            shape = (self.out_channels, self.in_channels, kernel_size, kernel_size)
+            self.free_weight = nn.Parameter(torch.zeros(shape))
+            self.free_bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
         self.to(dtype)
 
     def _build(self, bias: bool, basis: str) -> None:
@@ -247,6 +261,8 @@ class GConv2d(nn.Module):
             params = [self.orbit_weights, self.orbit_bias]
         else:
             params = [self.r2conv.weights, self.r2conv.bias]
+        if self.relax:
+            params += [self.free_weight, self.free_bias]
         for p in params:
             if p is not None:
                 p.zero_()
@@ -282,7 +298,15 @@ class GConv2d(nn.Module):
         return self.out_type.size
 
     def expanded(self) -> tuple[Tensor, Tensor | None]:
-        """The dense filter ``[out, in, k, k]`` and bias, differentiable in the basis weights."""
+        """The dense filter ``[out, in, k, k]`` and bias, differentiable in the basis weights (plus
+        the free part of a relaxed layer)."""
+        w, b = self._equivariant_filter()
+        if not self.relax:
+            return w, b
+        w = w + self.relax * self.free_weight
+        return w, (None if b is None else b + self.relax * self.free_bias)
+
+    def _equivariant_filter(self) -> tuple[Tensor, Tensor | None]:
         if self.basis == "orbit":
             bias = None if self.orbit_bias is None else self.orbit_bias[self.bias_index]
             return _Gather.apply(self.orbit_weights, self.orbit_index), bias

@@ -175,7 +175,8 @@ class LipschitzGConv2d(SpectralNormalised, GConv2d):
     """A :class:`~gflows.nn.equivariant.GConv2d` whose operator norm is at most ``coeff``.
 
     Args:
-        group, in_fields, out_fields, kernel_size, padding_mode, bias, basis: as for ``GConv2d``
+        group, in_fields, out_fields, kernel_size, padding_mode, bias, basis, relax: as for ``GConv2d``
+            (a relaxed layer's bound holds for the whole filter, equivariant part and free part)
             (``basis='auto'``: one weight per orbit of filter entries where the group maps the grid
             onto itself, escnn's basis otherwise).
         input_hw: spatial size ``(H, W)`` of the inputs the operator norm is taken on.
@@ -202,8 +203,9 @@ class LipschitzGConv2d(SpectralNormalised, GConv2d):
         init_iters: int = 5000,
         train_iters: int | None = None,
         basis: str = "auto",
+        relax: float = 0.0,
     ):
-        GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias, basis)
+        GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias, basis, relax)
         h, w = (int(s) for s in input_hw)
         self._init_norm(coeff, tol, max_iters, init_iters, (self.in_channels, h, w),
                         (self.out_channels, h, w), train_iters)

@@ -115,6 +115,20 @@ class Phi4:
         eig = self.m2 + 4 * (s[:, None] + s[None, :])
         return 0.5 * self.volume * math.log(math.pi) - 0.5 * float(eig.log().sum())
 
+    @staticmethod
+    def random_symmetry(phi: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Each configuration of ``phi [B, ..., L, L]`` moved by its own uniformly random symmetry
+        of the action: a translation, a rotation or reflection of the lattice (D4) and a sign."""
+        from gflows.groups import Group
+
+        n, L = len(phi), phi.shape[-1]
+        shifts = torch.randint(L, (n, 2), generator=generator)
+        signs = torch.randint(2, (n,), generator=generator) * 2 - 1
+        out = Group("d4").random_act(phi, generator)
+        out = torch.stack([torch.roll(o, (int(a), int(b)), (-2, -1))
+                           for o, (a, b) in zip(out, shifts, strict=True)])
+        return out * signs.to(phi.dtype).view(-1, *([1] * (phi.dim() - 1)))
+
     def _check(self, phi: Tensor) -> Tensor:
         if phi.dim() == 4 and phi.shape[1] == 1:
             phi = phi[:, 0]

@@ -20,7 +20,8 @@ from gflows.physics.mcmc import ess, hmc, independence_mh, tau_int
 from gflows.physics.observables import measure, primaries
 from gflows.physics.phi4 import Phi4
 
-__all__ = ["OBSERVABLES", "format_report", "hmc_reference", "log_partition", "log_weights", "sampler_report"]
+__all__ = ["OBSERVABLES", "format_report", "hmc_dataset", "hmc_reference", "log_partition", "log_weights",
+           "sampler_report"]
 
 OBSERVABLES = ("abs_m", "chi2", "chi2_conn", "energy", "xi")
 
@@ -60,6 +61,25 @@ def hmc_reference(theory: Phi4, chains: int, trajectories: int, therm: int, n_st
     phi, _ = hmc(theory.action, theory.force, phi0, therm, n_steps, step_size, g)
     phi, acc = hmc(theory.action, theory.force, phi[-1], trajectories, n_steps, step_size, g)
     return phi.transpose(0, 1).reshape(-1, theory.L, theory.L), acc
+
+
+def hmc_dataset(theory: Phi4, n_train: int, n_test: int, hmc_settings: dict, seed: int,
+                dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """HMC configurations for maximum-likelihood training: ``hmc_settings['chains']`` chains (the
+    other settings as for :func:`hmc_reference`, their length from the sizes), the first
+    ``n_train / (n_train + n_test)`` of each chain for training and the rest, later in Monte Carlo
+    time, held out: ``([n_train, L, L], [n_test, L, L])``."""
+    chains = int(hmc_settings["chains"])
+    if n_train <= 0 or n_test <= 0 or (n_train + n_test) % chains or n_train % chains:
+        raise ValueError(f"{n_train} training and {n_test} test configurations must be positive "
+                         f"multiples of the {chains} HMC chains")
+    settings = {k: v for k, v in hmc_settings.items() if k != "trajectories"}
+    phi, _ = hmc_reference(theory, trajectories=(n_train + n_test) // chains, seed=seed, dtype=dtype,
+                           **settings)
+    per_chain = phi.view(chains, -1, theory.L, theory.L)
+    cut = n_train // chains
+    L = theory.L
+    return per_chain[:, :cut].reshape(-1, L, L), per_chain[:, cut:].reshape(-1, L, L)
 
 
 def _slowest_tau(phi: Tensor, chains: int = 1) -> float:

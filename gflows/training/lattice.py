@@ -24,7 +24,7 @@ from gflows.models.transfer import transfer_lattice_state
 from gflows.physics.mcmc import ess
 from gflows.physics.phi4 import Phi4
 from gflows.physics.plots import save_plots
-from gflows.physics.report import format_report, sampler_report
+from gflows.physics.report import format_report, hmc_dataset, sampler_report
 from gflows.training.checkpoint import exists, load_latest
 from gflows.training.distributed import Dist, device_of, step_seed
 from gflows.training.engine import StepLoss
@@ -35,6 +35,7 @@ __all__ = ["ESTIMATORS", "LatticeTask", "compiled_sampler", "reverse_kl_loss", "
 
 ESTIMATORS = ("reparam", "path")
 DTYPES = ("float32", "float64")
+OBJECTIVES = ("reverse_kl", "samples")
 
 
 def reverse_kl_loss(flow: Flow, action, batch_size: int, estimator: str = "reparam",
@@ -110,6 +111,9 @@ class LatticeTask:
             raise ValueError(f"unknown data.dtype {cfg.data.dtype!r}: expected one of {list(DTYPES)}")
         if t.gradient not in ESTIMATORS:
             raise ValueError(f"unknown trainer.gradient {t.gradient!r}: expected one of {list(ESTIMATORS)}")
+        if t.objective not in OBJECTIVES:
+            raise ValueError(f"unknown trainer.objective {t.objective!r}: expected one of {list(OBJECTIVES)}")
+        self.configs: tuple[Tensor, Tensor] | None = None  # (train, test) HMC configurations
         d = cfg.data
         self.theory = Phi4.from_settings(d.preset, d.L, d.m2, d.lam, d.kappa, d.lambda_h)
         self.model = lattice_model_from_config(cfg.flow, self.theory.L)
@@ -128,8 +132,33 @@ class LatticeTask:
         if self.cfg.trainer.batch_size % dd.world:
             raise ValueError(f"trainer.batch_size {self.cfg.trainer.batch_size} does not split over "
                              f"{dd.world} processes")
+        if self.cfg.trainer.objective == "samples":
+            self._hmc_configs()
         if self.cfg.init_from and not (self.cfg.resume and exists(Path(self.cfg.run_dir) / "checkpoint.pt")):
             self._transfer(Path(self.cfg.init_from))
+
+    def _hmc_configs(self) -> tuple[Tensor, Tensor]:
+        """The HMC configurations of ``trainer.objective=samples`` (made once, seeded)."""
+        if self.configs is None:
+            d = self.cfg.data
+            hmc = {k: d.hmc[k] for k in ("chains", "therm", "n_steps", "step_size")}
+            train, test = hmc_dataset(self.theory, int(d.samples.train), int(d.samples.test), hmc,
+                                      int(self.cfg.seed) + 7)
+            p = next(self.model.parameters())
+            self.configs = train.to(p.device, p.dtype)[:, None], test.to(p.device, p.dtype)[:, None]
+            print(f"samples: {len(train)} training and {len(test)} held-out HMC configurations")
+        return self.configs
+
+    def _nll(self, step: int, dd: Dist) -> StepLoss:
+        """Maximum likelihood on HMC configurations (``data.augment``: each moved by a random
+        symmetry of the action): ``-log q`` per site."""
+        train, _ = self._hmc_configs()
+        g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step))
+        x = train[torch.randperm(len(train), generator=g)[: self.cfg.trainer.batch_size]]
+        if self.cfg.data.augment:
+            x = Phi4.random_symmetry(x, g)
+        nll = -self.model.log_prob(dd.shard(x)) / self.theory.volume
+        return StepLoss(nll.mean(), dd.gather(nll.detach()).mean())
 
     def _transfer(self, source: Path) -> None:
         """Start from the weights of the run in ``source`` (another lattice size of this sampler)."""
@@ -146,6 +175,8 @@ class LatticeTask:
               + "".join(f"\n  {n}" for n in notes))
 
     def loss(self, step: int, dd: Dist) -> StepLoss:
+        if self.cfg.trainer.objective == "samples":
+            return self._nll(step, dd)
         torch.manual_seed(step_seed(self.cfg.seed, step))
         z = dd.shard(self.model.base.sample(self.cfg.trainer.batch_size))
         surrogate, log_w = reverse_kl_loss(self.sampler, self.action, len(z), self.cfg.trainer.gradient, z=z)
@@ -177,11 +208,15 @@ class LatticeTask:
             report, arrays = sampler_report(sampler, self.theory, int(d.ess_samples), hmc, int(self.cfg.seed),
                                             train_seconds, int(d.amortise_samples))
         report["symmetrised"] = bool(d.symmetrise)
+        if self.cfg.trainer.objective == "samples":
+            report["test_nll_per_site"] = self._test_nll(model)
+            print(f"held-out HMC configurations: -log q per site {report['test_nll_per_site'][0]:.5f} "
+                  f"+- {report['test_nll_per_site'][1]:.5f}")
         report["init_from"] = self.cfg.init_from  # the run the weights started from (null: none)
         print(format_report(report))
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-        curve = [(r["step"], r["ess_batch"]) for r in rows]
+        curve = [(r["step"], r["ess_batch"]) for r in rows if "ess_batch" in r]  # reverse KL only
         plots = save_plots(run_dir, arrays, curve)
         print(f"report: wrote {run_dir / 'report.json'} and {', '.join(plots)}")
         if wb is not None:
@@ -191,6 +226,14 @@ class LatticeTask:
                     "final/tau_int": report["tau_int_abs_m"]}
                    | {f"final/{Path(p).stem}": wandb.Image(p) for p in plots})
         return report
+
+    @torch.no_grad()
+    def _test_nll(self, model: nn.Module) -> tuple[float, float]:
+        """``-log q`` per site on the held-out HMC configurations (mean, standard error)."""
+        _, test = self._hmc_configs()
+        with logdet_mode(model, "exact"):
+            nll = torch.cat([-model.log_prob(b) for b in test.split(1024)]) / self.theory.volume
+        return float(nll.mean()), float(nll.std() / len(nll) ** 0.5)
 
     def finish(self, model: nn.Module, run_dir: Path, wb) -> dict[str, Any]:
         return self.evaluate(model, wb)

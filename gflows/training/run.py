@@ -14,7 +14,8 @@ from gflows.training.lattice import LatticeTask
 __all__ = ["TASKS", "run"]
 
 #: data domain -> (task, modes it offers)
-TASKS = {"image": (ImageTask, ("train", "eval", "sample")), "lattice": (LatticeTask, ("train", "eval"))}
+TASKS = {"image": (ImageTask, ("train", "eval", "sample", "symmetry")),
+         "lattice": (LatticeTask, ("train", "eval"))}
 
 
 #: the flow configs (``configs/flow``) of each domain, for the messages (tests check they exist)
@@ -40,7 +41,8 @@ def _check(cfg) -> None:
 
 
 def run(cfg) -> dict[str, Any]:
-    """Train (``mode=train``), evaluate (``eval``) or sample (``sample``, images) as ``cfg`` says."""
+    """Train (``mode=train``), evaluate (``eval``), sample (``sample``, images) or measure symmetry
+    (``symmetry``, images) as ``cfg`` says."""
     _check(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -48,4 +50,4 @@ def run(cfg) -> dict[str, Any]:
     if cfg.mode == "train":
         return Engine(task, cfg).fit()
     model = load_trained(task, cfg.run_dir)
-    return task.evaluate(model) if cfg.mode == "eval" else task.sample(model)
+    return getattr(task, {"eval": "evaluate"}.get(cfg.mode, cfg.mode))(model)

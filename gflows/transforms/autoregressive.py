@@ -39,7 +39,7 @@ class GIAF(Transform):
         group: symmetry group.
         event_shape: ``(C, H, W)``, ``C >= n_blocks``.
         n_blocks: number of channel blocks ``K``.
-        sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode: see
+        sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, basis, relax: see
             :class:`~gflows.transforms.conditioner.Conditioner`.
     """
 
@@ -53,6 +53,8 @@ class GIAF(Transform):
         hidden_fields: int = 8,
         kernel_sizes: Sequence[int] = (3, 3, 3),
         padding_mode: str = "zeros",
+        basis: str = "auto",
+        relax: float = 0.0,
     ):
         super().__init__()
         self.group = get_group(group)
@@ -72,7 +74,8 @@ class GIAF(Transform):
         self.t0 = nn.Parameter(torch.zeros(n0)) if not sign_symmetric else None
         self.conditioners = nn.ModuleList(
             Conditioner(self.group, bounds[i], bounds[i + 1] - bounds[i], hidden_fields,
-                        kernel_sizes, padding_mode, True, sign_symmetric, scale_bound)
+                        kernel_sizes, padding_mode, True, sign_symmetric, scale_bound, basis=basis,
+                        relax=relax)
             for i in range(1, n_blocks)
         )
 

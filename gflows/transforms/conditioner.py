@@ -28,16 +28,16 @@ ACTIVATIONS = {
 def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
                     kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
                     activation: str = "lipswish", zero_init: bool = True,
-                    squeeze_levels: int = 0, basis: str = "auto") -> GConvNet:
+                    squeeze_levels: int = 0, basis: str = "auto", relax: float = 0.0) -> GConvNet:
     """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
     ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
-    with ``zero_init``, a last convolution starting at zero; ``basis`` of the
-    :class:`~gflows.nn.equivariant.GConv2d` filters."""
+    with ``zero_init``, a last convolution starting at zero; ``basis`` and ``relax`` (relaxed
+    equivariance) of the :class:`~gflows.nn.equivariant.GConv2d` filters."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
     net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
                    activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels,
-                   conv_kwargs={"basis": basis})
+                   conv_kwargs={"basis": basis, "relax": relax})
     if zero_init:
         net.layers[-1].zero_()
     return net
@@ -65,6 +65,7 @@ class Conditioner(nn.Module):
             each); the net runs on the coarse grid (grid-exact groups, see :class:`GConvNet`).
         basis: ``'escnn'`` or ``'orbit'`` parametrisation of the filters (see
             :class:`~gflows.nn.equivariant.GConv2d`; ``'orbit'`` for subgroups of D4 only).
+        relax: relaxed equivariance of the filters (:class:`~gflows.nn.equivariant.GConv2d`; 0: exact).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class Conditioner(nn.Module):
         squeeze_levels: int = 0,
         basis: str = "auto",
         shift_bound: float = 100.0,
+        relax: float = 0.0,
     ):
         super().__init__()
         self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
@@ -91,7 +93,7 @@ class Conditioner(nn.Module):
         self.final_tanh = final_tanh
         self.n_out = n_out
         self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
-                                   padding_mode, activation, zero_init, squeeze_levels, basis)
+                                   padding_mode, activation, zero_init, squeeze_levels, basis, relax)
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         if self.sign_symmetric:

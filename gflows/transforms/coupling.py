@@ -113,6 +113,10 @@ def _channel_split(c: int, field_size: int, split: int | None) -> int:
     """The number of conditioning channels: ``split``, or half the fields, in whole squeezed fields."""
     if c % field_size:
         raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
+    if c // field_size < 2 and split is None:
+        raise ValueError(f"a channel coupling splits whole fields and {c} channels of {field_size} "
+                         "sub-pixels are one field: a one-channel image needs a residual flow "
+                         "(flow=g_residual) or mask='checkerboard'")
     split = split if split is not None else (c // field_size // 2) * field_size
     if split % field_size or not 0 < split < c:
         raise ValueError(f"split {split} must lie strictly between 0 and {c} and keep each channel's "
@@ -132,7 +136,8 @@ class GCoupling(Transform):
         parity: with ``mask='checkerboard'``, which sublattice conditions the other.
         squeeze_levels: how many times the input has been squeezed (``mask='channel'`` only).
         affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, activation,
-            final_tanh, zero_init, basis: see :class:`Conditioner`.
+            final_tanh, zero_init, basis, relax: see :class:`Conditioner` (``relax > 0``: relaxed
+            equivariance; the map stays invertible with the same log-det whatever the conditioner).
         spline_bins: with ``K > 0``, a rational-quadratic spline coupling of ``K`` bins on
             ``[-spline_bound, spline_bound]`` instead of the affine one (see the module docstring).
     """
@@ -158,6 +163,7 @@ class GCoupling(Transform):
         spline_bins: int = 0,
         spline_bound: float = 3.0,
         basis: str = "auto",
+        relax: float = 0.0,
     ):
         super().__init__()
         self.group = get_group(group)
@@ -191,6 +197,7 @@ class GCoupling(Transform):
         self.elementwise = (SplineMap(self.spline_bins, self.spline_bound, n_out, field_size)
                             if self.spline_bins else AffineMap())
 
+        self.relax = float(relax)
         settings = (hidden_fields, kernel_sizes, padding_mode, affine, sign_symmetric, scale_bound,
                     activation, final_tanh, zero_init, basis)
         self.conditioner = squeezed_net(self.group, self.levels,
@@ -204,10 +211,10 @@ class GCoupling(Transform):
         if self.spline_bins:
             return conditioner_net(self.group, n_in * f, self.n_out * (3 * self.spline_bins - 1) * f,
                                    hidden_fields, kernel_sizes, padding_mode, activation, zero_init, levels,
-                                   basis)
+                                   basis, self.relax)
         return Conditioner(self.group, n_in * f, self.n_out * f, hidden_fields, kernel_sizes, padding_mode,
                            affine, sign_symmetric, scale_bound, activation, final_tanh, zero_init, levels,
-                           basis)
+                           basis, relax=self.relax)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(a, b)``: the conditioning part (checkerboard: the whole field with the ``b`` sites

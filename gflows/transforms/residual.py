@@ -351,6 +351,8 @@ class GResidualBlock(ResidualTransform):
         padding_mode: ``'zeros'`` for images, ``'circular'`` for periodic lattices.
         lipschitz_kwargs: power-iteration options (``tol``, ``max_iters``, ``init_iters``) of
             :class:`~gflows.nn.lipschitz.LipschitzGConv2d`.
+        relax: relaxed equivariance of every convolution (see :class:`~gflows.nn.equivariant.GConv2d`;
+            the Lipschitz bound holds for the relaxed filters); 0: exactly equivariant.
         basis: parametrisation of the filters, ``'auto'`` (one weight per orbit of filter entries for
             subgroups of D4, escnn's basis otherwise), ``'orbit'`` or ``'escnn'`` (checkpoints written
             before ``'auto'`` became the default; see :class:`~gflows.nn.equivariant.GConv2d`).
@@ -377,6 +379,7 @@ class GResidualBlock(ResidualTransform):
         squeeze_levels: int = 0,
         sign_symmetric: bool = False,
         basis: str = "auto",
+        relax: float = 0.0,
         **kwargs,
     ):
         if len(event_shape) != 3:
@@ -391,7 +394,7 @@ class GResidualBlock(ResidualTransform):
 
         def make(levels: int) -> GConvNet:
             k = 2 ** (squeeze_levels - levels)  # 1 on the coarse grid, 2^L on the un-squeezed one
-            conv_kwargs = {"input_hw": (h * k, w * k), "coeff": coeff, "basis": basis,
+            conv_kwargs = {"input_hw": (h * k, w * k), "coeff": coeff, "basis": basis, "relax": relax,
                            **(lipschitz_kwargs or {})}
             return GConvNet(group, c // (k * k), c // (k * k), hidden_fields, kernel_sizes, padding_mode,
                             conv=LipschitzGConv2d, conv_kwargs=conv_kwargs, squeeze_levels=levels,
