@@ -52,7 +52,7 @@ def build(group: str, hidden_fields: int, relax: float = 0.0):
 
 def matched_d4_fields(trivial_params: int) -> int:
     """The D4 width (regular fields) whose parameter count is nearest the trivial model's."""
-    return min(range(1, 64), key=lambda f: abs(n_params(build("d4", f)) - trivial_params))
+    return min(range(1, 33), key=lambda f: abs(n_params(build("d4", f)) - trivial_params))
 
 
 def train(model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, steps: int, batch: int,
@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=32, help="hidden channels of the trivial model")
     p.add_argument("--relax", type=float, nargs="+", default=[0.01, 0.1])
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--d4-fields", type=int, default=None,
+                   help="the D4 width in regular fields (default: matched to the trivial parameter count)")
     p.add_argument("--plot", type=Path, default=Path("benchmarks/bench_symmetry.png"))
     a = p.parse_args()
     train_all, _ = load_digits("train")
@@ -104,7 +106,7 @@ def main() -> None:
     if max(a.sizes) > len(pool):
         raise SystemExit(f"--sizes: at most {len(pool)} training images (the rest is the validation split)")
     trivial_params = n_params(build("trivial", a.hidden))
-    d4_fields = matched_d4_fields(trivial_params)
+    d4_fields = a.d4_fields or matched_d4_fields(trivial_params)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, no GPU; digits made D4-invariant, {len(val)} validation, {len(test)} test; "
           f"{a.steps} steps of batch {a.batch}, Adam {a.lr}, cosine; parameters: trivial {trivial_params}, "
