@@ -176,14 +176,14 @@ def sampler_report(sampler, theory: Phi4, n_samples: int, hmc_settings: dict | N
 
 def _summary(report: dict[str, Any]) -> list[str]:
     th, cost = report["theory"], report["cost"]
-    lz, dlz = report["log_z"]
+    (lz, dlz), (f, df) = report["log_z"], report["free_energy_density"]
     hmc = report.get("hmc")
     lines = [
         f"phi4 L={th['L']} m2={th['m2']} lam={th['lam']}",
         f"ESS/N on {report['n_samples']} fresh samples: {report['ess']:.4f}"
         + (" (the flow mixed over the 32 lattice-symmetry cosets)" if report.get("symmetrised") else ""),
-        f"log Z = {lz:.5f} +- {dlz:.5f}, free energy density F/V = {-lz / th['L'] ** 2:.6f} +- "
-        f"{dlz / th['L'] ** 2:.6f} (importance sampling on the same samples)",
+        f"log Z = {lz:.5f} +- {dlz:.5f}, free energy density F/V = {f:.6f} +- {df:.6f} "
+        "(importance sampling on the same samples)",
         f"independence MH: acceptance {report['mh_acceptance']:.3f}, tau_int(|M|) "
         f"{report['tau_int_abs_m']:.2f} (window {report['tau_window']}); Gamma method "
         f"{report['flow_gamma']['tau_int_abs_m'][0]:.2f} +- {report['flow_gamma']['tau_int_abs_m'][1]:.2f}",

@@ -96,15 +96,21 @@ def _with_ema(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
     return m
 
 
+def _restore(objective: Objective, path: Path) -> dict[str, Any]:
+    """The newest readable checkpoint of ``path``, checked by the objective and loaded into its model."""
+    state, used = load_latest(path)
+    objective.check_checkpoint(state, used)
+    load_model_state(objective.model, state["model"], used)
+    return state
+
+
 def load_trained(objective: Objective, run_dir: str | Path) -> nn.Module:
     """The objective's model with the weights of ``run_dir``'s newest readable checkpoint (its EMA
     weights where it kept them), for evaluation."""
     path = Path(run_dir) / "checkpoint.pt"
     if not exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train first (mode=train)")
-    state, used = load_latest(path)
-    objective.check_checkpoint(state, used)
-    load_model_state(objective.model, state["model"], used)
+    state = _restore(objective, path)
     return _with_ema(objective.model, state.get("ema"))
 
 
@@ -141,9 +147,7 @@ class Engine:
     def load(self) -> dict[str, Any]:
         """Weights, optimiser and EMA from the newest readable checkpoint; the logged curve is cut
         back to its step."""
-        state, used = load_latest(self.ckpt)
-        self.obj.check_checkpoint(state, used)
-        load_model_state(self.model, state["model"], used)
+        state = _restore(self.obj, self.ckpt)
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.update({k: v.to(self.ema[k].device) for k, v in state["ema"].items()})
