@@ -49,6 +49,7 @@ __all__ = [
     "GResidualBlock",
     "ResidualTransform",
     "logdet_mode",
+    "solve_tolerances",
 ]
 
 LOGDET_MODES = ("estimate", "exact")
@@ -56,6 +57,13 @@ LOGDET_MODES = ("estimate", "exact")
 
 class ConvergenceError(RuntimeError):
     """The fixed-point inverse did not reach its tolerance."""
+
+
+def solve_tolerances(atol: float | None, rtol: float | None, dtype: torch.dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` of a fixed-point solve in ``dtype``; ``None`` means the dtype's round-off
+    level, ``1e-12`` in float64 and ``1e-6`` otherwise."""
+    default = 1e-12 if dtype == torch.float64 else 1e-6
+    return (default if atol is None else atol, default if rtol is None else rtol)
 
 
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -203,8 +211,7 @@ class ResidualTransform(Transform):
 
     def tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
         """``(atol, rtol)`` of the fixed-point solves in ``dtype``."""
-        default = 1e-12 if dtype == torch.float64 else 1e-6
-        return (default if self.atol is None else self.atol, default if self.rtol is None else self.rtol)
+        return solve_tolerances(self.atol, self.rtol, dtype)
 
     def _converged(self, new: Tensor, old: Tensor) -> bool:
         atol, rtol = self.tolerances(new.dtype)
