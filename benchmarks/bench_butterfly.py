@@ -1,10 +1,12 @@
 """Butterfly channel mixing vs a dense LU-parametrised mix (Glow / nflows LULinear) vs a dense
 matrix with torch.linalg.slogdet: forward with log-det plus inverse, for n = 64 .. 4096.
 
-All three run interleaved in one process on the same inputs; the script prints median times, the
-speed-ups and the fitted scaling exponent ``t ~ n^p`` of each.
+All run interleaved in one process on the same inputs; the script prints median times, the
+speed-ups and the fitted scaling exponent ``t ~ n^p`` of each. ``--compiled`` adds the butterfly
+through ``gflows.Compiled`` and nflows' LU layer through ``torch.compile`` (like with like), with
+each one's cold compile time.
 
-    python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7]
+    python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import torch
 from nflows.transforms.lu import LULinear
 
+from gflows.flow import Compiled
 from gflows.transforms.butterfly import Butterfly
 
 
@@ -34,12 +37,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=64, help="batch rows (pixels x images)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
+    p.add_argument("--compiled", action="store_true", help="add compiled butterfly and LU columns")
     a = p.parse_args()
     torch.manual_seed(0)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, GPU: no; rows {a.rows}, median of {a.repeats}")
-    print(f"{'n':>6} {'butterfly ms':>13} {'LU ms':>10} {'dense ms':>10} {'LU/bfly':>9} {'dense/bfly':>11}")
-    res: dict[str, list[float]] = {"butterfly": [], "lu": [], "dense": []}
+    names = ["butterfly", "lu", "dense"] + (["butterfly_c", "lu_c"] if a.compiled else [])
+    ratios = f" {'LU/bfly':>9} {'dense/bfly':>11}"
+    if a.compiled:
+        ratios += f" {'LU/bfly_c':>10} {'LU_c/bfly_c':>12}"
+    print(f"{'n':>6}" + "".join(f" {k + ' ms':>14}" for k in names) + ratios)
+    res: dict[str, list[float]] = {k: [] for k in names}
     with torch.no_grad():
         for n in a.sizes:
             bf, lu = Butterfly((n,)), LULinear(n, identity_init=False)
@@ -50,8 +58,16 @@ def main() -> None:
                 "lu": lambda lu=lu, x=x: (lu(x), lu.inverse(x)),
                 "dense": lambda w=w, x=x: dense_step(w, x),
             }
-            for f in fns.values():
+            if a.compiled:
+                bfc = Compiled(bf, dynamic=False)
+                luf, lui = torch.compile(lu.forward, dynamic=False), torch.compile(lu.inverse, dynamic=False)
+                fns["butterfly_c"] = lambda bfc=bfc, x=x: (bfc(x), bfc.inverse(x))
+                fns["lu_c"] = lambda luf=luf, lui=lui, x=x: (luf(x), lui(x))
+            for k, f in fns.items():
+                t0 = time.perf_counter()
                 f()
+                if k.endswith("_c"):
+                    print(f"# n {n}: {k} cold compile {time.perf_counter() - t0:.1f} s")
             times = {k: [] for k in fns}
             for _ in range(a.repeats):
                 for k, f in fns.items():
@@ -61,8 +77,11 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in times.items()}
             for k in res:
                 res[k].append(med[k])
-            print(f"{n:6d} {med['butterfly'] * 1e3:13.3f} {med['lu'] * 1e3:10.3f} {med['dense'] * 1e3:10.3f} "
-                  f"{med['lu'] / med['butterfly']:9.2f} {med['dense'] / med['butterfly']:11.2f}")
+            line = f"{n:6d}" + "".join(f" {med[k] * 1e3:14.3f}" for k in names)
+            line += f" {med['lu'] / med['butterfly']:9.2f} {med['dense'] / med['butterfly']:11.2f}"
+            if a.compiled:
+                line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
+            print(line)
     logn = [math.log(n) for n in a.sizes]
     for k, v in res.items():
         ly = [math.log(t) for t in v]

@@ -14,9 +14,11 @@ def check_finite(x: Tensor, what: str = "input") -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or Inf (skipped inside ``torch.compile``d code, where
     a data-dependent branch would split the graph at every layer: :class:`gflows.flow.Compiled`
     checks its input before the compiled call instead)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.numel() == 0:
         return
-    if not bool(torch.isfinite(x).all()):
+    # min and max are NaN if any entry is, +-Inf if any is infinite: one reduction pass, 5-14x
+    # cheaper than isfinite(x).all() on CPU (benchmarks/bench_checks.py), and this runs in every layer
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{what} holds non-finite values ({n_nan} NaN, {n_inf} Inf)")

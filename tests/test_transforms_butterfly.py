@@ -9,11 +9,31 @@ from gflows.groups import Group
 from gflows.transforms.butterfly import Butterfly
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 12, 16, 64, 100, 256, 1024])
+def reference_matrix(b: Butterfly) -> torch.Tensor:
+    """``B = B_m ... B_1`` from the definition: factor k pairs i with i + n / 2^k inside blocks of
+    n / 2^(k-1), pair (block, offset) numbered block * width + offset, one dense matrix each."""
+    dense = torch.eye(b.n, dtype=b.weight.dtype)
+    for k in range(1, b.m + 1):
+        factor = torch.eye(b.n, dtype=b.weight.dtype)
+        width = b.n_mixed // 2**k
+        for pair in range(b.n_mixed // 2):
+            block, offset = divmod(pair, width)
+            i = block * 2 * width + offset
+            j = i + width
+            a, bb, c, d = b.weight[k - 1, pair]
+            factor = factor.index_put((torch.tensor([i, i, j, j]), torch.tensor([i, j, i, j])),
+                                      torch.stack([a, bb, c, d]))
+        dense = factor @ dense
+    return dense
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 12, 16, 64, 100, 256, 512, 1024])
 def test_against_dense_matrix(n):
     torch.manual_seed(n)
     b = perturb(Butterfly((n,)).double(), 0.2)
     dense = b.matrix()
+    if n <= 512:  # the definition, factor by factor (groups of factors past 64 coordinates)
+        assert torch.allclose(dense, reference_matrix(b), atol=1e-12)
     x = torch.randn(4, n, dtype=torch.float64)
     y, ld = b(x)
     assert torch.allclose(y, x @ dense.T, atol=1e-10)
@@ -21,6 +41,20 @@ def test_against_dense_matrix(n):
     assert torch.allclose(ld, torch.linalg.slogdet(dense).logabsdet.expand(4), atol=1e-8)
     mixed = 2 ** int(math.log2(n))  # indices past the largest power of two: identity block
     assert torch.equal(dense[mixed:], torch.eye(n, dtype=dense.dtype)[mixed:])
+
+
+def test_gradients_are_those_of_the_definition():
+    torch.manual_seed(0)
+    b = perturb(Butterfly((256,)).double(), 0.2)  # two groups of four bits
+    x = torch.randn(3, 256, dtype=torch.float64)
+    w = torch.randn(3, 256, dtype=torch.float64)
+    for inverse in (False, True):
+        out = b.inverse(x)[0] if inverse else b(x)[0]
+        (grad,) = torch.autograd.grad((out * w).sum(), b.weight)
+        dense = reference_matrix(b)
+        ref = x @ (torch.linalg.inv(dense) if inverse else dense).T
+        (grad_ref,) = torch.autograd.grad((ref * w).sum(), b.weight)
+        assert torch.allclose(grad, grad_ref, atol=1e-9)
 
 
 def test_inits():
