@@ -22,7 +22,24 @@ import time
 
 import torch
 
+from gflows.nn.lipschitz import LipschitzGConv2d, operator_norm
 from gflows.transforms.residual import GResidualBlock
+
+
+def certified_excess(block: GResidualBlock, hw: int) -> float:
+    """``max(sigma - c)`` over the block's convolutions in evaluation mode, every operator norm
+    measured afresh (power iteration from a new random start to 1e-6), not read off the layer."""
+    block.eval()
+    worst = -float("inf")
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, LipschitzGConv2d):
+                w, _ = m.normalised()
+                sigma = operator_norm(lambda u, m=m, w=w: m.conv(u, w), (1, m.in_channels, hw, hw), tol=1e-6,
+                                      generator=torch.Generator().manual_seed(1))
+                worst = max(worst, sigma - m.coeff)
+    block.train()
+    return worst
 
 
 def gflows_block(group: str, shape, hidden: int, memory_saving: bool, train_iters: int | None = None,
@@ -33,12 +50,12 @@ def gflows_block(group: str, shape, hidden: int, memory_saving: bool, train_iter
                           lipschitz_kwargs=lip, basis=basis)
 
 
-def normflows_block(shape, hidden: int):
+def normflows_block(shape, hidden: int, reduce_memory: bool = True):
     import normflows as nf
 
     net = nf.nets.LipschitzCNN([shape[0], hidden, hidden, shape[0]], [3, 1, 3], lipschitz_const=0.98,
                                init_zeros=False)
-    return nf.flows.Residual(net, reduce_memory=True, n_exact_terms=2)
+    return nf.flows.Residual(net, reduce_memory=reduce_memory, n_exact_terms=2)
 
 
 def step_fn(model, kind: str):
@@ -76,7 +93,13 @@ def main() -> None:
         "gflows d4 (5 power its/step)": (gflows_block("d4", shape, a.hidden, True, 5, a.basis), "gflows"),
         "gflows trivial (5 power its/step)": (gflows_block("trivial", shape, a.hidden, True, 5, a.basis),
                                               "gflows"),
+        "gflows trivial (5 its, no saving)": (gflows_block("trivial", shape, a.hidden, False, 5, a.basis),
+                                              "gflows"),
+        "gflows trivial (1 it, no saving)": (gflows_block("trivial", shape, a.hidden, False, 1, a.basis),
+                                             "gflows"),
+        "gflows d4 (1 it, no saving)": (gflows_block("d4", shape, a.hidden, False, 1, a.basis), "gflows"),
         "normflows Residual+LipschitzCNN": (normflows_block(shape, a.hidden), "normflows"),
+        "normflows (no memory saving)": (normflows_block(shape, a.hidden, False), "normflows"),
     }
     steps = {k: step_fn(m, kind) for k, (m, kind) in models.items()}
     x = torch.randn(a.batch, *shape)
@@ -94,8 +117,12 @@ def main() -> None:
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, GPU: no")
     print(f"# batch {a.batch}, image {shape}, hidden channels {a.hidden}, rounds {a.rounds}, basis {a.basis}")
     for k, v in med.items():
-        params = sum(p.numel() for p in models[k][0].parameters())
-        print(f"{k:34s} {v * 1e3:9.1f} ms/step   params {params}")
+        model = models[k][0]
+        params = sum(p.numel() for p in model.parameters())
+        bound = ""
+        if k.startswith("gflows"):
+            bound = f"   certified: max sigma - c = {certified_excess(model, a.size):+.1e}"
+        print(f"{k:34s} {v * 1e3:9.1f} ms/step   params {params}{bound}")
     print(f"ratio d4 / trivial                          {med['gflows d4'] / med['gflows trivial']:.3f}")
     print(f"ratio d4 / trivial (memory saving)          "
           f"{med['gflows d4 (memory saving)'] / med['gflows trivial (memory saving)']:.3f}")
@@ -106,6 +133,11 @@ def main() -> None:
     five_d4, five_tr = med["gflows d4 (5 power its/step)"], med["gflows trivial (5 power its/step)"]
     print(f"ratio d4 / trivial (5 power its/step)       {five_d4 / five_tr:.3f}")
     print(f"ratio gflows trivial (5 its, saving) / normflows {five_tr / nf_t:.3f}")
+    nf_plain = med["normflows (no memory saving)"]
+    for k in ("gflows trivial (5 its, no saving)", "gflows trivial (1 it, no saving)",
+              "gflows d4 (1 it, no saving)"):
+        print(f"ratio {k[7:]} / normflows {med[k] / nf_t:.3f}   "
+              f"/ normflows (no saving) {med[k] / nf_plain:.3f}")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,16 @@ def test_relaxed_filters_respect_the_bound_on_the_true_operator(group):
         w, _ = conv.normalised()
         assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
     assert float(conv.free_weight.abs().max()) > 0
+
+
+@pytest.mark.parametrize("kernel_size, basis", [(1, "auto"), (3, "auto"), (5, "escnn")])
+def test_adjoint_is_the_vector_jacobian_product(kernel_size, basis):
+    """The zero-padding adjoint (a convolution with the flipped, transposed filter) is exact."""
+    torch.manual_seed(kernel_size)
+    conv = LipschitzGConv2d("trivial", (3, "scalar"), (5, "scalar"), kernel_size, input_hw=(6, 6),
+                            basis=basis).double()
+    w, _ = conv.expanded()
+    w = w.detach()
+    v = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    _, vjp = torch.func.vjp(lambda u: conv.conv(u, w), torch.zeros(2, 3, 6, 6, dtype=torch.float64))
+    assert torch.allclose(conv._adjoint(w)(v), vjp(v)[0], atol=1e-12)
