@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import autograd_logdet
+from helpers import autograd_logdet, perturb
 
 import gflows
 from gflows.flow import Compiled, Compose, Flow, Inverse, StandardNormal
@@ -67,6 +67,26 @@ def test_compiled_transform_matches_the_eager_one():
         (y, ld), (yc, ldc) = f(x), g(x)
         assert torch.allclose(y, yc, atol=1e-5) and torch.allclose(ld, ldc, atol=1e-5)
     w = t.transforms[1].conditioner.parameters().__next__()
+    grads = [torch.autograd.grad(f(x)[0].square().sum() + f(x)[1].sum(), w)[0] for f in (t, c)]
+    assert torch.allclose(*grads, atol=1e-4) and grads[0].abs().max() > 0
+
+
+@pytest.mark.parametrize("layer", ["orbit_coupling", "butterfly"])
+def test_compiled_orbit_layers_and_grouped_butterfly_match_eager(layer):
+    """torch.compile through the orbit-basis gather (D4 filters from one weight per orbit), the
+    G-invertible 1x1 convolution, and the butterfly's grouped block products (n = 128: two groups)."""
+    torch.manual_seed(1)
+    if layer == "butterfly":
+        t, x = perturb(gflows.Butterfly((128,)), 0.1).eval(), torch.randn(5, 128)
+    else:
+        coupling = gflows.GCoupling("d4", (2, 4, 4), hidden_fields=1, kernel_sizes=(3,))
+        t = Compose(perturb(gflows.GInvConv1x1("d4", (2, 4, 4)), 0.1), perturb(coupling, 0.1)).eval()
+        x = torch.randn(3, 2, 4, 4)
+    c = Compiled(t, dynamic=False)
+    for f, g in ((t, c), (t.inverse, c.inverse)):
+        (y, ld), (yc, ldc) = f(x), g(x)
+        assert torch.allclose(y, yc, atol=1e-5) and torch.allclose(ld, ldc, atol=1e-4)
+    w = next(t.parameters())
     grads = [torch.autograd.grad(f(x)[0].square().sum() + f(x)[1].sum(), w)[0] for f in (t, c)]
     assert torch.allclose(*grads, atol=1e-4) and grads[0].abs().max() > 0
 
