@@ -3,7 +3,7 @@ import torch
 from conftest import GROUPS
 
 from gflows.groups import Group
-from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish
+from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish, symmetry_breaking_sq_norm
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
@@ -247,3 +247,16 @@ def test_relax_zero_is_the_strict_layer_and_the_error_grows_with_relax(group):
     assert errors == sorted(errors) and errors[-1] / errors[1] == pytest.approx(1e4, rel=1e-3)
     with pytest.raises(ValueError, match="relax must be >= 0"):
         GConv2d(group, (1, "scalar"), (1, "scalar"), 3, relax=-0.1)
+
+
+def test_symmetry_breaking_norm_is_that_of_the_non_equivariant_part():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(GConv2d("d4", (2, "scalar"), (1, "regular"), 3, basis="orbit", relax=0.3),
+                              GConv2d("d4", (1, "regular"), (2, "scalar"), 3, basis="orbit"))
+    assert symmetry_breaking_sq_norm(net[1]) is None
+    with torch.no_grad():
+        net[0].free_weight.normal_()
+        net[0].free_bias.normal_()
+    (w, b), (w_g, b_g) = net[0].expanded(), net[0]._equivariant_filter()
+    expected = (w - w_g).square().sum() + (b - b_g).square().sum()
+    assert torch.allclose(symmetry_breaking_sq_norm(net), expected)

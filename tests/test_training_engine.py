@@ -9,14 +9,16 @@ import torch
 from omegaconf import OmegaConf
 
 from gflows.flow import Flow
+from gflows.nn.equivariant import GConv2d, symmetry_breaking_sq_norm
 from gflows.training.checkpoint import load_checkpoint
 from gflows.training.engine import Engine, StepLoss, load_trained
 from gflows.training.records import read_metrics
+from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import ActNorm
 
 TRAINER = dict(steps=30, max_minutes=None, lr=0.05, warmup_steps=1, schedule="constant", weight_decay=0.0,
-               grad_clip=100.0, ema_decay=0.9, log_every=10, ckpt_every=10, max_bad_steps=2, max_restores=1,
-               eval_at_end=True)
+               relax_penalty=0.0, grad_clip=100.0, ema_decay=0.9, log_every=10, ckpt_every=10,
+               max_bad_steps=2, max_restores=1, eval_at_end=True)
 
 
 class Toy:
@@ -99,3 +101,44 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path, capsys):
     out = Engine(Toy(), config(tmp_path, max_minutes=0, eval_at_end=False)).fit()
     assert out["step"] == 0 and "trainer.max_minutes=0 reached at step 0" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 0
+
+
+class Relaxed(Toy):
+    """A flow with a relaxed G-coupling whose free part starts away from zero; the data loss does
+    not see the free part (scaled by 0), so only the penalty moves it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        coupling = GCoupling("d4", (2, 4, 4), hidden_fields=1, kernel_sizes=(3,), relax=0.5)
+        with torch.no_grad():
+            for m in coupling.modules():
+                if isinstance(m, GConv2d) and m.relax:
+                    m.free_weight.normal_()
+        self.model = Flow(coupling)
+
+    def loss(self, step, dd):
+        loss = 0.0 * self.model.log_prob(torch.randn(4, 2, 4, 4)).mean()
+        return StepLoss(loss, loss.detach(), {})
+
+    def finish(self, model, run_dir, wb):
+        return {}
+
+
+@pytest.mark.parametrize("penalty", [0.0, 1.0])
+def test_relax_penalty_shrinks_only_the_symmetry_breaking_part(tmp_path, penalty):
+    obj = Relaxed()
+    start = float(symmetry_breaking_sq_norm(obj.model).sqrt())
+    Engine(obj, config(tmp_path, steps=20, lr=0.1, relax_penalty=penalty, ema_decay=None)).fit()
+    norms = [r["symmetry_breaking_norm"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    if penalty:
+        assert norms[-1] < 0.5 * start and norms[0] < start
+    else:
+        assert norms == pytest.approx([start] * 20, rel=1e-6)
+
+
+def test_relax_penalty_errors(tmp_path):
+    with pytest.raises(ValueError, match="has none"):
+        Engine(Toy(), config(tmp_path, relax_penalty=0.1))
+    with pytest.raises(ValueError, match=">= 0"):
+        Engine(Relaxed(), config(tmp_path, relax_penalty=-1.0))

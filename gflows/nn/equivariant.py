@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from gflows.groups import Group, escnn_float32, get_group
 from gflows.representations import field_type, orbit_labels, permutation
 
-__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "circular_pad", "kernel_orbits"]
+__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "circular_pad", "kernel_orbits",
+           "symmetry_breaking_sq_norm"]
 
 PADDING_MODES = ("zeros", "circular")
 BASES = ("escnn", "orbit", "auto")
@@ -442,3 +443,13 @@ class GroupAveraged(nn.Module):
         elements = self.group.grid_elements
         ys = self.net(torch.cat([self.group.act(h, x) for h in elements])).chunk(len(elements))
         return sum(self.group.act(h.inverse, y) for h, y in zip(elements, ys, strict=True)) / len(elements)
+
+
+def symmetry_breaking_sq_norm(module: nn.Module) -> Tensor | None:
+    r""":math:`\sum \|\mathrm{relax}\, V\|^2` over the relaxed convolutions in ``module``: the squared
+    norm of every filter's (and bias's) non-equivariant part :math:`W - W_G`, whose multiple is the
+    Gaussian prior, or L2 penalty, on the free pathway of Finzi et al. (2021); ``None`` without
+    relaxed layers."""
+    terms = [(m.relax * p).square().sum() for m in module.modules() if isinstance(m, GConv2d) and m.relax
+             for p in (m.free_weight, m.free_bias) if p is not None]
+    return torch.stack(terms).sum() if terms else None

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from gflows.nn.equivariant import symmetry_breaking_sq_norm
 from gflows.nn.lipschitz import update_lipschitz
 from gflows.training.checkpoint import (
     exists,
@@ -132,6 +133,11 @@ class Engine:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
         self.ema: dict[str, Tensor] | None = None
+        if not self.t.relax_penalty >= 0:
+            raise ValueError(f"trainer.relax_penalty must be >= 0, got {self.t.relax_penalty}")
+        if self.t.relax_penalty and symmetry_breaking_sq_norm(self.model) is None:
+            raise ValueError("trainer.relax_penalty penalises the free part of relaxed layers, but the model "
+                             "has none: set the flow's relax (flow.block.relax or flow.relax) > 0")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
@@ -185,7 +191,10 @@ class Engine:
         """Backward, gradients averaged over the ranks, clipping, the optimiser step, the Lipschitz
         layers' refresh and the EMA; returns the gradient norm."""
         self.opt.zero_grad(set_to_none=True)
-        out.surrogate.backward()
+        surrogate = out.surrogate
+        if self.t.relax_penalty:  # the same term on every rank, so averaging keeps it whole
+            surrogate = surrogate + self.t.relax_penalty * symmetry_breaking_sq_norm(self.model)
+        surrogate.backward()
         self.dd.average_gradients(self.model)
         for pg in self.opt.param_groups:
             pg["lr"] = lr
@@ -225,6 +234,9 @@ class Engine:
             self.step += 1
             last = {"step": self.step, self.obj.loss_name: float(out.loss), **out.metrics, "lr": lr,
                     "grad_norm": gnorm, "seconds": time.time() - t0}
+            breaking = symmetry_breaking_sq_norm(self.model)
+            if breaking is not None:  # how far the relaxed layers have left the symmetry
+                last["symmetry_breaking_norm"] = float(breaking.detach().sqrt())
             recent = (recent + [last[self.obj.loss_name]])[-50:]
             bar.update(1)
             bar.set_postfix({self.obj.loss_name: f"{sum(recent) / len(recent):.3f}"})
