@@ -13,6 +13,8 @@ counts its logit and dequantisation log-dets itself: the two figures measure the
 
     python benchmarks/bench_cifar.py efficiency --steps 150 --power-iters 5 \
         --override flow.squeeze_first=true --override flow.invconv=true
+    python benchmarks/bench_cifar.py steps --group flip --hidden 128 --scales 3 --blocks 4 --batch 16 \
+        --steps 10
     python benchmarks/bench_cifar.py glow --minutes 15 --flow g_coupling --group flip --hidden 128 \
         --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 4e-3 --schedule cosine --gflows-steps 3000
 """
@@ -23,6 +25,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -187,9 +190,74 @@ def glow(a) -> None:
     print(f"gflows - Glow: {gf['test_bpd'] - gl['test_bpd']:+.4f} bits/dim (goal: gflows <= 3.90)")
 
 
+STEP_VARIANTS = {
+    # the flagship of the 15-minute protocol (RESULTS.md): escnn's basis, memory saving, 5 iterations
+    "g_residual (protocol)": ["flow=g_residual", "flow.squeeze_first=true", "flow.invconv=true",
+                              "flow.fc_blocks=0"],
+    # the same model with the fast residual step: orbit basis, no memory saving, 1 iteration per step
+    "g_residual (fast step)": ["flow=g_residual", "flow.squeeze_first=true", "flow.invconv=true",
+                               "flow.fc_blocks=0", "flow.block.basis=auto", "flow.block.memory_saving=false",
+                               "flow.block.lipschitz_kwargs.train_iters=1"],
+    "g_coupling": ["flow=g_coupling"],
+}
+
+
+def steps(a) -> None:
+    """Seconds per training step (forward, backward, clipping, Adam, the Lipschitz refresh) of the
+    gflows image models of ``STEP_VARIANTS`` with ``--group`` and ``--hidden``, and of normflows'
+    Glow, interleaved round by round on the subset's batches; medians."""
+    from gflows.nn.lipschitz import update_lipschitz
+    from gflows.training.distributed import setup
+    from gflows.training.images import ImageTask
+
+    dd = setup("cpu")
+    train_x, _ = load_cifar10(a.data, "train", verify=False, download=False)
+    fns = {}
+    for name, overrides in STEP_VARIANTS.items():
+        cfg = cfg_for(overrides[0].split("=")[1], a.group, a.hidden, a, tempfile.mkdtemp(), *overrides[1:])
+        task = ImageTask(cfg)
+        task.prepare(dd)
+        opt = torch.optim.Adam(task.model.parameters(), lr=a.lr)
+
+        def step(i, task=task, opt=opt):
+            out = task.loss(i, dd)
+            opt.zero_grad()
+            out.surrogate.backward()
+            torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
+            opt.step()
+            update_lipschitz(task.model)
+
+        fns[f"gflows {name} {a.group}"] = (step, n_params(task.model))
+    glow_model = normflows_glow()
+    glow_opt = torch.optim.Adam(glow_model.parameters(), lr=a.lr)
+    g = torch.Generator().manual_seed(a.seed)
+
+    def glow_step(i):
+        loss = glow_bpd(glow_model, train_x[torch.randint(len(train_x), (a.batch,), generator=g)], g).mean()
+        glow_opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(glow_model.parameters(), 1.0)
+        glow_opt.step()
+
+    fns["normflows Glow (3x4, 128, LU)"] = (glow_step, n_params(glow_model))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(a.steps + 2):
+        for k, (f, _) in fns.items():
+            t0 = time.perf_counter()
+            f(i)
+            if i >= 2:  # the first steps: data-dependent initialisation, first power iterations
+                times[k].append(time.perf_counter() - t0)
+    glow_s = statistics.median(times["normflows Glow (3x4, 128, LU)"])
+    print(f"# batch {a.batch}, {a.scales}x{a.blocks}, {a.hidden} hidden channels, median of {a.steps} "
+          f"interleaved steps")
+    for k, (_, params) in fns.items():
+        med = statistics.median(times[k])
+        print(f"{k:48s} {params:9d} params {med:7.3f} s/step  {med / glow_s:5.2f}x Glow's")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("part", choices=["efficiency", "glow"])
+    p.add_argument("part", choices=["efficiency", "glow", "steps"])
     p.add_argument("--steps", type=int, default=300, help="efficiency: steps of each model")
     p.add_argument("--minutes", type=float, default=15.0, help="glow: wall clock of each model")
     p.add_argument("--flow", default="g_coupling", help="glow: the gflows model")
@@ -223,7 +291,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"GPU: {'yes' if torch.cuda.is_available() else 'no'}; {time.strftime('%Y-%m-%d %H:%M')}")
-    efficiency(a) if a.part == "efficiency" else glow(a)
+    {"efficiency": efficiency, "glow": glow, "steps": steps}[a.part](a)
 
 
 if __name__ == "__main__":
