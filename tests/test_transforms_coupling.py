@@ -160,7 +160,9 @@ def test_relaxed_couplings_stay_invertible_with_exact_logdets(dtype):
 
     layer = perturb(GCoupling("d4", (2, 4, 4), hidden_fields=2, relax=0.5, basis="orbit")).to(dtype)
     x = torch.randn(3, 2, 4, 4, dtype=dtype)
+    with torch.no_grad():  # float32 round-off scales with the outputs (see test_transforms_autoregressive)
+        scale = max(1.0, float(layer(x)[0].abs().max()))
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert max_reconstruction_error(layer, x) < tol
+    assert max_reconstruction_error(layer, x) < tol * scale
     atol = 1e-4 if dtype == torch.float32 else 1e-10
     assert torch.allclose(layer(x)[1], autograd_logdet(layer, x), atol=atol)
