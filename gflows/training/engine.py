@@ -135,7 +135,8 @@ class Engine:
         self.ema: dict[str, Tensor] | None = None
         if not self.t.relax_penalty >= 0:
             raise ValueError(f"trainer.relax_penalty must be >= 0, got {self.t.relax_penalty}")
-        if self.t.relax_penalty and symmetry_breaking_sq_norm(self.model) is None:
+        self.relaxed = symmetry_breaking_sq_norm(self.model) is not None  # fixed by the architecture
+        if self.t.relax_penalty and not self.relaxed:
             raise ValueError("trainer.relax_penalty penalises the free part of relaxed layers, but the model "
                              "has none: set the flow's relax (flow.block.relax or flow.relax) > 0")
 
@@ -234,9 +235,9 @@ class Engine:
             self.step += 1
             last = {"step": self.step, self.obj.loss_name: float(out.loss), **out.metrics, "lr": lr,
                     "grad_norm": gnorm, "seconds": time.time() - t0}
-            breaking = symmetry_breaking_sq_norm(self.model)
-            if breaking is not None:  # how far the relaxed layers have left the symmetry
-                last["symmetry_breaking_norm"] = float(breaking.detach().sqrt())
+            if self.relaxed:  # how far the relaxed layers have left the symmetry
+                with torch.no_grad():
+                    last["symmetry_breaking_norm"] = float(symmetry_breaking_sq_norm(self.model).sqrt())
             recent = (recent + [last[self.obj.loss_name]])[-50:]
             bar.update(1)
             bar.set_postfix({self.obj.loss_name: f"{sum(recent) / len(recent):.3f}"})
