@@ -2,7 +2,7 @@
 
 For each training-set size and seed, four G-residual flows (the digits have one grey channel, which
 a coupling cannot split) of about equal parameter count, trained
-for equal steps with early stopping on a validation split (the last tenth of the training images;
+for at most equal steps with early stopping on a validation split (the last tenth of the training images;
 test bits/dim reported at the best validation step):
 
 * ``trivial``: no symmetry;
@@ -14,18 +14,24 @@ test bits/dim reported at the best validation step):
 Prints one row per (size, variant) with the mean and spread over seeds, and writes a PNG of the
 curves. Test and validation bits/dim use exact log-dets (64 dimensions: a dense Jacobian).
 
-    python benchmarks/bench_symmetry.py --sizes 64 256 1350 --seeds 0 1 2 --steps 1500
+    python benchmarks/bench_symmetry.py --sizes 64 256 1350 --seeds 0 1 2 --steps 1500 --patience 4
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
+import json
 import math
+import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -51,20 +57,28 @@ def build(group: str, hidden_fields: int, relax: float = 0.0):
 
 
 def matched_d4_fields(trivial_params: int) -> int:
-    """The D4 width (regular fields) whose parameter count is nearest the trivial model's."""
-    return min(range(1, 33), key=lambda f: abs(n_params(build("d4", f)) - trivial_params))
+    """The D4 width (regular fields) whose parameter count is nearest the trivial model's (the count
+    grows with the width: bisection, since every build computes orbit bases)."""
+    lo, hi = 1, 64
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if n_params(build("d4", mid)) <= trivial_params else (lo, mid)
+    return min((lo, hi), key=lambda f: abs(n_params(build("d4", f)) - trivial_params))
 
 
 def train(model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, steps: int, batch: int,
-          lr: float, seed: int, augment: bool, eval_every: int) -> tuple[float, float, int]:
-    """Adam with warm-up and cosine decay; returns (test bits/dim at the best validation step, that
-    validation bits/dim, the step)."""
+          lr: float, seed: int, augment: bool, eval_every: int,
+          patience: int) -> tuple[float, float, int, int]:
+    """Adam with warm-up and cosine decay, stopped once validation bits/dim has not improved for
+    ``patience`` evaluations; returns (test bits/dim at the best validation step, that validation
+    bits/dim, the best step, the steps run)."""
     torch.manual_seed(seed)
     model.train()
     with torch.no_grad():
         model.log_prob(batch_at(x_train, 0, batch, seed, False).float())
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best = (math.inf, None, 0)
+    step = 0
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -79,17 +93,45 @@ def train(model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tenso
                 val = evaluate(model, x_val, 512)["test_bpd"]
             if val < best[0]:
                 best = (val, copy.deepcopy(model.state_dict()), step + 1)
+            elif step + 1 - best[2] >= patience * eval_every:
+                break
             model.train()
     model.load_state_dict(best[1])
     with logdet_mode(model, "exact"):
-        return evaluate(model, x_test, 512)["test_bpd"], best[0], best[2]
+        return evaluate(model, x_test, 512)["test_bpd"], best[0], best[2], step + 1
+
+
+def _worker_init() -> None:
+    # one thread each, so that two runs share 2 cores without oversubscribing OpenMP
+    torch.set_num_threads(1)
+    with contextlib.suppress(OSError, AttributeError):
+        # a killed benchmark must not leave its workers training (Linux: PR_SET_PDEATHSIG)
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+
+
+def run_job(job: dict) -> dict:
+    """One training run, in a worker process."""
+    train_all, _ = load_digits("train")
+    test, _ = load_digits("test")
+    n_val = len(train_all) // 10
+    pool, val = train_all[:-n_val], train_all[-n_val:]
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(job["seed"]))
+    x = pool[perm[: job["size"]]]
+    torch.manual_seed(job["seed"])
+    model = build(job["group"], job["width"], job["relax"])
+    t0 = time.perf_counter()
+    t, v, best, ran = train(model, x, val, test, job["steps"], min(job["batch"], job["size"]), job["lr"],
+                            job["seed"], job["augment"], job["eval_every"], job["patience"])
+    return {**job, "test": t, "val": v, "best_step": best, "steps_run": ran,
+            "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1350])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1500, help="at most this many steps (cosine length)")
+    p.add_argument("--patience", type=int, default=4, help="evaluations without a better validation")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--hidden", type=int, default=32, help="hidden channels of the trivial model")
@@ -97,46 +139,67 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--d4-fields", type=int, default=None,
                    help="the D4 width in regular fields (default: matched to the trivial parameter count)")
+    p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/bench_symmetry.jsonl"),
+                   help="one line per finished run; runs already there are not repeated (resume)")
     p.add_argument("--plot", type=Path, default=Path("benchmarks/bench_symmetry.png"))
     a = p.parse_args()
     train_all, _ = load_digits("train")
     test, _ = load_digits("test")
     n_val = len(train_all) // 10
-    pool, val = train_all[:-n_val], train_all[-n_val:]
-    if max(a.sizes) > len(pool):
-        raise SystemExit(f"--sizes: at most {len(pool)} training images (the rest is the validation split)")
+    if max(a.sizes) > len(train_all) - n_val:
+        raise SystemExit(f"--sizes: at most {len(train_all) - n_val} training images (the rest is the "
+                         f"validation split)")
     trivial_params = n_params(build("trivial", a.hidden))
     d4_fields = a.d4_fields or matched_d4_fields(trivial_params)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, no GPU; digits made D4-invariant, {len(val)} validation, {len(test)} test; "
-          f"{a.steps} steps of batch {a.batch}, Adam {a.lr}, cosine; parameters: trivial {trivial_params}, "
-          f"d4 {n_params(build('d4', d4_fields))} ({d4_fields} regular fields)")
+          f"{torch.__version__}, no GPU; digits made D4-invariant, {n_val} validation, {len(test)} test; "
+          f"at most {a.steps} steps of batch {a.batch} (patience {a.patience} x {a.eval_every}), Adam "
+          f"{a.lr}, cosine; parameters: trivial {trivial_params}, d4 {n_params(build('d4', d4_fields))} "
+          f"({d4_fields} regular fields); {a.workers} workers of one thread", flush=True)
     variants = {"trivial": ("trivial", a.hidden, False, [0.0]),
                 "trivial+aug": ("trivial", a.hidden, True, [0.0]),
                 "d4": ("d4", d4_fields, False, [0.0]), "d4-relaxed": ("d4", d4_fields, False, a.relax)}
+    common = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every,
+              "patience": a.patience}
+    jobs = [{"size": s, "variant": n, "seed": seed, "group": g, "width": w, "augment": aug, "relax": r,
+             **common}
+            for s in a.sizes for n, (g, w, aug, rs) in variants.items() for seed in a.seeds for r in rs]
+
+    def key(j: dict) -> tuple:
+        return tuple(j[k] for k in ("size", "variant", "seed", "group", "width", "augment", "relax", *common))
+
+    done = {}
+    if a.out.exists():
+        for line in a.out.read_text().splitlines():
+            r = json.loads(line)
+            done[key(r)] = r
+    todo = [j for j in jobs if key(j) not in done]
+    print(f"# {len(jobs) - len(todo)} of {len(jobs)} runs already in {a.out}", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(a.workers, mp_context=ctx, initializer=_worker_init) as ex, a.out.open("a") as f:
+        for r in ex.map(run_job, todo):
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            done[key(r)] = r
+            print(f"size {r['size']:5d} {r['variant']:12s} seed {r['seed']} relax {r['relax']:g}: test "
+                  f"{r['test']:.4f} (val {r['val']:.4f} at step {r['best_step']} of {r['steps_run']}, "
+                  f"{r['seconds']:.0f} s)", flush=True)
     rows = {}
     for size in a.sizes:
         for name, (group, width, augment, relaxes) in variants.items():
             tests = []
             for seed in a.seeds:
-                x = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:size]]
-                runs = []
-                for relax in relaxes:
-                    torch.manual_seed(seed)
-                    model = build(group, width, relax)
-                    result = train(model, x, val, test, a.steps, min(a.batch, size), a.lr, seed, augment,
-                                   a.eval_every)
-                    runs.append((*result, relax))
-                t, v, step, relax = min(runs, key=lambda r: r[1])  # the relaxation that wins on validation
-                tests.append(t)
-                print(f"size {size:5d} {name:12s} seed {seed}: test {t:.4f} (val {v:.4f} at step {step}"
-                      + (f", relax {relax:g}" if len(relaxes) > 1 else "") + ")", flush=True)
+                runs = [done[key({"size": size, "variant": name, "seed": seed, "group": group, "width": width,
+                                  "augment": augment, "relax": r, **common})] for r in relaxes]
+                tests.append(min(runs, key=lambda r: r["val"])["test"])  # relaxation chosen on validation
             spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
             rows[size, name] = (statistics.mean(tests), spread)
-    print(f"{'size':>6} " + " ".join(f"{n:>20s}" for n in variants))
+    print(f"{'size':>6} " + " ".join(f"{n:>20s}" for n in variants) + f" {'aug - d4':>10s}")
     for size in a.sizes:
         cells = [f"{rows[size, n][0]:11.4f} +- {rows[size, n][1]:.4f}" for n in variants]
-        print(f"{size:6d} " + " ".join(cells))
+        gap = rows[size, "trivial+aug"][0] - rows[size, "d4"][0]
+        print(f"{size:6d} " + " ".join(cells) + f" {gap:10.4f}")
     _plot(a.plot, a.sizes, variants, rows)
 
 
