@@ -109,12 +109,17 @@ def _worker_init() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
 
 
+def splits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the pool training subsets are drawn from, validation: the last tenth of the training images,
+    test)."""
+    train_all, _ = load_digits("train")
+    n_val = len(train_all) // 10
+    return train_all[:-n_val], train_all[-n_val:], load_digits("test")[0]
+
+
 def run_job(job: dict) -> dict:
     """One training run, in a worker process."""
-    train_all, _ = load_digits("train")
-    test, _ = load_digits("test")
-    n_val = len(train_all) // 10
-    pool, val = train_all[:-n_val], train_all[-n_val:]
+    pool, val, test = splits()
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(job["seed"]))
     x = pool[perm[: job["size"]]]
     torch.manual_seed(job["seed"])
@@ -144,16 +149,13 @@ def main() -> None:
                    help="one line per finished run; runs already there are not repeated (resume)")
     p.add_argument("--plot", type=Path, default=Path("benchmarks/bench_symmetry.png"))
     a = p.parse_args()
-    train_all, _ = load_digits("train")
-    test, _ = load_digits("test")
-    n_val = len(train_all) // 10
-    if max(a.sizes) > len(train_all) - n_val:
-        raise SystemExit(f"--sizes: at most {len(train_all) - n_val} training images (the rest is the "
-                         f"validation split)")
+    pool, val, test = splits()
+    if max(a.sizes) > len(pool):
+        raise SystemExit(f"--sizes: at most {len(pool)} training images (the rest is the validation split)")
     trivial_params = n_params(build("trivial", a.hidden))
     d4_fields = a.d4_fields or matched_d4_fields(trivial_params)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, no GPU; digits made D4-invariant, {n_val} validation, {len(test)} test; "
+          f"{torch.__version__}, no GPU; digits made D4-invariant, {len(val)} validation, {len(test)} test; "
           f"at most {a.steps} steps of batch {a.batch} (patience {a.patience} x {a.eval_every}), Adam "
           f"{a.lr}, cosine; parameters: trivial {trivial_params}, d4 {n_params(build('d4', d4_fields))} "
           f"({d4_fields} regular fields); {a.workers} workers of one thread", flush=True)
@@ -187,11 +189,11 @@ def main() -> None:
                   f"{r['seconds']:.0f} s)", flush=True)
     rows = {}
     for size in a.sizes:
-        for name, (group, width, augment, relaxes) in variants.items():
+        for name in variants:
             tests = []
             for seed in a.seeds:
-                runs = [done[key({"size": size, "variant": name, "seed": seed, "group": group, "width": width,
-                                  "augment": augment, "relax": r, **common})] for r in relaxes]
+                runs = [done[key(j)] for j in jobs
+                        if (j["size"], j["variant"], j["seed"]) == (size, name, seed)]
                 tests.append(min(runs, key=lambda r: r["val"])["test"])  # relaxation chosen on validation
             spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
             rows[size, name] = (statistics.mean(tests), spread)
