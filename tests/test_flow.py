@@ -118,10 +118,12 @@ def test_mixed_flow_passes_the_battery(group):
     G = gflows.Group(group)
     x = torch.randn(2, 4, 4, 4)
     assert max_reconstruction_error(t, x) <= 1e-5
-    # float32 round-off relative to the outputs (which reach ~50 here); float64 to its own
+    # float32 round-off relative to the outputs (which reach ~50 here): four layers of it measure
+    # 0.2-2.3e-6 relative for c4 / d4, varying with the threads' summation order, so the bound is
+    # 1e-5 (~80 ulp); float64, at 1e-15 relative, checks that the equivariance is exact
     with torch.no_grad():
         scale = float(t(x)[0].abs().max())
-    assert max_equivariance_error(t, G, x) <= 1e-6 * scale
+    assert max_equivariance_error(t, G, x) <= 1e-5 * scale
     assert max_equivariance_error(t.double(), G, x.double()) <= 1e-13 * scale
     t.float()
     flow = Flow(t)
