@@ -56,7 +56,12 @@ def test_equivariance_every_grid_element(group, name):
     x = torch.randn(3, *CONFIGS[name]["shape"])
     levels = CONFIGS[name]["kw"].get("squeeze_levels", 0)
     act = squeezed_act(G, levels) if levels else None
-    assert max_equivariance_error(layer(group, name), G, x, act) <= 1e-5 * (1 + levels)
+    t = layer(group, name)
+    with torch.no_grad():
+        z, ld = t(x)
+    # float32 round-off scales with the outputs (log-dets of a few hundred: one ulp is 3e-5)
+    scale = max(1.0, float(z.abs().max()), float(ld.abs().max()))
+    assert max_equivariance_error(t, G, x, act) <= 1e-5 * (1 + levels) * scale
 
 
 def conv_input_sizes(module, x):
