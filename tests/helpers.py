@@ -34,6 +34,12 @@ def max_equivariance_error(transform, group: Group, x: torch.Tensor, act=None) -
     return max(e for _, e in check_equivariance(transform, group, x, act, logdet=False))
 
 
+def output_scale(transform, x: torch.Tensor) -> float:
+    """``max(1, max |T(x)|)``: float32 round-off grows with the outputs, so bounds scale by it."""
+    with torch.no_grad():
+        return max(1.0, float(transform(x)[0].abs().max()))
+
+
 squeezed_act = squeezed_action
 
 
