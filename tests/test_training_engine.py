@@ -103,6 +103,41 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 0
 
 
+class FakeClock:
+    """``time.time`` for the engine, one second later at every call."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self):
+        self.now += 1.0
+        return self.now
+
+
+def test_time_clock_anneals_to_zero_at_the_budget_and_counts_resumes(tmp_path, monkeypatch, capsys):
+    import gflows.training.engine as engine
+
+    monkeypatch.setattr(engine, "time", FakeClock())
+    cfg = config(tmp_path, steps=10_000, max_minutes=1, schedule="cosine", schedule_clock="time",
+                 warmup_steps=1, eval_at_end=False)
+    out = Engine(Toy(), cfg).fit()
+    assert 5 < out["step"] < 60 and "trainer.max_minutes=1 reached" in capsys.readouterr().out
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and lrs[-1] < 0.05 * lrs[0]
+    seconds = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["seconds"]
+    assert 55 <= seconds <= 65
+    # the budget is the run's, not the invocation's: a resume has nothing left to train
+    assert Engine(Toy(), cfg).fit()["step"] == out["step"]
+    # under the steps clock a resume gets a new budget
+    again = Engine(Toy(), config(tmp_path, steps=10_000, max_minutes=1, eval_at_end=False)).fit()
+    assert again["step"] > out["step"]
+
+
+def test_time_clock_without_a_budget_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="set trainer.max_minutes > 0"):
+        Engine(Toy(), config(tmp_path, schedule="cosine", schedule_clock="time"))
+
+
 class Relaxed(Toy):
     """A flow with a relaxed G-coupling whose free part starts away from zero; the data loss does
     not see the free part (scaled by 0), so only the penalty moves it."""

@@ -69,6 +69,13 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def max(self, value: float) -> float:
+        """The largest ``value`` over the ranks (so that all ranks share one clock)."""
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def average_gradients(self, module: nn.Module) -> None:
         """Replace every gradient by its mean over the ranks (one all-reduce of a flat buffer)."""
         if self.world == 1:

@@ -8,8 +8,9 @@ checkpoint when they persist, atomic checkpoints and exact resume, the time budg
 ranks). An objective says what one step's loss is and what to report at the end (:class:`Objective`).
 
 Settings (``cfg.trainer``; every key is in ``configs/trainer/*.yaml``): ``steps``, ``max_minutes``,
-``lr``, ``warmup_steps``, ``schedule``, ``weight_decay``, ``grad_clip``, ``ema_decay`` (null: no EMA),
-``log_every``, ``ckpt_every``, ``max_bad_steps``, ``max_restores``, ``eval_at_end``.
+``lr``, ``warmup_steps``, ``schedule``, ``schedule_clock``, ``weight_decay``, ``grad_clip``,
+``ema_decay`` (null: no EMA), ``log_every``, ``ckpt_every``, ``max_bad_steps``, ``max_restores``,
+``eval_at_end``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from gflows.training.checkpoint import (
 )
 from gflows.training.distributed import Dist, setup
 from gflows.training.records import log_metrics, open_wandb, truncate_metrics
-from gflows.training.schedule import learning_rate
+from gflows.training.schedule import check_schedule, learning_rate
 
 __all__ = ["Engine", "Objective", "StepLoss", "load_trained", "out_of_time"]
 
@@ -83,10 +84,12 @@ class Objective(Protocol):
         """Evaluate and report on the trained ``model`` (EMA weights where kept); ``wb`` may log."""
 
 
-def out_of_time(minutes: float | None, start: float) -> bool:
-    """Whether ``minutes`` of wall clock (``None``: no budget) have passed since ``start``. The budget
-    counts from the start of this process's loop, so a resumed run gets a new one."""
-    return minutes is not None and time.time() - start >= 60 * float(minutes)
+def out_of_time(minutes: float | None, seconds: float) -> bool:
+    """Whether a budget of ``minutes`` of wall clock (``None``: no budget) is spent after ``seconds``.
+    Under ``trainer.schedule_clock=steps`` the seconds count from the start of this process's loop,
+    so a resumed run gets a new budget; under ``time`` they count the whole run's training, resumes
+    included, as the schedule anneals over the budget."""
+    return minutes is not None and seconds >= 60 * float(minutes)
 
 
 def _with_ema(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
@@ -132,6 +135,9 @@ class Engine:
         self.ckpt, self.metrics = self.run_dir / "checkpoint.pt", self.run_dir / "metrics.jsonl"
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
+        check_schedule(self.t)
+        self.time_clock = getattr(self.t, "schedule_clock", "steps") == "time"
+        self.seconds_before, self._t0 = 0.0, time.time()  # training seconds of earlier invocations
         self.ema: dict[str, Tensor] | None = None
         if not self.t.relax_penalty >= 0:
             raise ValueError(f"trainer.relax_penalty must be >= 0, got {self.t.relax_penalty}")
@@ -146,6 +152,7 @@ class Engine:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "restores": self.restores, "lr_scale": self.lr_scale, "rng": rng_state(),
+                 "seconds": self.seconds_before + time.time() - self._t0,
                  **self.obj.checkpoint_info()}
         if self.ema is not None:
             state["ema"] = self.ema
@@ -168,6 +175,7 @@ class Engine:
             return
         state = self.load()
         self.restores, self.lr_scale = state["restores"], state["lr_scale"]
+        self.seconds_before = float(state.get("seconds", 0.0))  # absent from older checkpoints
         set_rng_state(state["rng"])
         print(f"resume: continuing from step {self.step} of {self.ckpt}")
 
@@ -223,10 +231,15 @@ class Engine:
 
         bar = tqdm(total=self.t.steps, initial=self.step, desc=self.obj.label,
                    disable=os.environ.get("CI") == "true" or not self.dd.main)
-        bad, t0, last, recent = 0, time.time(), {}, []
-        while self.step < self.t.steps and not self.dd.any(out_of_time(self.t.max_minutes, t0)):
+        bad, last, recent = 0, {}, []
+        t0 = self._t0 = time.time()
+        while self.step < self.t.steps:
+            # one clock for all ranks, so that they stop together and step with one learning rate
+            trained = self.seconds_before + self.dd.max(time.time() - t0)
+            if out_of_time(self.t.max_minutes, trained if self.time_clock else trained - self.seconds_before):
+                break
             self.model.train()
-            lr = learning_rate(self.t, self.step) * self.lr_scale
+            lr = learning_rate(self.t, self.step, trained) * self.lr_scale
             out = self.obj.loss(self.step, self.dd)
             if not self.dd.all_finite(torch.stack([out.loss.detach(), out.surrogate.detach()])):
                 bad = self._non_finite(bad + 1, wb)
