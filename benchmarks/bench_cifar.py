@@ -5,6 +5,10 @@ the trivial group, at (nearly) equal parameter count (the D4 hidden width is cho
 equal number of steps, both through the library's training loop on the 5,085-image subset and
 evaluated (EMA weights, 10 exact log-det terms plus the Russian roulette) on the 1,017 test images.
 
+``residual``: the same for the gflows residual flow and normflows' residual flow of the same layout
+(squeezes, 3 levels x 4 blocks of ``LipschitzCNN`` 3-1-3 with ActNorm), then each one's sampling rate
+(the fixed-point inverse) and seconds per 1,000 test images with the trained weights.
+
 ``glow``: the same wall clock for a gflows model (``--flow``, ``--group``) and normflows' Glow
 (3 levels x 4 GlowBlocks, hidden 128, LU 1x1 convolutions, affine coupling: 812k parameters),
 trained on the subset with Adam at the same batch size, then test bits/dim of each. Glow models
@@ -15,6 +19,9 @@ counts its logit and dequantisation log-dets itself: the two figures measure the
         --override flow.squeeze_first=true --override flow.invconv=true
     python benchmarks/bench_cifar.py steps --group flip --hidden 128 --scales 3 --blocks 4 --batch 16 \
         --steps 10
+    python benchmarks/bench_cifar.py residual --minutes 15 --flow g_residual --group flip --hidden 128 \
+        --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 3e-3 --schedule cosine \
+        --override flow.squeeze_first=true --override flow.invconv=true --override flow.fc_blocks=0
     python benchmarks/bench_cifar.py glow --minutes 15 --flow g_coupling --group flip --hidden 128 \
         --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 4e-3 --schedule cosine --gflows-steps 3000
 """
@@ -95,14 +102,14 @@ def efficiency(a) -> None:
     print(f"test bpd trivial - d4: {rows[0][4] - rows[1][4]:+.4f} (goal: >= +0.1)")
 
 
-def normflows_glow(levels: int = 3, blocks: int = 4, hidden: int = 128):
-    """normflows' multiscale Glow for 3x32x32 images (its examples' construction, unconditional)."""
+def _normflows_multiscale(level_blocks, levels: int = 3):
+    """normflows' multiscale layout for 3x32x32 images (its Glow example's): at level ``i`` (0 the
+    coarsest) ``level_blocks(c)`` on ``c = 3 * 2**(levels + 1 - i)`` channels, then a squeeze."""
     import normflows as nf
 
     ch, q0, merges, flows = 3, [], [], []
     for i in range(levels):
-        flows.append([nf.flows.GlowBlock(ch * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True)
-                      for _ in range(blocks)] + [nf.flows.Squeeze()])
+        flows.append([*level_blocks(ch * 2 ** (levels + 1 - i)), nf.flows.Squeeze()])
         if i > 0:
             merges.append(nf.flows.Merge())
             shape = (ch * 2 ** (levels - i), 32 // 2 ** (levels - i), 32 // 2 ** (levels - i))
@@ -112,15 +119,41 @@ def normflows_glow(levels: int = 3, blocks: int = 4, hidden: int = 128):
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 
 
+def normflows_glow(levels: int = 3, blocks: int = 4, hidden: int = 128):
+    """normflows' multiscale Glow for 3x32x32 images (its examples' construction, unconditional)."""
+    import normflows as nf
+
+    return _normflows_multiscale(lambda c: [nf.flows.GlowBlock(c, hidden, split_mode="channel", scale=True)
+                                            for _ in range(blocks)], levels)
+
+
+def normflows_residual(levels: int = 3, blocks: int = 4, hidden: int = 128, coeff: float = 0.98):
+    """normflows' residual flow in the same layout (Chen et al. 2019's image blocks): per block
+    ``Residual(LipschitzCNN [c, hidden, hidden, c], kernels 3-1-3, Lipschitz coeff)`` with the
+    unbiased Russian-roulette log-det (2 exact terms, memory-saving backward) and an ActNorm."""
+    import normflows as nf
+
+    def level(c):
+        out = []
+        for _ in range(blocks):
+            net = nf.nets.LipschitzCNN([c, hidden, hidden, c], [3, 1, 3], lipschitz_const=coeff)
+            # ActNorm first in the sampling direction, so that the data -> noise pass meets the residual
+            # block first and its per-image log-det sets the shape normflows accumulates in
+            out += [nf.flows.ActNorm((c, 1, 1)), nf.flows.Residual(net, reduce_memory=True, n_exact_terms=2)]
+        return out
+
+    return _normflows_multiscale(level, levels)
+
+
 def glow_bpd(model, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Bits/dim of 8-bit images ``x`` under a density on ``[0, 1]`` (uniform dequantisation)."""
     u = (x.float() + torch.rand(x.shape, generator=generator)) / 256
     return -model.log_prob(u, None) / (x[0].numel() * math.log(2)) + 8
 
 
-def train_glow(a, train_x: torch.Tensor, test_x: torch.Tensor) -> dict:
-    torch.manual_seed(a.seed)
-    model = normflows_glow()
+def train_normflows(model, a, train_x: torch.Tensor, test_x: torch.Tensor, label: str = "glow") -> dict:
+    """Train a normflows image model for ``--minutes`` as the gflows trainer would (Adam, warm-up,
+    cosine over the time budget, hflip, clipping at 1, non-finite steps skipped); test bits/dim."""
     opt = torch.optim.Adam(model.parameters(), lr=a.lr, weight_decay=1e-5)
     g = torch.Generator().manual_seed(a.seed)
     step, t0 = 0, time.time()
@@ -130,7 +163,7 @@ def train_glow(a, train_x: torch.Tensor, test_x: torch.Tensor) -> dict:
         flip = torch.rand(len(x), generator=g) < 0.5
         x[flip] = torch.flip(x[flip], (-1,))
         lr = a.lr * min(1.0, (step + 1) / a.warmup)
-        if a.schedule == "cosine":  # decay to zero at the end of Glow's own time budget
+        if a.schedule == "cosine":  # decay to zero at the end of the model's own time budget
             lr *= cosine_decay((time.time() - t0) / (60 * a.minutes))
         for pg in opt.param_groups:
             pg["lr"] = lr
@@ -142,26 +175,35 @@ def train_glow(a, train_x: torch.Tensor, test_x: torch.Tensor) -> dict:
             opt.step()
         step += 1
         if step % 100 == 0:
-            print(f"  glow step {step} bpd {float(loss):.3f} {time.time() - t0:.0f} s", flush=True)
+            print(f"  {label} step {step} bpd {float(loss):.3f} {time.time() - t0:.0f} s", flush=True)
     seconds = time.time() - t0
     model.eval()
+    t1 = time.time()
     with torch.no_grad():
         bpd = torch.cat([glow_bpd(model, test_x[i : i + 128], g) for i in range(0, len(test_x), 128)])
-    return {"steps": step, "seconds": seconds, "test_bpd": float(bpd.mean()), "params": n_params(model)}
+    return {"steps": step, "seconds": seconds, "test_bpd": float(bpd.mean()), "params": n_params(model),
+            "eval_s_per_1000": (time.time() - t1) * 1000 / len(test_x)}
 
 
-def glow(a) -> None:
+def train_glow(a, train_x: torch.Tensor, test_x: torch.Tensor) -> dict:
+    torch.manual_seed(a.seed)
+    return train_normflows(normflows_glow(), a, train_x, test_x, "glow")
+
+
+def train_gflows(a):
+    """Train the gflows model of ``--flow`` and ``--group`` for ``--minutes`` through the library's
+    trainer (or reuse ``--gflows-run``); its test bits/dim with the raw and the EMA weights, and the
+    model carrying the better of the two."""
     import json
 
     from gflows.training.checkpoint import load_checkpoint
     from gflows.training.images import evaluate
 
     run_dir = Path(a.gflows_run or f"{tempfile.mkdtemp()}/gflows")
-    if a.schedule == "cosine" and not a.gflows_steps:
-        raise SystemExit("--schedule cosine needs --gflows-steps: the steps gflows makes in --minutes "
-                         "(its cosine decays over trainer.steps)")
+    # without --gflows-steps the cosine anneals over the time budget, as normflows' models' does
+    clock = "steps" if a.gflows_steps else "time"
     cfg = cfg_for(a.flow, a.group, a.hidden, a, str(run_dir), f"trainer.steps={a.gflows_steps or 10000000}",
-                  f"trainer.schedule={a.schedule}",
+                  f"trainer.schedule={a.schedule}", f"trainer.schedule_clock={clock}",
                   "trainer.ckpt_every=1000000", f"trainer.max_minutes={a.minutes}",
                   f"trainer.ema_decay={a.ema}", "trainer.eval_at_end=false")
     if not (run_dir / "checkpoint.pt").exists():  # else evaluate the finished run in --gflows-run
@@ -172,22 +214,80 @@ def glow(a) -> None:
     model.load_state_dict(state["model"])
     test_x, _ = load_cifar10(a.data, "test", verify=False, download=False)
     torch.manual_seed(a.seed)
+    t0 = time.time()
     raw = evaluate(model, test_x, 128)["test_bpd"]
-    model.load_state_dict({**state["model"], **state["ema"]})
+    eval_s = (time.time() - t0) * 1000 / len(test_x)
+    ema_weights = {**state["model"], **state["ema"]}
+    model.load_state_dict(ema_weights)
     ema = evaluate(model, test_x, 128)["test_bpd"]
-    gf = {"steps": state["step"], "seconds": rows[-1]["seconds"], "test_bpd": min(raw, ema),
-          "params": n_params(model)}
+    if raw < ema:
+        model.load_state_dict(state["model"])
     print(f"gflows test bits/dim: raw weights {raw:.4f}, EMA ({a.ema}) {ema:.4f}; the better one is compared")
+    gf = {"steps": state["step"], "seconds": rows[-1]["seconds"], "test_bpd": min(raw, ema), "raw_bpd": raw,
+          "params": n_params(model), "eval_s_per_1000": eval_s}
+    return gf, model, test_x
+
+
+def _table(a, rows, n_test: int) -> None:
+    print(f"# {a.minutes} min of training each, batch {a.batch}, lr {a.lr} ({a.schedule}), seed {a.seed}; "
+          f"test bits/dim on {n_test} images")
+    print(f"{'model':44s} {'params':>9s} {'steps':>7s} {'s/step':>7s} {'test bpd':>9s}")
+    for label, r in rows:
+        print(f"{label:44s} {r['params']:9d} {r['steps']:7d} {r['seconds'] / max(1, r['steps']):7.3f} "
+              f"{r['test_bpd']:9.4f}")
+
+
+def glow(a) -> None:
+    gf, _, test_x = train_gflows(a)
     train_x, _ = load_cifar10(a.data, "train", verify=False, download=False)
     gl = train_glow(a, train_x, test_x)
-    print(f"# {a.minutes} min of training each, batch {a.batch}, lr {a.lr} ({a.schedule}), seed {a.seed}; "
-          f"test bits/dim on {len(test_x)} images")
-    print(f"{'model':40s} {'params':>9s} {'steps':>7s} {'s/step':>7s} {'test bpd':>9s}")
     name = f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)"
-    for label, r in ((name, gf), ("normflows Glow (3x4, 128, LU)", gl)):
-        print(f"{label:40s} {r['params']:9d} {r['steps']:7d} {r['seconds'] / max(1, r['steps']):7.3f} "
-              f"{r['test_bpd']:9.4f}")
+    _table(a, ((name, gf), ("normflows Glow (3x4, 128, LU)", gl)), len(test_x))
     print(f"gflows - Glow: {gf['test_bpd'] - gl['test_bpd']:+.4f} bits/dim (goal: gflows <= 3.90)")
+
+
+def _sampling_rate(fn, n: int, rounds: int) -> float:
+    """Samples per second of ``fn(n)`` (median of ``rounds`` calls after one warm-up call)."""
+    fn(n)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn(n)
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
+
+
+def residual(a) -> None:
+    """The gflows residual flow (``--flow g_residual`` and its overrides) against normflows' residual
+    flow of the same layout and width, ``--minutes`` each; then, with the trained weights, test
+    evaluation time and sampling rate (the fixed-point inverse) of each."""
+    gf, model, test_x = train_gflows(a)
+    train_x, _ = load_cifar10(a.data, "train", verify=False, download=False)
+    torch.manual_seed(a.seed)
+    nr_model = normflows_residual(a.scales, a.blocks, a.hidden)
+    nr = train_normflows(nr_model, a, train_x, test_x, "normflows residual")
+    name = f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)"
+    label = f"normflows residual flow ({a.scales}x{a.blocks}, {a.hidden} ch)"
+    _table(a, ((name, gf), (label, nr)), len(test_x))
+    print(f"gflows - normflows residual: {gf['test_bpd'] - nr['test_bpd']:+.4f} bits/dim "
+          f"(raw weights: {gf['raw_bpd'] - nr['test_bpd']:+.4f}; goal: <= -0.5)")
+    model.eval()
+    torch.manual_seed(a.seed)
+    with torch.no_grad():
+        rates = {
+            f"{name}: sample": _sampling_rate(model.sample, a.sample_batch, a.sample_rounds),
+            f"{name}: sample_and_log_prob": _sampling_rate(model.sample_and_log_prob, a.sample_batch,
+                                                          a.sample_rounds),
+            f"{label}: sample (returns log q)": _sampling_rate(nr_model.sample, a.sample_batch,
+                                                                a.sample_rounds),
+        }
+    print(f"# sampling in evaluation mode, batches of {a.sample_batch}, median of {a.sample_rounds}; test "
+          "evaluation in batches of 128, each model's eval-mode log-det (gflows: n_exact_terms_eval exact "
+          "terms plus the roulette; normflows: 20 exact terms plus the roulette)")
+    for k, v in rates.items():
+        print(f"{k:80s} {v:8.2f} samples/s")
+    print(f"{name + ': test evaluation':80s} {gf['eval_s_per_1000']:8.2f} s per 1,000 images")
+    print(f"{label + ': test evaluation':80s} {nr['eval_s_per_1000']:8.2f} s per 1,000 images")
 
 
 STEP_VARIANTS = {
@@ -257,7 +357,7 @@ def steps(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("part", choices=["efficiency", "glow", "steps"])
+    p.add_argument("part", choices=["efficiency", "glow", "residual", "steps"])
     p.add_argument("--steps", type=int, default=300, help="efficiency: steps of each model")
     p.add_argument("--minutes", type=float, default=15.0, help="glow: wall clock of each model")
     p.add_argument("--flow", default="g_coupling", help="glow: the gflows model")
@@ -269,8 +369,10 @@ def main() -> None:
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="glow: learning-rate schedule of both models after the warm-up (cosine: to zero "
                    "at --gflows-steps for gflows, at the end of the time budget for Glow)")
-    p.add_argument("--gflows-steps", type=int, default=0, help="glow: gflows' trainer.steps (with "
-                   "--schedule cosine: about the steps it makes in --minutes; max_minutes still stops it)")
+    p.add_argument("--gflows-steps", type=int, default=0, help="glow, residual: gflows' trainer.steps "
+                   "(0: the cosine anneals over --minutes, trainer.schedule_clock=time)")
+    p.add_argument("--sample-batch", type=int, default=16, help="residual: samples per sampling call")
+    p.add_argument("--sample-rounds", type=int, default=3, help="residual: timed sampling calls")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -291,7 +393,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"GPU: {'yes' if torch.cuda.is_available() else 'no'}; {time.strftime('%Y-%m-%d %H:%M')}")
-    {"efficiency": efficiency, "glow": glow, "steps": steps}[a.part](a)
+    {"efficiency": efficiency, "glow": glow, "residual": residual, "steps": steps}[a.part](a)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch._higher_order_ops import while_loop
 
 from gflows.flow import Flow, Transform
 from gflows.nn.equivariant import GConv2d, circular_pad
-from gflows.nn.lipschitz import LipschitzLinear
+from gflows.nn.lipschitz import LipschitzLinear, SpectralNormalised
 from gflows.transforms.residual import ResidualTransform, solve_tolerances
 
 __all__ = ["Direction", "PlainConv2d", "PlainLinear", "PlainResidual", "export"]
@@ -158,6 +158,12 @@ def export(flow: Flow | Transform, jacobian_chunk: int = 64) -> Flow | Transform
     original_mode = flow.training
     flow.eval()
     try:
+        # certify the original's estimates before copying: certifying draws fresh noise, so a copy
+        # certified on its own would hold another (equally valid) bound and compute another function
+        with torch.no_grad():
+            for m in flow.modules():
+                if isinstance(m, SpectralNormalised):
+                    m.normalised()
         copied = copy.deepcopy(flow)
         _replace(copied, (GConv2d, LipschitzLinear), jacobian_chunk)  # inside g first, then the blocks
         _replace(copied, (ResidualTransform,), jacobian_chunk)
