@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# one single-threaded worker per core (pytest-xdist), the slow tests handed out first come first
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
