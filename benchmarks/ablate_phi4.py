@@ -3,7 +3,8 @@
 Each variant is one JSON object of :func:`gflows.models.lattice.lattice_flow` keywords (plus
 ``seed``, ``preset``, ``gradient`` (``reparam`` or ``path``, see
 :func:`gflows.training.lattice.reverse_kl_loss`), ``compile`` (true: through ``torch.compile``; the
-compilation counts against ``--minutes``), and ``batch`` / ``lr`` overriding the command
+compilation counts against ``--minutes``), ``equalise_filter_lr`` (see
+:func:`gflows.training.optim.param_groups`), and ``batch`` / ``lr`` overriding the command
 line's), trained by reverse KL for ``--steps`` Adam steps (or ``--minutes`` of wall clock each,
 the cosine learning rate then following the elapsed time) with gradient clipping at 100, then
 measured on 16,384 fresh samples: ESS/N and the acceptance of independence Metropolis-Hastings.
@@ -28,6 +29,7 @@ from gflows.models.lattice import lattice_flow
 from gflows.physics import Phi4, ess, independence_mh
 from gflows.physics.report import log_weights
 from gflows.training.lattice import compiled_sampler, reverse_kl_loss
+from gflows.training.optim import param_groups
 from gflows.training.schedule import cosine_decay
 
 
@@ -38,9 +40,10 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
     theory = Phi4.preset(kw.pop("preset", "review"))
     estimator = kw.pop("gradient", "reparam")
     compiled = bool(kw.pop("compile", False))
+    equalise = bool(kw.pop("equalise_filter_lr", False))
     torch.manual_seed(kw.pop("seed", 0))
     flow = lattice_flow(theory.L, **kw)
-    opt = torch.optim.Adam(flow.parameters(), lr0)
+    opt = torch.optim.Adam(param_groups(flow, equalise), lr0)
     sampler, action = compiled_sampler(flow, theory.action) if compiled else (flow, theory.action)
     t0, step = time.time(), 0
 
@@ -49,7 +52,7 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
 
     while (frac := progress()) < 1:
         for g in opt.param_groups:
-            g["lr"] = lr0 * cosine_decay(frac)
+            g["lr"] = lr0 * g["lr_scale"] * cosine_decay(frac)
         loss, _ = reverse_kl_loss(sampler, action, batch, estimator)
         opt.zero_grad()
         loss.backward()

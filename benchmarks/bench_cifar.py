@@ -176,7 +176,8 @@ def train_normflows(model, a, train_x: torch.Tensor, test_x: torch.Tensor, label
             opt.step()
         step += 1
         if step % 100 == 0:
-            print(f"  {label} step {step} bpd {float(loss.detach()):.3f} {time.time() - t0:.0f} s", flush=True)
+            bpd = float(loss.detach())
+            print(f"  {label} step {step} bpd {bpd:.3f} {time.time() - t0:.0f} s", flush=True)
     seconds = time.time() - t0
     model.eval()
     t1 = time.time()

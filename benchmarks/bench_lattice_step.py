@@ -6,9 +6,13 @@ One reverse-KL step (path gradients, batch 64, Adam) of each configured sampler 
 review's point, for each variant: ``pad=F.pad`` swaps :func:`gflows.nn.equivariant.circular_pad` for
 ``F.pad(mode='circular')`` (what the layers used before), ``basis=escnn`` builds the filters from
 escnn's basis. Steps of all variants are interleaved; the script prints the median seconds per step
-and each variant's ratio to the first.
+and each variant's ratio to the first. ``--variants`` times other variants instead, each a
+comma-separated list of Hydra overrides (for example the groups of ``flow=lattice_g_coupling``),
+again interleaved, so that the ratios hold however the machine's speed moves during the run.
 
     python benchmarks/bench_lattice_step.py --steps 20
+    python benchmarks/bench_lattice_step.py --flows lattice_g_coupling --variants group=trivial \\
+        group=d4 group=d4,flow.hidden_channels=16
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ def f_pad(x: torch.Tensor, p: int) -> torch.Tensor:
     return F.pad(x, (p, p, p, p), mode="circular")
 
 
-VARIANTS = {  # name: (padding, basis)
-    "concat pad, escnn basis": (CONCAT, "escnn"),
-    "F.pad, escnn basis": (f_pad, "escnn"),
-    "concat pad, orbit basis": (CONCAT, "auto"),
+VARIANTS = {  # name: (padding, Hydra overrides)
+    "concat pad, escnn basis": (CONCAT, ["flow.basis=escnn"]),
+    "F.pad, escnn basis": (f_pad, ["flow.basis=escnn"]),
+    "concat pad, orbit basis": (CONCAT, ["flow.basis=auto"]),
 }
 
 
@@ -50,16 +54,19 @@ def main() -> None:
     p.add_argument("--flows", nargs="+", default=["lattice_coupling", "lattice_g_residual"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--variants", nargs="+", default=None, metavar="OVERRIDES",
+                   help="comma-separated Hydra overrides per variant, instead of padding and basis")
     a = p.parse_args()
+    variants = VARIANTS if a.variants is None else {v: (CONCAT, v.split(",")) for v in a.variants}
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}; review point, batch {a.batch}, "
           f"path gradients, median of {a.steps} interleaved steps after 3 warm-up steps")
     theory = Phi4.preset("review")
     for flow in a.flows:
         runs = {}
-        for name, (pad, basis) in VARIANTS.items():
+        for name, (pad, overrides) in variants.items():
             with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
-                cfg = compose("config", ["data=phi4", f"flow={flow}", f"flow.basis={basis}"])
+                cfg = compose("config", ["data=phi4", f"flow={flow}", *overrides])
             torch.manual_seed(0)
             model = lattice_model_from_config(cfg.flow, theory.L)
             runs[name] = (pad, model, torch.optim.Adam(model.parameters(), lr=1e-4), [])
@@ -83,7 +90,8 @@ def main() -> None:
         for name, (*_, times) in runs.items():
             med = statistics.median(times)
             first = first or med
-            print(f"{flow:12s} {name:26s} {med:.4f} s/step  ({med / first:.2f}x the first)")
+            n = sum(q.numel() for q in runs[name][1].parameters())
+            print(f"{flow:12s} {name:26s} {n:7d} params  {med:.4f} s/step  ({med / first:.2f}x the first)")
 
 
 if __name__ == "__main__":

@@ -249,6 +249,27 @@ class GConv2d(nn.Module):
         # escnn's module, its basis and weights are no longer used: keep neither in the state_dict.
         self.r2conv = None
 
+    @torch.no_grad()
+    def filter_step(self) -> float:
+        """How far a filter entry moves, RMS over the filter, when every basis weight moves by one
+        in random signs (as Adam's first steps move them): ``sqrt(||B||_F^2 / entries)`` for the
+        filter ``W = B w``. 1 for the orbit basis (each weight is copied to its orbit's entries) and
+        for escnn's basis of the trivial group; about 0.4 for escnn's basis of D4 on regular fields,
+        whose basis filters are normalised over whole orbits, so that at one learning rate Adam
+        moves a D4 filter 2.5x less per step than a plain one. Where no dense basis is kept (large
+        layers), ``||B||_F^2`` is estimated, without bias, from 16 random-sign expansions."""
+        w = self.basis_weights
+        entries = self.out_channels * self.in_channels * self.kernel_size ** 2
+        if self.basis == "orbit":
+            sq = float(entries)
+        elif self.dense_basis is not None:
+            sq = float(self.dense_basis.double().pow(2).sum())
+        else:
+            g = torch.Generator().manual_seed(0)
+            signs = torch.randint(0, 2, (16, w.numel()), generator=g).to(w) * 2 - 1
+            sq = sum(float(self.r2conv.basisexpansion(s).double().pow(2).sum()) for s in signs) / 16
+        return (sq / entries) ** 0.5
+
     @property
     def basis_weights(self) -> nn.Parameter:
         """The filter's coordinates: ``orbit_weights`` or escnn's ``r2conv.weights`` (the filter is

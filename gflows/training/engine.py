@@ -37,6 +37,7 @@ from gflows.training.checkpoint import (
     set_rng_state,
 )
 from gflows.training.distributed import Dist, setup
+from gflows.training.optim import param_groups
 from gflows.training.records import log_metrics, open_wandb, truncate_metrics
 from gflows.training.schedule import check_schedule, learning_rate
 
@@ -133,7 +134,8 @@ class Engine:
         self.model = objective.model
         self.run_dir = Path(cfg.run_dir)
         self.ckpt, self.metrics = self.run_dir / "checkpoint.pt", self.run_dir / "metrics.jsonl"
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+        groups = param_groups(self.model, bool(getattr(self.t, "equalise_filter_lr", False)))
+        self.opt = torch.optim.Adam(groups, lr=self.t.lr, weight_decay=self.t.weight_decay)
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
         check_schedule(self.t)
         self.time_clock = getattr(self.t, "schedule_clock", "steps") == "time"
@@ -162,6 +164,11 @@ class Engine:
         """Weights, optimiser and EMA from the newest readable checkpoint; the logged curve is cut
         back to its step."""
         state = _restore(self.obj, self.ckpt)
+        saved, now = len(state["optimizer"]["param_groups"]), len(self.opt.param_groups)
+        if saved != now:
+            raise ValueError(f"{self.ckpt}: its optimiser has {saved} parameter groups, this run's {now}: "
+                             "trainer.equalise_filter_lr differs from the checkpoint's run; resume with its "
+                             "setting or start a new run_dir")
         self.opt.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema.update({k: v.to(self.ema[k].device) for k, v in state["ema"].items()})
@@ -206,7 +213,7 @@ class Engine:
         surrogate.backward()
         self.dd.average_gradients(self.model)
         for pg in self.opt.param_groups:
-            pg["lr"] = lr
+            pg["lr"] = lr * pg.get("lr_scale", 1.0)
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
         self.opt.step()
         update_lipschitz(self.model)
