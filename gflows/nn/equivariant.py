@@ -257,7 +257,7 @@ class GConv2d(nn.Module):
         for escnn's basis of the trivial group; about 0.4 for escnn's basis of D4 on regular fields,
         whose basis filters are normalised over whole orbits, so that at one learning rate Adam
         moves a D4 filter 2.5x less per step than a plain one. Where no dense basis is kept (large
-        layers), ``||B||_F^2`` is estimated, without bias, from 16 random-sign expansions."""
+        layers), ``||B||_F^2`` has an unbiased estimate from 16 random-sign expansions."""
         w = self.basis_weights
         entries = self.out_channels * self.in_channels * self.kernel_size ** 2
         if self.basis == "orbit":
