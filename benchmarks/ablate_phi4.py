@@ -52,7 +52,7 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
 
     while (frac := progress()) < 1:
         for g in opt.param_groups:
-            g["lr"] = lr0 * g["lr_scale"] * cosine_decay(frac)
+            g["lr"] = lr0 * g["lr_multiple"] * cosine_decay(frac)
         loss, _ = reverse_kl_loss(sampler, action, batch, estimator)
         opt.zero_grad()
         loss.backward()

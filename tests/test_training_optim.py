@@ -52,13 +52,13 @@ def test_param_groups_cover_every_parameter_once():
     model = coupling()
     everything = {id(p) for p in model.parameters()}
     plain = param_groups(model)
-    assert len(plain) == 1 and plain[0]["lr_scale"] == 1.0
+    assert len(plain) == 1 and plain[0]["lr_multiple"] == 1.0
     assert [id(p) for p in plain[0]["params"]] == [id(p) for p in model.parameters()]
     groups = param_groups(model, equalise_filter_lr=True)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(everything)
     convs = [m for m in model.modules() if isinstance(m, GConv2d)]
-    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    scale_of = {id(p): g["lr_multiple"] for g in groups for p in g["params"]}
     for m in convs:
         assert scale_of[id(m.basis_weights)] == pytest.approx(1 / m.filter_step(), rel=1e-5)
         assert scale_of[id(m.basis_weights)] > 1.5
@@ -68,7 +68,7 @@ def test_param_groups_cover_every_parameter_once():
 
 def test_orbit_basis_needs_no_scaling():
     groups = param_groups(coupling("orbit"), equalise_filter_lr=True)
-    assert [g["lr_scale"] for g in groups] == [1.0]
+    assert [g["lr_multiple"] for g in groups] == [1.0]
 
 
 class D4Toy(Toy):
@@ -92,13 +92,13 @@ def test_engine_applies_the_scales_and_resumes_with_them(tmp_path, equalise):
     engine.fit()
     assert (len(engine.opt.param_groups) > 1) == equalise
     for pg in engine.opt.param_groups:
-        assert pg["lr"] == pytest.approx(1e-3 * pg["lr_scale"])
-    assert any(pg["lr_scale"] > 1.5 for pg in engine.opt.param_groups) == equalise
+        assert pg["lr"] == pytest.approx(1e-3 * pg["lr_multiple"])
+    assert any(pg["lr_multiple"] > 1.5 for pg in engine.opt.param_groups) == equalise
     again = Engine(D4Toy(), config(tmp_path, steps=5, lr=1e-3, ema_decay=None, equalise_filter_lr=equalise))
     again.fit()
     assert again.step == 5
-    scales = [pg["lr_scale"] for pg in engine.opt.param_groups]
-    assert [pg["lr_scale"] for pg in again.opt.param_groups] == scales
+    scales = [pg["lr_multiple"] for pg in engine.opt.param_groups]
+    assert [pg["lr_multiple"] for pg in again.opt.param_groups] == scales
 
 
 def test_resuming_with_the_other_setting_is_refused_by_name(tmp_path):

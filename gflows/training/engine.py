@@ -213,7 +213,7 @@ class Engine:
         surrogate.backward()
         self.dd.average_gradients(self.model)
         for pg in self.opt.param_groups:
-            pg["lr"] = lr * pg.get("lr_scale", 1.0)
+            pg["lr"] = lr * pg.get("lr_multiple", 1.0)
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
         self.opt.step()
         update_lipschitz(self.model)

@@ -21,7 +21,7 @@ __all__ = ["param_groups"]
 
 
 def param_groups(model: nn.Module, equalise_filter_lr: bool = False) -> list[dict]:
-    """Parameter groups of ``model`` for a ``torch.optim`` optimiser, each with an ``lr_scale`` (the
+    """Parameter groups of ``model`` for a ``torch.optim`` optimiser, each with an ``lr_multiple`` (the
     multiple of the scheduled learning rate that the trainer gives it).
 
     Args:
@@ -32,7 +32,7 @@ def param_groups(model: nn.Module, equalise_filter_lr: bool = False) -> list[dic
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not equalise_filter_lr:
-        return [{"params": params, "lr_scale": 1.0}]
+        return [{"params": params, "lr_multiple": 1.0}]
     scales: dict[int, float] = {}
     for m in model.modules():
         if isinstance(m, GConv2d) and m.basis == "escnn":
@@ -40,4 +40,4 @@ def param_groups(model: nn.Module, equalise_filter_lr: bool = False) -> list[dic
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for p in params:
         groups.setdefault(scales.get(id(p), 1.0), []).append(p)
-    return [{"params": ps, "lr_scale": s} for s, ps in sorted(groups.items())]
+    return [{"params": ps, "lr_multiple": s} for s, ps in sorted(groups.items())]
