@@ -43,7 +43,7 @@ def run(variant: dict, steps: int, batch: int, lr0: float, samples: int,
     equalise = bool(kw.pop("equalise_filter_lr", False))
     torch.manual_seed(kw.pop("seed", 0))
     flow = lattice_flow(theory.L, **kw)
-    opt = torch.optim.Adam(param_groups(flow, equalise), lr0)
+    opt = torch.optim.Adam(param_groups(flow, equalise), lr0, fused=True)
     sampler, action = compiled_sampler(flow, theory.action) if compiled else (flow, theory.action)
     t0, step = time.time(), 0
 

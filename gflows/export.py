@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch._higher_order_ops import while_loop
 
 from gflows.flow import Flow, Transform
-from gflows.nn.equivariant import GConv2d, circular_pad
+from gflows.nn.equivariant import GConv2d
 from gflows.nn.lipschitz import LipschitzLinear, SpectralNormalised
 from gflows.transforms.residual import ResidualTransform, solve_tolerances
 
@@ -53,7 +53,8 @@ class PlainConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode == "circular" and self.padding:
-            return F.conv2d(circular_pad(x, self.padding), self.weight, self.bias)
+            p = (self.padding,) * 4
+            return F.conv2d(F.pad(x, p, mode="circular"), self.weight, self.bias)
         return F.conv2d(x, self.weight, self.bias, padding=self.padding)
 
 

@@ -4,7 +4,10 @@ Every gflows layer is a :class:`Transform`: an ``nn.Module`` mapping data to noi
 convention) with
 
 * ``forward(x, context=None) -> (z, logabsdet)``, ``logabsdet = log|det dz/dx|`` of shape ``[batch]``;
-* ``inverse(z, context=None) -> (x, logabsdet)``, ``logabsdet = log|det dx/dz|`` of shape ``[batch]``.
+* ``inverse(z, context=None) -> (x, logabsdet)``, ``logabsdet = log|det dx/dz|`` of shape ``[batch]``;
+* ``inverse_and_score(z, score) -> (x, logabsdet, score_x)``: the inverse, and the score of the
+  pushed-forward density, ``score_x = grad_x log q_x(x)`` from ``score = grad_z log q_z(z)`` with the
+  parameters held fixed (for path gradients; see :meth:`Transform.inverse_and_score`).
 
 A :class:`Flow` pairs a transform with a base distribution on the noise side:
 :math:`\log p(x) = \log p_Z(f(x)) + \log|\det J_f(x)|`.
@@ -50,6 +53,34 @@ class Transform(nn.Module):
         if self.checks:
             check_event(x, self.event_shape, f"{type(self).__name__} {what}")
 
+    def inverse_and_score(self, z: Tensor, score: Tensor,
+                          context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        r"""The inverse ``x = f^{-1}(z)`` with its log-det, and the score of the density of ``x``.
+
+        If ``z`` has density :math:`q_z` with score ``score`` :math:`= \nabla_z \log q_z(z)`, then
+        :math:`\log q_x(x) = \log q_z(f(x)) + \log|\det J_f(x)|`, so
+
+        .. math:: \nabla_x \log q_x(x) = J_f(x)^T \nabla_z \log q_z(z) + \nabla_x \log|\det J_f(x)|,
+
+        one vector-Jacobian product of ``f`` at ``x`` with the parameters held fixed (the score is
+        detached). Chained through a flow from the base to the samples this is the forward recursion
+        of Vaitl et al. 2024 ("Fast and unified path gradient estimators for normalizing flows",
+        arXiv 2403.15881): the path gradient's :math:`\nabla_x \log q(x)` without a second pass
+        through the whole flow. This generic version evaluates ``f`` at ``x`` once more; layers
+        whose inverse already computed what the product needs (couplings) override it.
+        """
+        x, ladj = self.inverse(z, context)
+        return x, ladj, self.pullback_score(x, score, context)
+
+    def pullback_score(self, x: Tensor, score: Tensor, context: Tensor | None = None) -> Tensor:
+        r""":math:`J_f(x)^T s + \nabla_x \log|\det J_f(x)|` for a detached ``s = score``, by autograd
+        with the parameters held fixed (``autograd.grad`` leaves their ``.grad`` untouched)."""
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(True)
+            z, ladj = self(xd, context)
+            (g,) = torch.autograd.grad((z * score.detach()).sum() + ladj.sum(), xd)
+        return g
+
 
 class Compose(Transform):
     """Chain of transforms applied left to right; log-dets add up.
@@ -86,6 +117,14 @@ class Compose(Transform):
             z, ladj = t.inverse(z, context)
             total = total + ladj
         return z, total
+
+    def inverse_and_score(self, z: Tensor, score: Tensor,
+                          context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        total = z.new_zeros(z.shape[0])
+        for t in reversed(self.transforms):
+            z, ladj, score = t.inverse_and_score(z, score, context)
+            total = total + ladj
+        return z, total, score
 
 
 class Inverse(Transform):
@@ -175,6 +214,10 @@ class StandardNormal(nn.Module):
         sq = z.reshape(z.shape[0], -1).pow(2).sum(1)
         return -0.5 * sq - 0.5 * self._dim * math.log(2 * math.pi)
 
+    def score(self, z: Tensor) -> Tensor:
+        r""":math:`\nabla_z \log p(z) = -z`."""
+        return -z.detach()
+
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         return temperature * torch.randn(
             n, *self.event_shape, device=self._dummy.device, dtype=self._dummy.dtype
@@ -216,6 +259,19 @@ class Flow(nn.Module):
         x, ladj = self.transform.inverse(z, context)
         # log q(x) = log p(z) + log|det dz/dx| = log p(z) - log|det dx/dz|.
         return x, self.base.log_prob(z) - ladj
+
+    def push_and_score(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Samples ``x = f^{-1}(z)``, their log-densities and scores :math:`\nabla_x \log q(x)`
+        (detached: the parameters held fixed), in one pass through the inverse
+        (:meth:`Transform.inverse_and_score`): what path gradients need."""
+        if hasattr(self.base, "score"):
+            score = self.base.score(z)
+        else:
+            with torch.enable_grad():
+                zd = z.detach().requires_grad_(True)
+                (score,) = torch.autograd.grad(self.base.log_prob(zd).sum(), zd)
+        x, ladj, score = self.transform.inverse_and_score(z, score, context)
+        return x, self.base.log_prob(z) - ladj, score.detach()
 
     def sample(self, n: int, context: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         """Draw ``n`` samples; ``temperature`` scales the base noise (below 1: typical samples, as

@@ -260,3 +260,32 @@ def test_symmetry_breaking_norm_is_that_of_the_non_equivariant_part():
     (w, b), (w_g, b_g) = net[0].expanded(), net[0]._equivariant_filter()
     expected = (w - w_g).square().sum() + (b - b_g).square().sum()
     assert torch.allclose(symmetry_breaking_sq_norm(net), expected)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_circular_conv2d_is_the_padded_convolution_with_its_derivatives(kernel_size):
+    """Values of ``F.pad(circular)`` + ``F.conv2d``; reverse- and forward-mode derivatives (also
+    batched, for the residual blocks' exact log-dets) and second derivatives by finite differences."""
+    from torch.autograd import gradcheck, gradgradcheck
+
+    from gflows.nn.equivariant import circular_conv2d, circular_pad
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, kernel_size, kernel_size, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    p = kernel_size // 2
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (p,) * 4, mode="circular"), w, b)
+    assert torch.equal(circular_conv2d(x, w, b), ref)
+    assert gradcheck(circular_conv2d, (x, w, b), check_forward_ad=True, check_batched_grad=True,
+                     check_batched_forward_grad=True)
+    assert gradcheck(lambda v, k: circular_conv2d(v, k), (x, w), check_forward_ad=True)
+    assert gradgradcheck(circular_conv2d, (x, w, b))
+    if p:
+        assert gradcheck(lambda v: circular_pad(v, p), (x,), check_forward_ad=True, check_batched_grad=True)
+    # input gradients alone (autograd.grad with respect to x, a non-leaf filter): the same numbers
+    wn = w * 1.0
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(circular_conv2d(x, wn, b), x, g)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(gx, gx_ref, rtol=1e-12, atol=1e-12)

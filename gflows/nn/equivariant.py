@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from gflows.groups import Group, escnn_float32, get_group
 from gflows.representations import field_type, orbit_labels, permutation
 
-__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "circular_pad", "kernel_orbits",
-           "symmetry_breaking_sq_norm"]
+__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "circular_conv2d", "circular_pad",
+           "kernel_orbits", "symmetry_breaking_sq_norm"]
 
 PADDING_MODES = ("zeros", "circular")
 BASES = ("escnn", "orbit", "auto")
@@ -74,12 +74,113 @@ def kernel_orbits(group: Group, in_type, out_type, kernel_size: int) -> tuple[Te
     return orbit_labels(maps, o * i * k * k).view(o, i, k, k), orbit_labels(bias_maps, o)
 
 
+class _CircularPad(torch.autograd.Function):
+    """``F.pad(x, (p,) * 4, mode='circular')`` with its adjoint as a fold: the gradient of the
+    padded tensor with each margin added back onto the edge it copies (two copies and four
+    in-place sums), where autograd's backward of ``F.pad`` (or of slices and concatenations) builds
+    a zero tensor and copies into it slice by slice (a third of a lattice sampler's training
+    step on CPU before). Linear, so its forward-mode derivative pads the tangent."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, p: int) -> Tensor:
+        return F.pad(x, (p, p, p, p), mode="circular")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.p = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
+        p = ctx.p
+        cols = g[..., p:-p].clone()
+        cols[..., :p] += g[..., -p:]
+        cols[..., -p:] += g[..., :p]
+        rows = cols[..., p:-p, :].clone()
+        rows[..., :p, :] += cols[..., -p:, :]
+        rows[..., -p:, :] += cols[..., :p, :]
+        return rows, None
+
+    @staticmethod
+    def jvp(ctx, tx: Tensor, _) -> Tensor:
+        return F.pad(tx, (ctx.p,) * 4, mode="circular")
+
+
 def circular_pad(x: Tensor, p: int) -> Tensor:
-    """Periodic padding of the last two axes by ``p``: the same values as ``F.pad(x, ..., 'circular')``
-    from two concatenations, whose backward pass is a few views and sums instead of the
-    slice-by-slice copies of ``F.pad``'s (a third of a lattice sampler's training step on CPU)."""
-    y = torch.cat([x[..., -p:, :], x, x[..., :p, :]], -2)
-    return torch.cat([y[..., -p:], y, y[..., :p]], -1)
+    """Periodic padding of the last two axes by ``p`` (``p`` at most the size of each axis): the
+    values of ``F.pad(x, ..., 'circular')``, with a cheaper backward pass (:class:`_CircularPad`)."""
+    return _CircularPad.apply(x, p) if p else x
+
+
+def _engine_needs(ctx, i: int) -> bool:
+    """Whether this backward pass needs the gradient of a custom function's ``i``-th input.
+    ``ctx.needs_input_grad`` only says whether the input requires grad; the engine knows whether the
+    pass at hand reaches it (``autograd.grad`` with respect to the input of a network needs no filter
+    gradients), as built-in operators are told through their output mask."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    try:
+        node = ctx.next_functions[i][0]
+        return node is not None and torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # private API; leaves under autograd.grad are not answered
+        return True
+
+
+class _CircularConv(torch.autograd.Function):
+    """The periodic convolution ``y = conv2d(circular_pad(x, p), w) + b``, whose input gradient is
+    again a periodic convolution: ``conv2d(circular_pad(g, p), w')`` with ``w'`` the flipped filter,
+    in and out channels swapped (the adjoint of a circulant operator is its correlation). One
+    forward convolution instead of the backend's input-gradient convolution and a fold of the
+    padding; the filter and bias gradients are the backend's, computed only when the pass needs them.
+    Bilinear in ``(x, w)``: the forward-mode derivative is ``conv(tx, w) + conv(x, tw) + tb``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, p: int) -> Tensor:
+        return F.conv2d(F.pad(x, (p, p, p, p), mode="circular"), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, p = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.p, ctx.has_bias, ctx.out_shape = p, bias is not None, output.shape
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, weight = ctx.saved_tensors
+        p, (need_x, need_w, need_b) = ctx.p, (_engine_needs(ctx, i) for i in range(3))
+        gx = gw = gb = None
+        if need_x:
+            gx = F.conv2d(F.pad(g, (p, p, p, p), mode="circular"), weight.flip(2, 3).transpose(0, 1))
+        if need_w:
+            xp = F.pad(x, (p, p, p, p), mode="circular")
+            gw = torch.ops.aten.convolution_backward(g, xp, weight, None, [1, 1], [0, 0], [1, 1], False,
+                                                     [0, 0], 1, [False, True, False])[1]
+        if need_b and ctx.has_bias:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+    @staticmethod
+    def jvp(ctx, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, _) -> Tensor:
+        x, weight = ctx.saved_tensors
+        p = (ctx.p,) * 4
+        terms = []
+        if tx is not None:
+            terms.append(F.conv2d(F.pad(tx, p, mode="circular"), weight))
+        if tw is not None:
+            terms.append(F.conv2d(F.pad(x, p, mode="circular"), tw))
+        if tb is not None:
+            terms.append(tb.view(1, -1, 1, 1).expand(ctx.out_shape))
+        return sum(terms[1:], terms[0])
+
+
+def circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.conv2d`` of ``x`` padded periodically by half the (odd, square) kernel: a convolution
+    on the torus, with a cheaper backward pass (:class:`_CircularConv`)."""
+    return _CircularConv.apply(x, weight, bias, weight.shape[-1] // 2)
 
 
 class _Gather(torch.autograd.Function):
@@ -350,7 +451,7 @@ class GConv2d(nn.Module):
         """The convolution with an explicit filter (used with normalised filters)."""
         if self.padding_mode == "zeros":  # let the kernel pad: no padded copy of the input
             return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
-        return F.conv2d(self.pad(x), weight, bias)
+        return circular_conv2d(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.expanded()

@@ -135,7 +135,11 @@ class Engine:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt, self.metrics = self.run_dir / "checkpoint.pt", self.run_dir / "metrics.jsonl"
         groups = param_groups(self.model, bool(getattr(self.t, "equalise_filter_lr", False)))
-        self.opt = torch.optim.Adam(groups, lr=self.t.lr, weight_decay=self.t.weight_decay)
+        # fused: one kernel for all parameters instead of a dozen per tensor (a lattice sampler has
+        # ~140 small ones: 2.7 ms -> 0.5 ms per step on 2 cores)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                    for g in groups for p in g["params"])
+        self.opt = torch.optim.Adam(groups, lr=self.t.lr, weight_decay=self.t.weight_decay, fused=fused)
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
         check_schedule(self.t)
         self.time_clock = getattr(self.t, "schedule_clock", "steps") == "time"
