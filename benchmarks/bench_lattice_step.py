@@ -12,7 +12,9 @@ review's point, for each variant of the step's machinery:
   the padding by concatenation of 2026-12-01, which it was 1.23x slower than): also ``F.pad`` and
   ``F.conv2d`` differentiated by autograd, and the per-tensor Adam;
 * ``reparam``: the reparameterisation estimator (no score at all), for scale;
-* ``orbit basis``: now, with the orbit basis instead of escnn's.
+* ``orbit basis``: now, with the orbit basis instead of escnn's;
+* ``compiled`` (with ``--compiled``): ``trainer.compile=true``'s sampler (the transform through
+  ``torch.compile``; its score then comes from a compiled density pass), with the cold compile time.
 
 Steps of all variants are interleaved; the script prints the median seconds per step and each
 variant's ratio to the first. ``--variants`` times other variants instead, each a comma-separated
@@ -42,7 +44,7 @@ from hydra import compose, initialize_config_dir
 import gflows.nn.equivariant as equivariant
 from gflows.models.config import lattice_model_from_config
 from gflows.physics import Phi4
-from gflows.training.lattice import reverse_kl_loss
+from gflows.training.lattice import compiled_sampler, reverse_kl_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = equivariant.circular_conv2d
@@ -68,6 +70,16 @@ def library_loss(estimator: str):
     return lambda flow, action, batch: reverse_kl_loss(flow, action, batch, estimator)[0]
 
 
+def compiled_loss(flow, action, batch: int) -> torch.Tensor:
+    """``trainer.compile=true``: the path surrogate of the compiled sampler (built at the first call)."""
+    if not hasattr(flow, "_compiled"):
+        flow._compiled = compiled_sampler(flow, action)
+        t0 = time.perf_counter()
+        reverse_kl_loss(*flow._compiled, batch, "path")[0].backward()
+        print(f"# compiled: first call (cold compile) {time.perf_counter() - t0:.0f} s")
+    return reverse_kl_loss(*flow._compiled, batch, "path")[0]
+
+
 VARIANTS = {  # name: (periodic convolution, loss, fused Adam, Hydra overrides)
     "now": (NOW, library_loss("path"), True, ["flow.basis=escnn"]),
     "two-pass path": (NOW, two_pass_path_loss, True, ["flow.basis=escnn"]),
@@ -83,11 +95,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--preset", default="review", help="lattice preset (review: L=8; L20, ...)")
+    p.add_argument("--compiled", action="store_true", help="add trainer.compile=true's step")
     p.add_argument("--variants", nargs="+", default=None, metavar="OVERRIDES",
                    help="comma-separated Hydra overrides per variant, instead of the step's machinery")
     a = p.parse_args()
-    variants = VARIANTS if a.variants is None else {
+    variants = dict(VARIANTS) if a.variants is None else {
         v: (NOW, library_loss("path"), True, v.split(",")) for v in a.variants}
+    if a.compiled:
+        variants["compiled"] = (NOW, compiled_loss, True, ["flow.basis=escnn"])
     theory = Phi4.preset(a.preset)
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}; {a.preset} (L={theory.L}), batch "

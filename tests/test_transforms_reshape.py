@@ -57,6 +57,13 @@ def test_factor_out_maps_the_kept_channels_only_and_checks_shapes():
     assert float(lda.abs().max()) > 0
     xr, ldr = t.inverse(z)
     assert torch.allclose(xr, x, atol=1e-6) and torch.allclose(ldr, -ld, atol=1e-5)
+    # the score recursion: the inner map's on the kept channels, the rest passes through
+    score = torch.randn_like(z)
+    xs, lds, s = t.inverse_and_score(z, score)
+    xd = xs.detach().requires_grad_(True)
+    zd, ldd = t(xd)
+    (ref,) = torch.autograd.grad((zd * score).sum() + ldd.sum(), xd)
+    assert torch.equal(xs, xr) and torch.allclose(lds, ldr) and torch.allclose(s, ref, atol=1e-5)
     with pytest.raises(ValueError, match="shape-preserving"):
         FactorOut(Squeeze((2, 4, 4)), (5, 4, 4))
     with pytest.raises(ValueError, match="some, not all"):

@@ -61,6 +61,7 @@ def image_flow(
     squeeze_first: bool = False,
     invconv: bool = False,
     factor_out: bool = False,
+    split_prior: bool = False,
     **block_kwargs,
 ) -> Compose:
     """A multiscale transform of ``kind`` in :data:`FLOW_KINDS` (see the module docstring).
@@ -82,6 +83,11 @@ def image_flow(
         factor_out: after each scale but the last, half the fields (rounded up; couplings keep at
             least two) go on and the others are factored out to the base (:class:`FactorOut`, Glow's
             split), so later scales run on fewer channels. Whole fields, hence equivariant.
+        split_prior: with ``factor_out``, Glow's learned prior of the leaving fields: they are
+            Gaussian with mean and log-scale from a zero-initialised 3x3 G-convolution of the fields
+            that stay (Glow's ``split2d``), i.e. an affine :class:`GCoupling` of the leaving fields on
+            the kept ones, with a one-convolution conditioner, just before the split. Without it the
+            leaving fields meet the base as they are.
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
@@ -90,12 +96,15 @@ def image_flow(
         raise ValueError(f"fc_blocks are residual blocks: only for kind='residual', not {kind!r}")
     if n_scales < 1:
         raise ValueError(f"n_scales must be >= 1, got {n_scales}")
+    if split_prior and not factor_out:
+        raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
+                         "set factor_out=True")
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     conv_only = ("kernel_sizes", "padding_mode", "basis", "relax")  # not for the fully-connected blocks
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
     plan = _Plan(kind, group, first + n_scales - 1, blocks_per_scale, hidden_fields, actnorm, fc_blocks,
-                 fc_hidden, invconv, factor_out, block_kwargs, fc_kwargs)
+                 fc_hidden, invconv, factor_out, split_prior, block_kwargs, fc_kwargs)
     layers: list[Transform] = []
     if first:
         layers.append(Squeeze(shape))
@@ -117,6 +126,7 @@ class _Plan:
     fc_hidden: int
     invconv: bool
     factor_out: bool
+    split_prior: bool
     block_kwargs: dict
     fc_kwargs: dict
 
@@ -148,6 +158,11 @@ def _scales(p: _Plan, level: int, shape: tuple[int, ...]) -> list[Transform]:
     # FactorOut needs a shape-preserving map: undo the inner scales' own squeezes (those nested in
     # their FactorOuts already are)
     undo = [Inverse(t) for t in reversed(inner) if isinstance(t, Squeeze)]
+    if p.split_prior:
+        kept = keep * 4 * field_size
+        coupling_kw = {k: p.block_kwargs[k] for k in ("basis", "relax", "scale_bound") if k in p.block_kwargs}
+        layers.append(GCoupling(p.group, sq.out_shape, split=kept, squeeze_levels=level + 1,
+                                kernel_sizes=(3,), **coupling_kw))
     return layers + [FactorOut(Compose(inner + undo), sq.out_shape)]
 
 

@@ -102,4 +102,13 @@ class FactorOut(Transform):
         self.check(z, "inverse input")
         return self._map(lambda a: self.transform.inverse(a, context), z)
 
+    def inverse_and_score(self, z: Tensor, score: Tensor,
+                          context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The inner transform's score recursion on the kept channels; the factored-out ones pass
+        through with their score unchanged (the map is the identity on them, independent of the rest)."""
+        self.check(z, "inverse input")
+        c = self.channels
+        y, ladj, s = self.transform.inverse_and_score(z[:, :c], score[:, :c], context)
+        return torch.cat([y, z[:, c:]], 1), ladj, torch.cat([s, score[:, c:]], 1)
+
 
