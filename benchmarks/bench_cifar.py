@@ -302,6 +302,8 @@ STEP_VARIANTS = {
                                "flow.fc_blocks=0", "flow.block.basis=auto", "flow.block.memory_saving=false",
                                "flow.block.lipschitz_kwargs.train_iters=1"],
     "g_coupling": ["flow=g_coupling"],
+    # Glow's split with its learned prior: one of the three fields leaves after the first scale
+    "g_coupling (factor_out, split_prior)": ["flow=g_coupling", "flow.factor_out=true", "flow.split_prior=true"],
 }
 
 
