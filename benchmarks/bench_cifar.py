@@ -303,7 +303,8 @@ STEP_VARIANTS = {
                                "flow.block.lipschitz_kwargs.train_iters=1"],
     "g_coupling": ["flow=g_coupling"],
     # Glow's split with its learned prior: one of the three fields leaves after the first scale
-    "g_coupling (factor_out, split_prior)": ["flow=g_coupling", "flow.factor_out=true", "flow.split_prior=true"],
+    "g_coupling (factor_out, split_prior)": ["flow=g_coupling", "flow.factor_out=true",
+                                             "flow.split_prior=true"],
 }
 
 
@@ -311,7 +312,7 @@ def steps(a) -> None:
     """Seconds per training step (forward, backward, clipping, Adam, the Lipschitz refresh) of the
     gflows image models of ``STEP_VARIANTS`` with ``--group`` and ``--hidden``, and of normflows'
     Glow, interleaved round by round on the subset's batches; medians."""
-    from gflows.nn.lipschitz import update_lipschitz
+    from gflows.nn.lipschitz import lipschitz_layers
     from gflows.training.distributed import setup
     from gflows.training.images import ImageTask
 
@@ -322,26 +323,30 @@ def steps(a) -> None:
         cfg = cfg_for(overrides[0].split("=")[1], a.group, a.hidden, a, tempfile.mkdtemp(), *overrides[1:])
         task = ImageTask(cfg)
         task.prepare(dd)
-        opt = torch.optim.Adam(task.model.parameters(), lr=a.lr)
+        # as the engine: fused Adam, the parameter and Lipschitz-layer lists kept, not walked per step
+        params, lipschitz = list(task.model.parameters()), lipschitz_layers(task.model)
+        opt = torch.optim.Adam(params, lr=a.lr, fused=True)
 
-        def step(i, task=task, opt=opt):
+        def step(i, task=task, opt=opt, params=params, lipschitz=lipschitz):
             out = task.loss(i, dd)
             opt.zero_grad()
             out.surrogate.backward()
-            torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            update_lipschitz(task.model)
+            for m in lipschitz:
+                m.update()
 
         fns[f"gflows {name} {a.group}"] = (step, n_params(task.model))
     glow_model = normflows_glow()
-    glow_opt = torch.optim.Adam(glow_model.parameters(), lr=a.lr)
+    glow_params = list(glow_model.parameters())
+    glow_opt = torch.optim.Adam(glow_params, lr=a.lr, fused=True)
     g = torch.Generator().manual_seed(a.seed)
 
     def glow_step(i):
         loss = glow_bpd(glow_model, train_x[torch.randint(len(train_x), (a.batch,), generator=g)], g).mean()
         glow_opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(glow_model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(glow_params, 1.0)
         glow_opt.step()
 
     fns["normflows Glow (3x4, 128, LU)"] = (glow_step, n_params(glow_model))

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from conftest import GROUPS
@@ -99,6 +101,24 @@ def test_moving_one_layer_leaves_other_layers_alone():
     assert b(torch.randn(1, 1, 5, 5)).dtype == torch.float32
     assert a(torch.randn(1, 1, 5, 5, dtype=torch.float64)).dtype == torch.float64
     assert GConv2d("c4", (1, "scalar"), (1, "regular"), 3)(torch.randn(1, 1, 5, 5)).dtype == torch.float32
+
+
+def test_owned_basis_expansion_hashes_by_identity():
+    """escnn hashes a basis expansion by its sampled basis; a layer's own copy hashes by identity so
+    that module-tree walks stay cheap, and the copy still deep-copies, pickles and computes."""
+    import pickle
+
+    a = GConv2d("d4", (1, "scalar"), (1, "regular"), 3)
+    b = GConv2d("d4", (1, "scalar"), (1, "regular"), 3)
+    ea, eb = a.r2conv.basisexpansion, b.r2conv.basisexpansion
+    for m in ea.modules():
+        assert hash(m) == object.__hash__(m)
+    assert ea != eb and len({ea, eb}) == 2
+    x = torch.randn(2, 1, 5, 5)
+    c = copy.deepcopy(a)
+    d = pickle.loads(pickle.dumps(a))
+    assert torch.equal(c(x), a(x)) and torch.equal(d(x), a(x))
+    assert torch.allclose(a.expanded()[0], a.r2conv.expand_parameters()[0], atol=1e-6)
 
 
 def test_state_dict_is_the_same_in_train_and_eval_mode():

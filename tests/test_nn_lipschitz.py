@@ -4,7 +4,13 @@ import pytest
 import torch
 from conftest import GROUPS
 
-from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, operator_norm, update_lipschitz
+from gflows.nn.lipschitz import (
+    LipschitzGConv2d,
+    LipschitzLinear,
+    lipschitz_layers,
+    operator_norm,
+    update_lipschitz,
+)
 
 
 def dense_norm(conv, weight, shape):
@@ -151,3 +157,10 @@ def test_adjoint_is_the_vector_jacobian_product(kernel_size, basis):
     v = torch.randn(2, 5, 6, 6, dtype=torch.float64)
     _, vjp = torch.func.vjp(lambda u: conv.conv(u, w), torch.zeros(2, 3, 6, 6, dtype=torch.float64))
     assert torch.allclose(conv._adjoint(w)(v), vjp(v)[0], atol=1e-12)
+
+
+def test_lipschitz_layers_lists_every_spectral_normalised_layer_in_order():
+    a, b = LipschitzGConv2d("c4", (1, "scalar"), (1, "regular"), 3, input_hw=(4, 4)), LipschitzLinear(4, 4)
+    model = torch.nn.Sequential(a, torch.nn.Sequential(torch.nn.Identity(), b))
+    assert lipschitz_layers(model) == [a, b]
+    assert lipschitz_layers(torch.nn.Linear(2, 2)) == []

@@ -76,12 +76,13 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
-    def average_gradients(self, module: nn.Module) -> None:
-        """Replace every gradient by its mean over the ranks (one all-reduce of a flat buffer)."""
+    def average_gradients(self, params: list[Tensor]) -> None:
+        """Replace the gradient of every parameter in ``params`` by its mean over the ranks (one
+        all-reduce of a flat buffer)."""
         if self.world == 1:
             return
         # every rank runs the same model, so the same parameters have gradients on each
-        params = [p for p in module.parameters() if p.grad is not None]
+        params = [p for p in params if p.grad is not None]
         if not params:
             return
         flat = torch.cat([p.grad.reshape(-1) for p in params])
