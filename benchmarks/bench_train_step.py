@@ -1,0 +1,70 @@
+"""Seconds per training step through ``train.py``, this checkout against another, runs alternated.
+
+A step as a user meets it: the engine's whole step (loss, backward, clipping, Adam, Lipschitz
+refresh, logging), read from each run's ``metrics.jsonl`` between two logged steps, so start-up and
+the first steps (allocations, warm-up) are left out. The other checkout (``--ref``, for example a
+``git worktree`` of an older commit) runs with its own ``gflows`` (``train.py``'s folder comes first
+on ``sys.path``) in the same interpreter and environment. Rounds alternate the two, so a change in
+the machine's speed moves both.
+
+    git worktree add /tmp/ref 36f5b53
+    python benchmarks/bench_train_step.py --ref /tmp/ref --rounds 3 -- data=phi4 flow=lattice_coupling
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seconds_per_step(checkout: Path, overrides: list[str], steps: int, skip: int) -> float:
+    """One ``train.py`` run in ``checkout``; the mean seconds per step from step ``skip`` to ``steps``."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cmd = [sys.executable, str(checkout / "train.py"), *overrides, f"trainer.steps={steps}",
+               "trainer.eval_at_end=false", "wandb.mode=disabled",
+               f"trainer.ckpt_every={steps + 1}", f"run_dir={run_dir}"]
+        subprocess.run(cmd, cwd=checkout, check=True, capture_output=True, text=True,
+                       env=os.environ | {"CI": "true"})
+        lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
+        rows = {r["step"]: r["seconds"] for r in map(json.loads, lines) if "seconds" in r}
+    return (rows[steps] - rows[skip]) / (steps - skip)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ref", type=Path, required=True, help="the other checkout (its train.py and gflows)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--skip", type=int, default=20, help="steps left out at the start")
+    p.add_argument("overrides", nargs="*", help="train.py overrides, the same for both")
+    a = p.parse_args()
+    if not (a.ref / "train.py").exists():
+        raise SystemExit(f"--ref {a.ref}: no train.py there")
+    if not 0 < a.skip < a.steps:
+        raise SystemExit(f"--skip {a.skip} must lie between 0 and --steps {a.steps}")
+    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}; train.py {' '.join(a.overrides)}; steps {a.skip}..{a.steps}, {a.rounds} "
+          f"alternated rounds", flush=True)
+    times: dict[str, list[float]] = {"this checkout": [], f"ref {a.ref}": []}
+    for i in range(a.rounds):
+        for (name, ts), checkout in zip(times.items(), (ROOT, a.ref), strict=True):
+            ts.append(seconds_per_step(checkout, a.overrides, a.steps, a.skip))
+            print(f"round {i}: {name:30s} {ts[-1]:.4f} s/step", flush=True)
+    now, ref = (statistics.median(ts) for ts in times.values())
+    print(f"median: this checkout {now:.4f} s/step, ref {ref:.4f} s/step: ref / this = {ref / now:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
