@@ -1,5 +1,6 @@
-"""Where symmetry pays: learning curves on exactly D4-invariant data (the bundled 8x8 digits).
+"""Where symmetry pays: learning curves on exactly invariant data.
 
+``--data digits`` (the default): the bundled 8x8 digits, each moved by a random D4 element.
 For each training-set size and seed, four G-residual flows (the digits have one grey channel, which
 a coupling cannot split) of about equal parameter count, trained
 for at most equal steps with early stopping on a validation split (the last tenth of the training images;
@@ -15,6 +16,16 @@ Prints one row per (size, variant) with the mean and spread over seeds, and writ
 curves. Test and validation bits/dim use exact log-dets (64 dimensions: a dense Jacobian).
 
     python benchmarks/bench_symmetry.py --sizes 64 256 1350 --seeds 0 1 2 --steps 1500 --patience 4
+
+``--data phi4``: maximum likelihood (forward KL) of the lattice coupling sampler on HMC
+configurations of phi^4 at the review's point (L=8), whose distribution is exactly invariant under
+translations, D4 and phi -> -phi; test negative log-likelihood per site on held-out configurations
+(later in every HMC chain). The four variants are the lattice sampler's: trivial conditioners;
+the same with every configuration moved by a random symmetry of the action (``Phi4.random_symmetry``);
+D4-steerable conditioners symmetrised over phi -> -phi (every symmetry of the action exact); and
+those with relaxed D4 filters.
+
+    python benchmarks/bench_symmetry.py --data phi4 --sizes 64 512 4096 --seeds 0 1 2 --steps 800
 """
 
 from __future__ import annotations
@@ -39,66 +50,111 @@ import torch
 from gflows.data.digits import LEVELS, load_digits
 from gflows.groups import Group
 from gflows.models.image import image_model
-from gflows.nn.lipschitz import update_lipschitz
+from gflows.models.lattice import lattice_flow
+from gflows.nn.lipschitz import lipschitz_layers
+from gflows.physics.phi4 import Phi4
+from gflows.physics.report import hmc_dataset
 from gflows.training.images import batch_at, bits_per_dim, evaluate
 from gflows.transforms.residual import logdet_mode
 
 D4 = Group("d4")
+THEORY = Phi4.preset("review")
+# HMC configurations of --data phi4, made once by main() for every worker: 16 chains, of each the
+# first 288 configurations the training pool (256) and validation (32), the next 64 the test set
+PHI4_HMC = {"chains": 16, "therm": 500, "n_steps": 10, "step_size": 0.1}
+PHI4_POOL, PHI4_VAL, PHI4_TEST, PHI4_SEED = 4096, 512, 1024, 7
+PHI4_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / f"gflows-bench-symmetry-phi4-{PHI4_SEED}.pt"
 
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(group: str, hidden_fields: int, relax: float = 0.0):
+def build(data: str, group: str, width: int, relax: float = 0.0):
+    """The model of ``data`` with ``width`` hidden channels (trivial) or regular fields (D4)."""
+    if data == "phi4":
+        # the recommended sampler's architecture at half the depth, escnn's basis (as the configs);
+        # D4 with the phi -> -phi symmetrisation: every symmetry of the action exact
+        return lattice_flow(THEORY.L, n_layers=8, hidden_fields=width, group=group,
+                            sign_symmetric=group != "trivial", site_spline_bins=8, momentum_scale=True,
+                            relax=relax)
     return image_model("residual", group, (1, 8, 8), alpha=0.05, levels=LEVELS, n_scales=2,
-                       blocks_per_scale=3, hidden_fields=hidden_fields, kernel_sizes=(3, 1, 3),
+                       blocks_per_scale=3, hidden_fields=width, kernel_sizes=(3, 1, 3),
                        basis="orbit", relax=relax, n_exact_terms=2, lipschitz_kwargs={"train_iters": 5})
 
 
-def matched_d4_fields(trivial_params: int) -> int:
+def matched_d4_fields(data: str, trivial_params: int) -> int:
     """The D4 width (regular fields) whose parameter count is nearest the trivial model's (the count
-    grows with the width: bisection, since every build computes orbit bases)."""
+    grows with the width: bisection, since every build computes bases)."""
     lo, hi = 1, 64
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if n_params(build("d4", mid)) <= trivial_params else (lo, mid)
-    return min((lo, hi), key=lambda f: abs(n_params(build("d4", f)) - trivial_params))
+        lo, hi = (mid, hi) if n_params(build(data, "d4", mid)) <= trivial_params else (lo, mid)
+    return min((lo, hi), key=lambda f: abs(n_params(build(data, "d4", f)) - trivial_params))
 
 
-def train(model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, steps: int, batch: int,
-          lr: float, seed: int, augment: bool, eval_every: int,
+def nll(data: str, model, x: torch.Tensor) -> torch.Tensor:
+    """The reported loss of each sample: bits/dim (digits) or ``-log q`` per site (phi4)."""
+    if data == "phi4":
+        return -model.log_prob(x) / THEORY.volume
+    return bits_per_dim(model.log_prob(x), x[0].numel())
+
+
+@torch.no_grad()
+def test_loss(data: str, model, x: torch.Tensor) -> float:
+    """The mean loss over ``x`` in evaluation mode, with exact log-dets."""
+    with logdet_mode(model, "exact"):
+        if data == "phi4":
+            model.eval()
+            return float(torch.cat([nll(data, model, b) for b in x.split(512)]).mean())
+        return evaluate(model, x, 512)["test_bpd"]
+
+
+def batch(data: str, x: torch.Tensor, step: int, size: int, seed: int, augment: bool) -> torch.Tensor:
+    """Training batch ``step`` (a per-epoch shuffle), each sample moved by a random symmetry of the
+    data's distribution when ``augment``."""
+    if data == "phi4":
+        b = batch_at(x, step, size, seed, False)
+        if augment:
+            b = Phi4.random_symmetry(b, torch.Generator().manual_seed(seed * 1_000_003 + step))
+        return b
+    return batch_at(x, step, size, seed, False, D4 if augment else None).float()
+
+
+def train(data: str, model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, steps: int,
+          size: int, lr: float, seed: int, augment: bool, eval_every: int,
           patience: int) -> tuple[float, float, int, int]:
-    """Adam with warm-up and cosine decay, stopped once validation bits/dim has not improved for
-    ``patience`` evaluations; returns (test bits/dim at the best validation step, that validation
-    bits/dim, the best step, the steps run)."""
+    """Adam with warm-up and cosine decay, stopped once the validation loss has not improved for
+    ``patience`` evaluations; returns (the test loss at the best validation step, that validation
+    loss, the best step, the steps run)."""
     torch.manual_seed(seed)
     model.train()
     with torch.no_grad():
-        model.log_prob(batch_at(x_train, 0, batch, seed, False).float())
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+        model.log_prob(batch(data, x_train, 0, size, seed, False))
+    params, lipschitz = list(model.parameters()), lipschitz_layers(model)
+    opt = torch.optim.Adam(params, lr=lr)
     best = (math.inf, None, 0)
     step = 0
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        x = batch_at(x_train, step, batch, seed, False, D4 if augment else None).float()
-        loss = bits_per_dim(model.log_prob(x), x[0].numel()).mean()
+        loss = nll(data, model, batch(data, x_train, step, size, seed, augment)).mean()
         opt.zero_grad()
         loss.backward()
+        if data == "phi4":  # as the lattice trainer (trainer.grad_clip); the digits runs never clipped
+            torch.nn.utils.clip_grad_norm_(params, 100.0)
         opt.step()
-        update_lipschitz(model)
+        for m in lipschitz:
+            m.update()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            with logdet_mode(model, "exact"):
-                val = evaluate(model, x_val, 512)["test_bpd"]
+            val = test_loss(data, model, x_val)
             if val < best[0]:
                 best = (val, copy.deepcopy(model.state_dict()), step + 1)
             elif step + 1 - best[2] >= patience * eval_every:
                 break
             model.train()
     model.load_state_dict(best[1])
-    with logdet_mode(model, "exact"):
-        return evaluate(model, x_test, 512)["test_bpd"], best[0], best[2], step + 1
+    return test_loss(data, model, x_test), best[0], best[2], step + 1
 
 
 def _worker_init() -> None:
@@ -109,9 +165,21 @@ def _worker_init() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
 
 
-def splits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the pool training subsets are drawn from, validation: the last tenth of the training images,
-    test)."""
+def splits(data: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the pool training subsets are drawn from, validation, test). Digits: validation is the last
+    tenth of the training images. phi4: the HMC configurations of ``PHI4_CACHE`` (made on first use)."""
+    if data == "phi4":
+        if not PHI4_CACHE.exists():
+            train, test = hmc_dataset(THEORY, PHI4_POOL + PHI4_VAL, PHI4_TEST, PHI4_HMC, PHI4_SEED,
+                                      torch.float32)
+            chains = PHI4_HMC["chains"]
+            per_chain = train.view(chains, -1, THEORY.L, THEORY.L)[:, :, None]
+            cut = PHI4_POOL // chains
+            tmp = PHI4_CACHE.with_suffix(".tmp")
+            torch.save((per_chain[:, :cut].flatten(0, 1), per_chain[:, cut:].flatten(0, 1), test[:, None]),
+                       tmp)
+            tmp.replace(PHI4_CACHE)
+        return torch.load(PHI4_CACHE)
     train_all, _ = load_digits("train")
     n_val = len(train_all) // 10
     return train_all[:-n_val], train_all[-n_val:], load_digits("test")[0]
@@ -119,57 +187,74 @@ def splits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def run_job(job: dict) -> dict:
     """One training run, in a worker process."""
-    pool, val, test = splits()
+    data = job.get("data", "digits")
+    pool, val, test = splits(data)
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(job["seed"]))
     x = pool[perm[: job["size"]]]
     torch.manual_seed(job["seed"])
-    model = build(job["group"], job["width"], job["relax"])
+    model = build(data, job["group"], job["width"], job["relax"])
     t0 = time.perf_counter()
-    t, v, best, ran = train(model, x, val, test, job["steps"], min(job["batch"], job["size"]), job["lr"],
-                            job["seed"], job["augment"], job["eval_every"], job["patience"])
+    t, v, best, ran = train(data, model, x, val, test, job["steps"], min(job["batch"], job["size"]),
+                            job["lr"], job["seed"], job["augment"], job["eval_every"], job["patience"])
     return {**job, "test": t, "val": v, "best_step": best, "steps_run": ran,
             "seconds": time.perf_counter() - t0}
 
 
+DEFAULTS = {  # per --data: sizes, trivial width, learning rate, unit, title
+    "digits": ([64, 256, 1350], 32, 2e-3, "test bits/dim (17 levels)", "D4-invariant digits"),
+    "phi4": ([64, 512, 4096], 8, 3e-3, "test -log q per site", "phi^4 HMC configurations (L=8)"),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1350])
+    p.add_argument("--data", choices=sorted(DEFAULTS), default="digits")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="training-set sizes")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=1500, help="at most this many steps (cosine length)")
     p.add_argument("--patience", type=int, default=4, help="evaluations without a better validation")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--hidden", type=int, default=32, help="hidden channels of the trivial model")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--hidden", type=int, default=None, help="hidden channels of the trivial model")
     p.add_argument("--relax", type=float, nargs="+", default=[0.01, 0.1])
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--d4-fields", type=int, default=None,
                    help="the D4 width in regular fields (default: matched to the trivial parameter count)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/bench_symmetry.jsonl"),
+    p.add_argument("--out", type=Path, default=None,
                    help="one line per finished run; runs already there are not repeated (resume)")
-    p.add_argument("--plot", type=Path, default=Path("benchmarks/bench_symmetry.png"))
+    p.add_argument("--plot", type=Path, default=None)
     a = p.parse_args()
-    pool, val, test = splits()
+    sizes, hidden, lr, unit, title = DEFAULTS[a.data]
+    a.sizes, a.hidden, a.lr = a.sizes or sizes, a.hidden or hidden, a.lr or lr
+    stem = "bench_symmetry" if a.data == "digits" else f"bench_symmetry_{a.data}"
+    a.out = a.out or Path(f"benchmarks/{stem}.jsonl")
+    a.plot = a.plot or Path(f"benchmarks/{stem}.png")
+    if min(a.relax) <= 0:
+        raise SystemExit(f"--relax: values > 0 (the strict model is its own variant), got {a.relax}")
+    pool, val, test = splits(a.data)
     if max(a.sizes) > len(pool):
-        raise SystemExit(f"--sizes: at most {len(pool)} training images (the rest is the validation split)")
-    trivial_params = n_params(build("trivial", a.hidden))
-    d4_fields = a.d4_fields or matched_d4_fields(trivial_params)
+        raise SystemExit(f"--sizes: at most {len(pool)} training samples (the rest is the validation split)")
+    trivial_params = n_params(build(a.data, "trivial", a.hidden))
+    d4_fields = a.d4_fields or matched_d4_fields(a.data, trivial_params)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, no GPU; digits made D4-invariant, {len(val)} validation, {len(test)} test; "
+          f"{torch.__version__}, no GPU; {title}: {len(val)} validation, {len(test)} test; "
           f"at most {a.steps} steps of batch {a.batch} (patience {a.patience} x {a.eval_every}), Adam "
-          f"{a.lr}, cosine; parameters: trivial {trivial_params}, d4 {n_params(build('d4', d4_fields))} "
-          f"({d4_fields} regular fields); {a.workers} workers of one thread", flush=True)
+          f"{a.lr}, cosine; parameters: trivial {trivial_params} ({a.hidden} channels), d4 "
+          f"{n_params(build(a.data, 'd4', d4_fields))} ({d4_fields} regular fields); {a.workers} workers "
+          f"of one thread", flush=True)
     variants = {"trivial": ("trivial", a.hidden, False, [0.0]),
                 "trivial+aug": ("trivial", a.hidden, True, [0.0]),
                 "d4": ("d4", d4_fields, False, [0.0]), "d4-relaxed": ("d4", d4_fields, False, a.relax)}
     common = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every,
               "patience": a.patience}
-    jobs = [{"size": s, "variant": n, "seed": seed, "group": g, "width": w, "augment": aug, "relax": r,
-             **common}
+    jobs = [{"data": a.data, "size": s, "variant": n, "seed": seed, "group": g, "width": w, "augment": aug,
+             "relax": r, **common}
             for s in a.sizes for n, (g, w, aug, rs) in variants.items() for seed in a.seeds for r in rs]
 
     def key(j: dict) -> tuple:
-        return tuple(j[k] for k in ("size", "variant", "seed", "group", "width", "augment", "relax", *common))
+        return (j.get("data", "digits"),) + tuple(j[k] for k in ("size", "variant", "seed", "group", "width",
+                                                                 "augment", "relax", *common))
 
     done = {}
     if a.out.exists():
@@ -197,15 +282,16 @@ def main() -> None:
                 tests.append(min(runs, key=lambda r: r["val"])["test"])  # relaxation chosen on validation
             spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
             rows[size, name] = (statistics.mean(tests), spread)
+    print(f"{unit}, mean +- standard deviation over seeds {a.seeds}")
     print(f"{'size':>6} " + " ".join(f"{n:>20s}" for n in variants) + f" {'aug - d4':>10s}")
     for size in a.sizes:
         cells = [f"{rows[size, n][0]:11.4f} +- {rows[size, n][1]:.4f}" for n in variants]
         gap = rows[size, "trivial+aug"][0] - rows[size, "d4"][0]
         print(f"{size:6d} " + " ".join(cells) + f" {gap:10.4f}")
-    _plot(a.plot, a.sizes, variants, rows)
+    _plot(a.plot, a.sizes, variants, rows, unit, title)
 
 
-def _plot(path: Path, sizes, variants, rows) -> None:
+def _plot(path: Path, sizes, variants, rows, unit: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,8 +302,7 @@ def _plot(path: Path, sizes, variants, rows) -> None:
         m = [rows[s, n][0] for s in sizes]
         e = [rows[s, n][1] for s in sizes]
         ax.errorbar(sizes, m, yerr=e, marker="o", capsize=3, label=n)
-    ax.set(xscale="log", xlabel="training images", ylabel="test bits/dim (17 levels)",
-           title="D4-invariant digits")
+    ax.set(xscale="log", xlabel="training samples", ylabel=unit, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
