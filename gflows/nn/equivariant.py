@@ -222,7 +222,7 @@ def _hash_by_identity(module: nn.Module) -> None:
     own copy of its expansion (see ``_build_escnn``) is never looked up by content again, so a
     subclass with ``object``'s hash serves it."""
     cls = type(module)
-    if cls.__hash__ is not object.__hash__ and cls.__hash__ is not nn.Module.__hash__:
+    if cls.__hash__ is not object.__hash__:  # nn.Module's own hash is object's
         if cls not in _IDENTITY_HASHED:
             _IDENTITY_HASHED[cls] = type(cls.__name__, (cls,), {"__hash__": object.__hash__,
                                                                  "__eq__": object.__eq__,

@@ -140,10 +140,10 @@ class Engine:
         fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
                     for g in groups for p in g["params"])
         self.opt = torch.optim.Adam(groups, lr=self.t.lr, weight_decay=self.t.weight_decay, fused=fused)
-        # the model's structure is fixed: walk its module tree once (escnn's make each walk cost
-        # 6-40 ms, several times per step, a fifth of a D4 lattice sampler's step)
-        self.params = [p for g in groups for p in g["params"]]
+        # the model's structure is fixed: walk its module tree once, not several times per step
+        # (escnn modules make walks slow; see gflows.nn.equivariant._hash_by_identity)
         self.named_params = list(self.model.named_parameters())
+        self.params = [p for _, p in self.named_params]
         self.lipschitz = lipschitz_layers(self.model)
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
         check_schedule(self.t)
