@@ -9,6 +9,7 @@ For a finished ``python train.py data=phi4 ...`` run directory (its checkpoint a
   of independent draws;
 * a long HMC reference, ``--chains`` independent chains of ``--trajectories``, errors by the
   jackknife over whole chains (no autocorrelation estimate involved) and by the binned jackknife;
+  only each configuration's primary observables are kept, so chains of any length fit in memory;
 * the flow's own, unweighted averages, to show which way (and how far) ``q`` alone is off;
 * whether the errors the sampler report states for ``--mh-samples`` draws are honest: each seed's
   batch reweighted as the report does, the spread of their estimates against their mean stated
@@ -32,7 +33,7 @@ from omegaconf import OmegaConf
 
 from gflows.models.config import lattice_model_from_config
 from gflows.physics import ess, independence_mh, report
-from gflows.physics.observables import measure
+from gflows.physics.observables import measure, measure_primaries, primaries
 from gflows.physics.phi4 import Phi4
 from gflows.training.checkpoint import load_checkpoint
 
@@ -71,9 +72,10 @@ def main() -> None:
     t0 = time.time()
     h = cfg.data.hmc
     ref, hmc_acc = report.hmc_reference(theory, a.chains, a.trajectories, int(h.therm), int(h.n_steps),
-                                 float(h.step_size), a.seed + 1)
-    rows[f"HMC {a.chains} x {a.trajectories}, chain jackknife"] = measure(ref, bin_size=a.trajectories)
-    rows[f"HMC {a.chains} x {a.trajectories}, binned"] = measure(ref)
+                                        float(h.step_size), a.seed + 1, observe=lambda c: primaries(c)[0])
+    V = theory.volume
+    rows[f"HMC {a.chains} x {a.trajectories}, chain jackknife"] = measure_primaries(ref, V, a.trajectories)
+    rows[f"HMC {a.chains} x {a.trajectories}, binned"] = measure_primaries(ref, V)
     print(f"HMC: acceptance {hmc_acc:.3f}, {time.time() - t0:.0f} s")
     hmc_key = f"HMC {a.chains} x {a.trajectories}, chain jackknife"
     print(f"{'estimate':44s} {'bin':>5s} " + " ".join(f"{k:>22s}" for k in report.OBSERVABLES))

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from gflows.physics.observables import measure, measure_primaries, primaries
 from gflows.physics.phi4 import Phi4
 from gflows.physics.report import (
     OBSERVABLES,
@@ -51,6 +52,21 @@ def test_report_runs_and_compares_with_hmc():
     assert "ESS/N on 512 fresh samples" in text and all(k in text for k in OBSERVABLES)
     ref, acc = hmc_reference(th, seed=2, **hmc)
     assert ref.shape == (200, 4, 4) and 0.5 < acc <= 1
+
+
+@pytest.mark.parametrize("bin_size", [None, 100])
+def test_hmc_reference_can_keep_only_the_primaries(bin_size):
+    """The same chains (same seed) with only each configuration's primaries kept give the same
+    rows, in the same chain-after-chain order, and the same observables."""
+    th = Phi4(4, -4.0, 6.0)
+    hmc = {"chains": 2, "trajectories": 100, "therm": 20, "n_steps": 10, "step_size": 0.1}
+    ref, acc = hmc_reference(th, seed=2, **hmc)
+    cols, acc_cols = hmc_reference(th, seed=2, observe=lambda c: primaries(c)[0], **hmc)
+    assert acc_cols == acc and cols.shape == (200, 7)
+    torch.testing.assert_close(cols, primaries(ref)[0], rtol=0, atol=0)
+    assert measure_primaries(cols, th.volume, bin_size) == measure(ref, bin_size)
+    with pytest.raises(ValueError, match=r"primaries must be \[N, 7\]"):
+        measure_primaries(ref, th.volume)
 
 
 def test_non_finite_log_weights_are_refused():

@@ -79,10 +79,12 @@ def binned_jackknife(
 
 def hmc(action: Callable[[Tensor], Tensor], force: Callable[[Tensor], Tensor], phi: Tensor, n_traj: int,
         n_steps: int = 10, step_size: float = 0.1, generator: torch.Generator | None = None,
-        ) -> tuple[Tensor, float]:
+        observe: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, float]:
     """Hybrid Monte Carlo with a leapfrog integrator on a batch of independent chains.
 
-    Returns the configurations after every trajectory ``[n_traj, batch, ...]`` and the acceptance rate.
+    Returns the configurations after every trajectory ``[n_traj, batch, ...]`` (or, with
+    ``observe``, what it makes of each trajectory's ``[batch, ...]`` configurations: long chains on
+    large lattices need not be kept whole) and the acceptance rate.
     """
     out, acc = [], 0.0
     for _ in range(n_traj):
@@ -99,5 +101,5 @@ def hmc(action: Callable[[Tensor], Tensor], force: Callable[[Tensor], Tensor], p
         accept = torch.rand(len(h0), generator=generator, dtype=phi.dtype) < torch.exp(h0 - h1)
         phi = torch.where(accept.view(-1, *([1] * (phi.dim() - 1))), q, phi)
         acc += float(accept.double().mean())
-        out.append(phi.clone())
+        out.append(phi.clone() if observe is None else observe(phi))
     return torch.stack(out), acc / n_traj

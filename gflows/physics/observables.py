@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gflows.physics.mcmc import binned_jackknife, tau_int
 
-__all__ = ["measure", "primaries", "two_point"]
+__all__ = ["measure", "measure_primaries", "primaries", "two_point"]
 
 
 def two_point(phi: Tensor) -> Tensor:
@@ -62,10 +62,19 @@ def measure(phi: Tensor, bin_size: int | None = None, log_w: Tensor | None = Non
             with jackknife errors over bins of the draws (ratio estimators: biased by
             :math:`O(1/N)`, consistent).
     """
-    cols, V = primaries(phi)
+    return measure_primaries(*primaries(phi), bin_size=bin_size, log_w=log_w)
+
+
+def measure_primaries(cols: Tensor, volume: int, bin_size: int | None = None, log_w: Tensor | None = None,
+                      ) -> dict[str, tuple[float, float]]:
+    """:func:`measure` from the per-configuration primaries ``[N, 7]`` of :func:`primaries` and the
+    volume, for chains too long to keep whole (``hmc(..., observe=lambda p: primaries(p)[0])``)."""
+    if cols.dim() != 2 or cols.shape[1] != 7:
+        raise ValueError(f"primaries must be [N, 7], got shape {tuple(cols.shape)}")
+    cols, V = cols.double(), volume
     if bin_size is None:
         if log_w is not None:
-            bin_size = max(1, len(phi) // 256)
+            bin_size = max(1, len(cols) // 256)
         else:
             bin_size = max(1, math.ceil(4 * max(tau_int(cols[:, k])[0] for k in (0, 1, 3))))
 
@@ -77,8 +86,8 @@ def measure(phi: Tensor, bin_size: int | None = None, log_w: Tensor | None = Non
         "xi": _xi,
     }
     if log_w is not None:
-        if log_w.shape != (len(phi),) or not bool(torch.isfinite(log_w).all()):
-            raise ValueError(f"log_w must be {len(phi)} finite log-weights, got shape {tuple(log_w.shape)}")
+        if log_w.shape != (len(cols),) or not bool(torch.isfinite(log_w).all()):
+            raise ValueError(f"log_w must be {len(cols)} finite log-weights, got shape {tuple(log_w.shape)}")
         w = torch.exp(log_w.double() - log_w.max())
         cols = torch.cat([cols * w[:, None], w[:, None]], 1)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,14 +54,17 @@ def log_partition(log_w: Tensor) -> tuple[float, float]:
 
 
 def hmc_reference(theory: Phi4, chains: int, trajectories: int, therm: int, n_steps: int,
-                  step_size: float, seed: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, float]:
+                  step_size: float, seed: int, dtype: torch.dtype = torch.float64,
+                  observe: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, float]:
     """HMC configurations ``[chains * trajectories, L, L]``, chain after chain (so that consecutive
-    rows are consecutive in Monte Carlo time, as binning needs), and the acceptance rate."""
+    rows are consecutive in Monte Carlo time, as binning needs), and the acceptance rate. With
+    ``observe`` (for example :func:`~gflows.physics.observables.primaries`' first output) the rows
+    are what it makes of each trajectory's configurations, and no configuration is kept."""
     g = torch.Generator().manual_seed(seed)
     phi0 = 0.5 * torch.randn(chains, theory.L, theory.L, generator=g, dtype=dtype)
     phi, _ = hmc(theory.action, theory.force, phi0, therm, n_steps, step_size, g)
-    phi, acc = hmc(theory.action, theory.force, phi[-1], trajectories, n_steps, step_size, g)
-    return phi.transpose(0, 1).reshape(-1, theory.L, theory.L), acc
+    out, acc = hmc(theory.action, theory.force, phi[-1], trajectories, n_steps, step_size, g, observe)
+    return out.transpose(0, 1).reshape(-1, *out.shape[2:]), acc
 
 
 def hmc_dataset(theory: Phi4, n_train: int, n_test: int, hmc_settings: dict, seed: int,
