@@ -67,9 +67,11 @@ def test_spline_coupling_flow_is_exactly_equivariant_about_a_site(k, flip):
         lattice_flow(6, n_layers=4, sign_symmetric=False, spline_layers=5)
 
 
-def test_sign_flip_and_even_translations_only():
+@pytest.mark.parametrize(("mode", "activation"), [(True, "lipswish"), ("odd", "tanh")])
+def test_sign_flip_and_even_translations_only(mode, activation):
     torch.manual_seed(0)
-    flow = perturb(lattice_flow(6, n_layers=4, hidden_fields=1, kernel_sizes=(3, 3), zero_mode_bins=4), 0.2)
+    flow = perturb(lattice_flow(6, n_layers=4, hidden_fields=1, kernel_sizes=(3, 3), zero_mode_bins=4,
+                                sign_symmetric=mode, activation=activation, site_spline_bins=4), 0.2)
     x = torch.randn(3, 1, 6, 6)
     z, lq = flow.transform(x)[0], flow.log_prob(x)
     assert torch.allclose(flow.transform(-x)[0], -z, atol=1e-5)  # phi -> -phi

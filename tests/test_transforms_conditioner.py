@@ -8,8 +8,11 @@ from gflows.transforms.conditioner import Conditioner, conditioner_net
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_zero_init_then_even_scales_and_odd_shifts(dtype):
-    cond = Conditioner("d4", 2, 3, hidden_fields=2, sign_symmetric=True).to(dtype)
+@pytest.mark.parametrize(("group", "mode"),
+                         [("d4", True), ("d4", "odd"), ("trivial", "odd"), ("c4", "average")])
+def test_zero_init_then_even_scales_and_odd_shifts(dtype, group, mode):
+    kw = {"activation": "tanh"} if mode == "odd" else {}
+    cond = Conditioner(group, 2, 3, hidden_fields=2, sign_symmetric=mode, **kw).to(dtype)
     x = torch.randn(4, 2, 6, 6, dtype=dtype)
     s, t = cond(x)
     assert s.shape == t.shape == (4, 3, 6, 6) and not s.any() and not t.any()  # the identity at first
@@ -29,3 +32,37 @@ def test_soft_bounds_and_settings():
     assert not additive(torch.randn(2, 1, 4, 4))[0].any()
     with pytest.raises(ValueError, match="unknown activation 'relu6'"):
         conditioner_net("trivial", 1, 1, activation="relu6")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_odd_conditioner_is_group_equivariant_in_one_pass(dtype):
+    """The odd trunk's conditioner commutes with D4 (float64 round-off on the orbit basis) and runs
+    its network once, on the batch itself."""
+    from gflows.groups import get_group
+
+    cond = perturb(Conditioner("d4", 1, 1, hidden_fields=1, sign_symmetric="odd", activation="tanh",
+                               padding_mode="circular", basis="orbit")).to(dtype)
+    x = torch.randn(3, 1, 6, 6, dtype=dtype)
+    g = get_group("d4")
+    s, t = cond(x)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for e in g.elements:
+        s_g, t_g = cond(g.act(e, x))
+        torch.testing.assert_close(s_g, g.act(e, s), atol=tol, rtol=0)
+        torch.testing.assert_close(t_g, g.act(e, t), atol=tol, rtol=0)
+    batches = []
+    cond.net.layers[0].register_forward_hook(lambda m, i, o: batches.append(len(i[0])))
+    cond(x)
+    assert batches == [3]
+
+
+def test_sign_modes_are_checked():
+    with pytest.raises(ValueError, match="unknown sign_symmetric 'even'"):
+        Conditioner("d4", 1, 1, sign_symmetric="even")
+    with pytest.raises(ValueError, match=r"needs an odd activation \('tanh'\), got 'lipswish'"):
+        Conditioner("d4", 1, 1, sign_symmetric="odd")
+    additive = perturb(Conditioner("trivial", 1, 1, hidden_fields=2, affine=False, sign_symmetric="odd",
+                                   activation="tanh"))
+    x = torch.randn(2, 1, 4, 4)
+    s, t = additive(x)
+    assert not s.any() and torch.allclose(additive(-x)[1], -t) and t.abs().max() > 1e-3

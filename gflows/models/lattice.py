@@ -40,7 +40,7 @@ def lattice_flow(
     n_layers: int = 16,
     hidden_fields: int = 4,
     group: str | Group = "d4",
-    sign_symmetric: bool = True,
+    sign_symmetric: bool | str = True,
     kernel_sizes: Sequence[int] = (3, 3, 3),
     scale_bound: float = 3.0,
     activation: str = "lipswish",

@@ -48,7 +48,7 @@ class GIAF(Transform):
         group: str | Group,
         event_shape: Sequence[int],
         n_blocks: int = 2,
-        sign_symmetric: bool = False,
+        sign_symmetric: bool | str = False,
         scale_bound: float = 3.0,
         hidden_fields: int = 8,
         kernel_sizes: Sequence[int] = (3, 3, 3),

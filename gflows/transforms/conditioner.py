@@ -13,9 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from gflows.groups import Group
-from gflows.nn.equivariant import GConvNet, LipSwish
+from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish
 
-__all__ = ["ACTIVATIONS", "Conditioner", "conditioner_net"]
+__all__ = ["ACTIVATIONS", "SIGN_MODES", "Conditioner", "conditioner_net"]
+
+#: the ways a conditioner can commute with ``x -> -x`` (``False``: it need not)
+SIGN_MODES = (False, True, "average", "odd")
 
 
 ACTIVATIONS = {
@@ -28,15 +31,16 @@ ACTIVATIONS = {
 def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: int = 8,
                     kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
                     activation: str = "lipswish", zero_init: bool = True,
-                    squeeze_levels: int = 0, basis: str = "auto", relax: float = 0.0) -> GConvNet:
+                    squeeze_levels: int = 0, basis: str = "auto", relax: float = 0.0,
+                    bias: bool = True) -> GConvNet:
     """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
     ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
-    with ``zero_init``, a last convolution starting at zero; ``basis`` and ``relax`` (relaxed
-    equivariance) of the :class:`~gflows.nn.equivariant.GConv2d` filters."""
+    with ``zero_init``, a last convolution starting at zero; ``basis``, ``relax`` (relaxed
+    equivariance) and ``bias`` of the :class:`~gflows.nn.equivariant.GConv2d` convolutions."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
     net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
-                   activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels,
+                   activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels, bias=bias,
                    conv_kwargs={"basis": basis, "relax": relax})
     if zero_init:
         net.layers[-1].zero_()
@@ -51,7 +55,12 @@ class Conditioner(nn.Module):
         n_in, n_out: channels in and out (per ``s`` and per ``t``).
         hidden_fields, kernel_sizes, padding_mode: of the :class:`~gflows.nn.equivariant.GConvNet`.
         affine: also produce a log-scale ``s`` (else ``s = 0``).
-        sign_symmetric: even ``s``, odd ``t`` by symmetrising over ``{x, -x}``.
+        sign_symmetric: even ``s`` and odd ``t``, so that the coupling commutes with ``x -> -x``.
+            ``True`` or ``'average'``: symmetrise any network over ``{x, -x}``,
+            ``s = (n_s(x) + n_s(-x)) / 2``, ``t = (n_t(x) - n_t(-x)) / 2`` (the network runs on twice
+            the batch). ``'odd'``: an odd trunk (convolutions without biases, ``tanh``) with hidden
+            fields ``h(-x) = -h(x)``; ``t`` is a convolution of ``h`` without bias (odd) and ``s`` one
+            of ``h * h`` (even): one pass, and needs ``activation='tanh'``.
         scale_bound: soft bound ``B`` on ``|s|``.
         shift_bound: soft bound ``T`` on ``|t|`` (``T tanh(t / T)``): the inverse subtracts ``t`` from
             ``y``, which loses the bits of ``x`` when ``|t| >> |x|``, so a bound keeps the inverse exact
@@ -88,14 +97,37 @@ class Conditioner(nn.Module):
         relax: float = 0.0,
     ):
         super().__init__()
-        self.affine, self.sign_symmetric, self.scale_bound = affine, sign_symmetric, float(scale_bound)
+        if sign_symmetric not in SIGN_MODES:
+            raise ValueError(f"unknown sign_symmetric {sign_symmetric!r}: expected one of {SIGN_MODES}")
+        self.odd = sign_symmetric == "odd"
+        if self.odd and activation != "tanh":
+            raise ValueError(f"sign_symmetric='odd' needs an odd activation ('tanh'), got {activation!r}")
+        if self.odd and final_tanh:
+            raise ValueError("sign_symmetric='odd' takes the soft bounds, not final_tanh")
+        self.affine, self.sign_symmetric, self.scale_bound = affine, bool(sign_symmetric), float(scale_bound)
         self.shift_bound = float(shift_bound)
         self.final_tanh = final_tanh
         self.n_out = n_out
-        self.net = conditioner_net(group, n_in, 2 * n_out if affine else n_out, hidden_fields, kernel_sizes,
-                                   padding_mode, activation, zero_init, squeeze_levels, basis, relax)
+        n_net = n_out if self.odd or not affine else 2 * n_out
+        self.net = conditioner_net(group, n_in, n_net, hidden_fields, kernel_sizes, padding_mode, activation,
+                                   zero_init, squeeze_levels, basis, relax, bias=not self.odd)
+        self.scale_head = None
+        if self.odd and affine:
+            last = self.net.layers[-1]
+            self.scale_head = GConv2d(self.net.group, *last._fields, last.kernel_size, padding_mode, True,
+                                      basis=last.basis, relax=relax)
+            if zero_init:
+                self.scale_head.zero_()
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        if self.odd:
+            h = xa
+            for layer in self.net.layers[:-1]:
+                h = layer(h)
+            t = self.net.layers[-1](h)
+            s_raw = self.scale_head(h * h) if self.scale_head is not None else torch.zeros_like(t)
+            return (self.scale_bound * torch.tanh(s_raw / self.scale_bound),
+                    self.shift_bound * torch.tanh(t / self.shift_bound))
         if self.sign_symmetric:
             plus, minus = self.net(torch.cat([xa, -xa])).chunk(2)
         else:

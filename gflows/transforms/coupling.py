@@ -37,6 +37,8 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   ``s = (n_s(x_a) + n_s(-x_a)) / 2`` (even) and ``t = (n_t(x_a) - n_t(-x_a)) / 2`` (odd), so the layer
   also commutes with ``x -> -x`` (the Z2 symmetry of phi^4) and every even ``s`` / odd ``t`` the net
   can express is reachable (group averaging; one net call on the doubled batch).
+  ``sign_symmetric='odd'``: the same symmetry from an odd network in one pass at the batch itself
+  (:class:`~gflows.transforms.conditioner.Conditioner`).
 
 Score (:meth:`GCoupling.inverse_and_score`, for path gradients): with ``x = f^{-1}(z)`` and ``s_z``
 the score of ``z``, ``grad_x log q(x) = J_f(x)^T s_z + grad_x log|det J_f(x)|``. The conditioning part
@@ -176,7 +178,7 @@ class GCoupling(Transform):
         parity: int = 0,
         squeeze_levels: int = 0,
         affine: bool = True,
-        sign_symmetric: bool = False,
+        sign_symmetric: bool | str = False,
         scale_bound: float = 3.0,
         hidden_fields: int = 8,
         kernel_sizes: Sequence[int] = (3, 3, 3),
