@@ -60,7 +60,7 @@ def cfg_for(flow: str, group: str, hidden: int, a, run_dir: str, *extra: str):
             f"data.root={a.data}", "data.verify=false", "wandb.mode=disabled",
             f"trainer.batch_size={a.batch}", f"trainer.warmup_steps={a.warmup}", f"trainer.lr={a.lr}",
             "trainer.eval_orbit=false", "trainer.eval_batch_size=128",
-            "sample.n=16", f"run_dir={run_dir}", f"seed={a.seed}", *extra, *a.override,
+            "sample.n=16", f"run_dir={run_dir}", f"seed={a.seed}", f"device={a.device}", *extra, *a.override,
         ])
 
 
@@ -146,8 +146,10 @@ def normflows_residual(levels: int = 3, blocks: int = 4, hidden: int = 128, coef
 
 
 def glow_bpd(model, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Bits/dim of 8-bit images ``x`` under a density on ``[0, 1]`` (uniform dequantisation)."""
+    """Bits/dim of 8-bit images ``x`` under a density on ``[0, 1]`` (uniform dequantisation; the noise
+    drawn on the CPU, the density on the model's device)."""
     u = (x.float() + torch.rand(x.shape, generator=generator)) / 256
+    u = u.to(next(model.parameters()).device)
     return -model.log_prob(u, None) / (x[0].numel() * math.log(2)) + 8
 
 
@@ -308,15 +310,21 @@ STEP_VARIANTS = {
 }
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def steps(a) -> None:
     """Seconds per training step (forward, backward, clipping, Adam, the Lipschitz refresh) of the
     gflows image models of ``STEP_VARIANTS`` with ``--group`` and ``--hidden``, and of normflows'
-    Glow, interleaved round by round on the subset's batches; medians."""
+    Glow and residual flow, interleaved round by round on the subset's batches, on ``--device``;
+    medians, and images per second."""
     from gflows.nn.lipschitz import lipschitz_layers
     from gflows.training.distributed import setup
     from gflows.training.images import ImageTask
 
-    dd = setup("cpu")
+    dd = setup(a.device)
     train_x, _ = load_cifar10(a.data, "train", verify=False, download=False)
     fns = {}
     for name, overrides in STEP_VARIANTS.items():
@@ -337,37 +345,83 @@ def steps(a) -> None:
                 m.update()
 
         fns[f"gflows {name} {a.group}"] = (step, n_params(task.model))
-    glow_model = normflows_glow()
-    glow_params = list(glow_model.parameters())
-    glow_opt = torch.optim.Adam(glow_params, lr=a.lr, fused=True)
     g = torch.Generator().manual_seed(a.seed)
+    baselines = {"normflows Glow (3x4, 128, LU)": normflows_glow(),
+                 f"normflows residual ({a.scales}x{a.blocks}, {a.hidden} ch)":
+                     normflows_residual(a.scales, a.blocks, a.hidden)}
+    for label, model in baselines.items():
+        model.to(a.device)
+        params = list(model.parameters())
+        opt = torch.optim.Adam(params, lr=a.lr, fused=True)
 
-    def glow_step(i):
-        loss = glow_bpd(glow_model, train_x[torch.randint(len(train_x), (a.batch,), generator=g)], g).mean()
-        glow_opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(glow_params, 1.0)
-        glow_opt.step()
+        def nf_step(i, model=model, params=params, opt=opt):
+            loss = glow_bpd(model, train_x[torch.randint(len(train_x), (a.batch,), generator=g)], g).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
 
-    fns["normflows Glow (3x4, 128, LU)"] = (glow_step, n_params(glow_model))
+        fns[label] = (nf_step, n_params(model))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(a.steps + 2):
         for k, (f, _) in fns.items():
+            _sync(a.device)
             t0 = time.perf_counter()
             f(i)
+            _sync(a.device)
             if i >= 2:  # the first steps: data-dependent initialisation, first power iterations
                 times[k].append(time.perf_counter() - t0)
     glow_s = statistics.median(times["normflows Glow (3x4, 128, LU)"])
-    print(f"# batch {a.batch}, {a.scales}x{a.blocks}, {a.hidden} hidden channels, median of {a.steps} "
-          f"interleaved steps")
+    print(f"# {a.device}, batch {a.batch}, {a.scales}x{a.blocks}, {a.hidden} hidden channels, median of "
+          f"{a.steps} interleaved steps")
     for k, (_, params) in fns.items():
         med = statistics.median(times[k])
-        print(f"{k:48s} {params:9d} params {med:7.3f} s/step  {med / glow_s:5.2f}x Glow's")
+        print(f"{k:48s} {params:9d} params {med:7.3f} s/step {a.batch / med:8.1f} images/s  "
+              f"{med / glow_s:5.2f}x Glow's")
+
+
+def _inner(model, x: torch.Tensor, with_density: bool) -> torch.Tensor:
+    """The flow past its dequantisation (which draws noise on the model's device) at the dequantised
+    images ``x`` in ``[0, 1]``: the latents, or with ``with_density`` their log-density."""
+    y, ladj = x, torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    for t in model.transform.transforms[1:]:
+        y, ld = t(y)
+        ladj = ladj + ld
+    return model.base.log_prob(y) + ladj if with_density else y
+
+
+def check(a) -> None:
+    """One batch on ``--device`` against the CPU, same weights (perturbed away from the
+    zero-initialised identity, so that every layer acts), past the dequantisation (the same noise on
+    both): the coupling model's log-density, which is exact, and the residual flagship's latents
+    (its log-det estimate draws random numbers, which differ between devices)."""
+    import copy
+
+    test_x, _ = load_cifar10(a.data, "test", verify=False, download=False)
+    x = (test_x[:8].float() + torch.rand(test_x[:8].shape, generator=torch.Generator().manual_seed(0))) / 256
+    a_cpu = argparse.Namespace(**{**vars(a), "device": "cpu"})
+    for name in ("g_coupling", "g_residual (fast step)"):
+        flow, *overrides = STEP_VARIANTS[name]
+        cfg = cfg_for(flow.split("=")[1], a.group, a.hidden, a_cpu, tempfile.mkdtemp(), *overrides)
+        torch.manual_seed(a.seed)
+        model = build_model(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        model.eval()
+        other = copy.deepcopy(model).to(a.device)
+        density = name == "g_coupling"
+        with torch.no_grad():
+            ref, dev = _inner(model, x, density), _inner(other, x.to(a.device), density).cpu()
+        err = float((dev - ref).abs().max() / ref.abs().max())
+        print(f"{name} {a.group}: {'log p' if density else 'z'} on {a.device} against the CPU, "
+              f"max |difference| / max |value| {err:.2e} ({'ok' if err < 1e-4 else 'DIFFERS'})")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("part", choices=["efficiency", "glow", "residual", "steps"])
+    p.add_argument("part", choices=["efficiency", "glow", "residual", "steps", "check"])
+    p.add_argument("--device", default="cpu", help="steps, check: cpu or cuda")
     p.add_argument("--steps", type=int, default=300, help="efficiency: steps of each model")
     p.add_argument("--minutes", type=float, default=15.0, help="glow: wall clock of each model")
     p.add_argument("--flow", default="g_coupling", help="glow: the gflows model")
@@ -405,7 +459,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"GPU: {'yes' if torch.cuda.is_available() else 'no'}; {time.strftime('%Y-%m-%d %H:%M')}")
-    {"efficiency": efficiency, "glow": glow, "residual": residual, "steps": steps}[a.part](a)
+    {"efficiency": efficiency, "glow": glow, "residual": residual, "steps": steps, "check": check}[a.part](a)
 
 
 if __name__ == "__main__":
