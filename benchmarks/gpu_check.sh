@@ -16,7 +16,7 @@ DATA=${DATA:-../shared/data/cifar10-subset}
 if [ "${SMOKE:-0}" = 1 ]; then
   M32=0.05; M64=0.05; LSTEPS=3; ESS=256; ISTEPS=3; TSTEPS=2; BATCH=8
 else
-  M32=2.5; M64=1.5; LSTEPS=100000; ESS=16384; ISTEPS=200; TSTEPS=10; BATCH=64
+  M32=2; M64=1.5; LSTEPS=100000; ESS=16384; ISTEPS=200; TSTEPS=10; BATCH=64
 fi
 T0=$SECONDS
 stamp() { echo "# [$((SECONDS - T0)) s] $*"; }
