@@ -15,6 +15,10 @@ trained on the subset with Adam at the same batch size, then test bits/dim of ea
 ``x / 256`` with uniform dequantisation, so its bits/dim is ``-log p(x / 256) / (D ln 2) + 8``; gflows
 counts its logit and dequantisation log-dets itself: the two figures measure the same thing.
 
+``steps``: seconds per training step and images per second of the gflows image models and of
+normflows' Glow and residual flow, interleaved, on ``--device`` (cpu or cuda). ``check``: one
+batch's density on ``--device`` against the CPU with the same weights (``benchmarks/gpu_check.sh``).
+
     python benchmarks/bench_cifar.py efficiency --steps 150 --power-iters 5 \
         --override flow.squeeze_first=true --override flow.invconv=true
     python benchmarks/bench_cifar.py steps --group flip --hidden 128 --scales 3 --blocks 4 --batch 16 \
