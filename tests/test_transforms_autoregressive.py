@@ -24,7 +24,7 @@ def iaf(group, **kw):
     return perturb(GIAF(group, SHAPE, n_blocks=3, hidden_fields=2, kernel_sizes=(3, 3), **kw), 0.1)
 
 
-@pytest.mark.parametrize("sign", [False, True])
+@pytest.mark.parametrize("sign", [False, True, "odd"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_reconstruction_and_exact_logdet_both_directions(group, sign):
     t = iaf(group, sign_symmetric=sign)
@@ -50,8 +50,9 @@ def test_equivariance(group, dtype):
         assert max_equivariance_error(layer, G, x) <= rel * output_scale(layer, x)
 
 
-def test_sign_symmetry_and_sampling_pass():
-    t = iaf("d4", sign_symmetric=True)
+@pytest.mark.parametrize("sign", [True, "odd"])
+def test_sign_symmetry_and_sampling_pass(sign):
+    t = iaf("d4", sign_symmetric=sign)
     z = torch.randn(4, *SHAPE)
     x, ld = t.inverse(z)
     xn, ldn = t.inverse(-z)

@@ -40,7 +40,8 @@ class GIAF(Transform):
         event_shape: ``(C, H, W)``, ``C >= n_blocks``.
         n_blocks: number of channel blocks ``K``.
         sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, basis, relax: see
-            :class:`~gflows.transforms.conditioner.Conditioner`.
+            :class:`~gflows.transforms.conditioner.Conditioner` (``'odd'`` conditioners use ``tanh``,
+            the others LipSwish).
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class GIAF(Transform):
         self.conditioners = nn.ModuleList(
             Conditioner(self.group, bounds[i], bounds[i + 1] - bounds[i], hidden_fields,
                         kernel_sizes, padding_mode, True, sign_symmetric, scale_bound, basis=basis,
-                        relax=relax)
+                        relax=relax, activation="tanh" if sign_symmetric == "odd" else "lipswish")
             for i in range(1, n_blocks)
         )
 
