@@ -560,10 +560,15 @@ class GConvNet(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.in_channels, self.out_channels = in_channels, out_channels
 
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
+    def hidden(self, x: Tensor) -> Tensor:
+        """The last hidden layer's regular fields (after its activation): the input of the last
+        convolution, for heads that share the stack's features."""
+        for layer in self.layers[:-1]:
             x = layer(x)
         return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers[-1](self.hidden(x))
 
     @property
     def n_parameters(self) -> int:

@@ -119,15 +119,12 @@ class Conditioner(nn.Module):
             if zero_init:
                 self.scale_head.zero_()
 
-    def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+    def _raw(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        """``(s, t)`` before their bounds."""
         if self.odd:
-            h = xa
-            for layer in self.net.layers[:-1]:
-                h = layer(h)
+            h = self.net.hidden(xa)
             t = self.net.layers[-1](h)
-            s_raw = self.scale_head(h * h) if self.scale_head is not None else torch.zeros_like(t)
-            return (self.scale_bound * torch.tanh(s_raw / self.scale_bound),
-                    self.shift_bound * torch.tanh(t / self.shift_bound))
+            return (self.scale_head(h * h) if self.scale_head is not None else torch.zeros_like(t)), t
         if self.sign_symmetric:
             plus, minus = self.net(torch.cat([xa, -xa])).chunk(2)
         else:
@@ -138,6 +135,10 @@ class Conditioner(nn.Module):
             if self.affine:
                 s_raw = (s_raw + minus[:, : self.n_out]) / 2
             t = (t - minus[:, -self.n_out :]) / 2
+        return s_raw, t
+
+    def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        s_raw, t = self._raw(xa)
         if self.final_tanh:
             return torch.tanh(s_raw), torch.tanh(t)
         return (self.scale_bound * torch.tanh(s_raw / self.scale_bound),
