@@ -309,3 +309,23 @@ def test_circular_conv2d_is_the_padded_convolution_with_its_derivatives(kernel_s
     (gx,) = torch.autograd.grad(circular_conv2d(x, wn, b), x, g)
     (gx_ref,) = torch.autograd.grad(ref, x, g)
     assert torch.allclose(gx, gx_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", GROUPS + ["flip", "c8"])
+@pytest.mark.parametrize("fields", [((1, "scalar"), (3, "regular")), ((2, "regular"), (2, "regular")),
+                                    ((3, "regular"), (2, "scalar"))])
+def test_block_basis_is_the_dense_basis(group, fields):
+    """escnn's dense basis is one block per (out field, in field) pair: the filter from that block
+    equals the one from the whole dense basis (float64 to round-off), and its gradient too."""
+    conv = GConv2d(group, *fields, kernel_size=3, padding_mode="circular").double()
+    assert conv.block_basis is not None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        conv.r2conv.weights.normal_()
+    w, _ = conv.expanded()
+    ref = conv.dense_basis @ conv.r2conv.weights
+    assert torch.allclose(w, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(w)
+    (grad,) = torch.autograd.grad(w, conv.r2conv.weights, g)
+    (grad_ref,) = torch.autograd.grad(ref, conv.r2conv.weights, g)
+    assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12)

@@ -133,30 +133,50 @@ class _CircularConv(torch.autograd.Function):
     in and out channels swapped (the adjoint of a circulant operator is its correlation). One
     forward convolution instead of the backend's input-gradient convolution and a fold of the
     padding; the filter and bias gradients are the backend's, computed only when the pass needs them.
-    Bilinear in ``(x, w)``: the forward-mode derivative is ``conv(tx, w) + conv(x, tw) + tb``."""
+    Bilinear in ``(x, w)``: the forward-mode derivative is ``conv(tx, w) + conv(x, tw) + tb``.
+
+    The padded input is a second (non-differentiable) output, kept for the filter gradient, and
+    ``w'`` is made once per graph: a path-gradient step runs each convolution's backward twice (the
+    score, then the loss), and the pads and flips were a tenth of its dispatched operators. A backward
+    pass that builds a graph (second derivatives) recomputes both from ``x`` and ``w``, so that they
+    are differentiated."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, p: int) -> Tensor:
-        return F.conv2d(F.pad(x, (p, p, p, p), mode="circular"), weight, bias)
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, p: int) -> tuple[Tensor, Tensor]:
+        xp = F.pad(x, (p, p, p, p), mode="circular")
+        return F.conv2d(xp, weight, bias), xp
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, p = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.save_for_forward(x, weight)
-        ctx.p, ctx.has_bias, ctx.out_shape = p, bias is not None, output.shape
+        y, xp = output
+        ctx.mark_non_differentiable(xp)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, xp, weight)
+        ctx.save_for_forward(xp, weight)
+        ctx.p, ctx.has_bias, ctx.out_shape, ctx.adjoint = p, bias is not None, y.shape, None
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, g: Tensor | None, _):
+        if g is None:
+            return None, None, None, None
+        x, xp, weight = ctx.saved_tensors
         p, (need_x, need_w, need_b) = ctx.p, (_engine_needs(ctx, i) for i in range(3))
+        graph = torch.is_grad_enabled()
         gx = gw = gb = None
         if need_x:
-            gx = F.conv2d(F.pad(g, (p, p, p, p), mode="circular"), weight.flip(2, 3).transpose(0, 1))
+            if graph:
+                adjoint = weight.flip(2, 3).transpose(0, 1)
+            else:
+                if ctx.adjoint is None:
+                    ctx.adjoint = weight.flip(2, 3).transpose(0, 1)
+                adjoint = ctx.adjoint
+            gx = F.conv2d(F.pad(g, (p, p, p, p), mode="circular"), adjoint)
         if need_w:
-            xp = F.pad(x, (p, p, p, p), mode="circular")
+            if graph:
+                xp = F.pad(x, (p, p, p, p), mode="circular")
             gw = torch.ops.aten.convolution_backward(g, xp, weight, None, [1, 1], [0, 0], [1, 1], False,
                                                      [0, 0], 1, [False, True, False])[1]
         if need_b and ctx.has_bias:
@@ -164,23 +184,23 @@ class _CircularConv(torch.autograd.Function):
         return gx, gw, gb, None
 
     @staticmethod
-    def jvp(ctx, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, _) -> Tensor:
-        x, weight = ctx.saved_tensors
+    def jvp(ctx, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, _) -> tuple[Tensor, None]:
+        xp, weight = ctx.saved_tensors  # those of save_for_forward
         p = (ctx.p,) * 4
         terms = []
         if tx is not None:
             terms.append(F.conv2d(F.pad(tx, p, mode="circular"), weight))
         if tw is not None:
-            terms.append(F.conv2d(F.pad(x, p, mode="circular"), tw))
+            terms.append(F.conv2d(xp, tw))
         if tb is not None:
             terms.append(tb.view(1, -1, 1, 1).expand(ctx.out_shape))
-        return sum(terms[1:], terms[0])
+        return sum(terms[1:], terms[0]), None
 
 
 def circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.conv2d`` of ``x`` padded periodically by half the (odd, square) kernel: a convolution
     on the torus, with a cheaper backward pass (:class:`_CircularConv`)."""
-    return _CircularConv.apply(x, weight, bias, weight.shape[-1] // 2)
+    return _CircularConv.apply(x, weight, bias, weight.shape[-1] // 2)[0]
 
 
 class _Gather(torch.autograd.Function):
@@ -300,6 +320,7 @@ class GConv2d(nn.Module):
         # dense matrix (not saved: the state_dict stays escnn's) and apply it with one product.
         dense = self._dense_basis() if basis == "escnn" else None
         self.register_buffer("dense_basis", dense, persistent=False)
+        self.register_buffer("block_basis", self._block_basis(dense), persistent=False)
         # A checkpoint carries escnn's sampled basis: rebuild the dense copy from the loaded one.
         self.register_load_state_dict_post_hook(_refresh_after_load)
         if basis == "orbit":
@@ -424,9 +445,31 @@ class GConv2d(nn.Module):
             dense = torch.stack([self.r2conv.basisexpansion(e) for e in eye], -1)
         return dense.reshape(self.out_type.size, self.in_type.size, k, k, n)
 
+    def _block_basis(self, dense: Tensor | None) -> Tensor | None:
+        """``[b, fo * fi * k * k]``: escnn's basis of one pair of fields, when the dense basis is that
+        block repeated down the diagonal, one per (out field, in field) pair in escnn's pair-major
+        order (as for uniform field types); else ``None``. The filter is then one ``[pairs, b] @
+        [b, entries]`` product instead of a product with the whole, mostly zero, dense basis
+        (576 x 576 for eight 8-channel fields, of which 1.2% is non-zero)."""
+        if dense is None:
+            return None
+        n_out, n_in, k = len(self.out_type), len(self.in_type), self.kernel_size
+        (o, c), n = dense.shape[:2], dense.shape[-1]
+        pairs = n_out * n_in
+        if o % n_out or c % n_in or n % pairs:
+            return None
+        fo, fi, b = o // n_out, c // n_in, n // pairs
+        # [basis element, (out field, in field, fo, fi, k, k)]
+        by_pair = dense.reshape(n_out, fo, n_in, fi, k * k, n).permute(5, 0, 2, 1, 3, 4).reshape(n, -1)
+        block = by_pair[:b, : fo * fi * k * k]
+        if not torch.equal(by_pair, torch.block_diag(*([block] * pairs))):
+            return None
+        return block.clone()
+
     def _refresh_dense_basis(self) -> None:
         if self.dense_basis is not None:
             self.dense_basis = self._dense_basis()
+            self.block_basis = self._block_basis(self.dense_basis)
 
     def train(self, mode: bool = True) -> GConv2d:
         # escnn's R2Conv.eval() caches its expanded filter as extra buffers, which would change the
@@ -461,7 +504,12 @@ class GConv2d(nn.Module):
             return self.r2conv.expand_parameters()
         conv = self.r2conv
         bias = None if conv.bias is None else conv.bias_expansion @ conv.bias
-        return self.dense_basis @ conv.weights, bias
+        if self.block_basis is None:
+            return self.dense_basis @ conv.weights, bias
+        n_out, n_in, k = len(self.out_type), len(self.in_type), self.kernel_size
+        w = conv.weights.view(n_out * n_in, -1) @ self.block_basis
+        w = w.view(n_out, n_in, self.out_channels // n_out, self.in_channels // n_in, k, k).transpose(1, 2)
+        return w.reshape(self.out_channels, self.in_channels, k, k), bias
 
     def pad(self, x: Tensor) -> Tensor:
         p = self.kernel_size // 2
