@@ -81,3 +81,33 @@ def test_bad_input():
     for x, err, word in bad_inputs((2, 4, 4)):
         with pytest.raises(err, match=word):
             b(x)
+
+
+@pytest.mark.parametrize("n", [4, 12, 64, 256, 1024])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_factor_and_block_paths_agree(n, inverse):
+    """Few rows go through the factors one by one, more through grouped dense blocks
+    (``FACTOR_ROWS``): the same map and the same weight gradients, to float64 round-off."""
+    torch.manual_seed(n)
+    b = perturb(Butterfly((n,)).double(), 0.2)
+    x = torch.randn(5, n, dtype=torch.float64)
+    w = torch.randn(5, n, dtype=torch.float64)
+    outs, grads = [], []
+    for by_factor in (True, False):
+        out = b._mix(x, inverse, by_factor)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * w).sum(), b.weight)[0])
+    assert torch.allclose(outs[0], outs[1], atol=1e-12)
+    assert torch.allclose(grads[0], grads[1], atol=1e-11)
+
+
+def test_many_rows_take_the_block_path():
+    """Above ``FACTOR_ROWS`` rows the layer still equals its dense matrix (the block path)."""
+    from gflows.transforms.butterfly import FACTOR_ROWS
+
+    torch.manual_seed(0)
+    b = perturb(Butterfly((128,)).double(), 0.2)
+    x = torch.randn(FACTOR_ROWS + 1, 128, dtype=torch.float64)
+    dense = reference_matrix(b)
+    assert torch.allclose(b(x)[0], x @ dense.T, atol=1e-10)
+    assert torch.allclose(b.inverse(x)[0], x @ torch.linalg.inv(dense).T, atol=1e-8)

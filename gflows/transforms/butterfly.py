@@ -14,11 +14,13 @@ For ``n`` not a power of two the first ``2^floor(log2 n)`` coordinates are mixed
 left to an identity block.
 
 Computation: factor ``k`` mixes index bit ``m - k``, with coefficients that depend on the other bits.
-The factors of a contiguous range of ``j`` bits therefore multiply into a batch of dense
-``2^j x 2^j`` blocks (one per value of the bits outside the range), built from the 2x2 blocks by one
-elementwise product per factor (doubling the block size each time). The layer applies the
+One factor on a batch of rows is ``y = A * x + B * swap(x)`` (three kernels; ``A`` and ``B`` gathered
+from the weights for all factors at once). The factors of a contiguous range of ``j`` bits multiply
+into a batch of dense ``2^j x 2^j`` blocks (one per value of the bits outside the range), obtained by
+applying them to the ``2^j`` indicator rows of the range's bit values. The layer applies the
 ``ceil(m / 6)`` such groups as batched matrix products: two passes over the data at ``n = 512``
-instead of nine, the same matrix to round-off.
+instead of nine, the same matrix to round-off. Building the blocks costs the same whatever the
+batch, so for few rows (at most :data:`FACTOR_ROWS`) the factors are applied to the data directly.
 
 Group action: the layer mixes the channel axis identically at every pixel, so it commutes with
 any group action that only moves pixels, i.e. with every grid element acting on scalar channels.
@@ -41,6 +43,8 @@ __all__ = ["Butterfly"]
 
 #: most index bits whose factors are multiplied into one dense block (64 x 64)
 GROUP_BITS = 6
+#: most rows for which the factors are applied one by one (see the module docstring)
+FACTOR_ROWS = 256
 
 
 def _bit_groups(m: int, most: int) -> list[tuple[int, int]]:
@@ -55,30 +59,34 @@ def _bit_groups(m: int, most: int) -> list[tuple[int, int]]:
     return groups
 
 
-def _group_matrix(blocks: Tensor, m: int, lo: int, hi: int, inverse: bool) -> Tensor:
-    """``[H, L, G, G]``: the product of the factors that mix bits ``lo..hi`` (or of their inverses,
-    in reverse order) as dense blocks, one per value of the ``H`` higher and ``L`` lower bits.
+def _factor_index(m: int) -> Tensor:
+    """``[m, 2, 2^m]``: for each factor and coordinate, the entry of the factor's ``[n/2 * 4]``
+    coefficients ``(a, b, c, d)`` per pair that multiplies the coordinate itself (row 0: ``a`` for the
+    pair's first coordinate, ``d`` for its second) and its partner (row 1: ``b``, ``c``)."""
+    n = 2**m
+    i = torch.arange(n)
+    index = torch.empty(m, 2, n, dtype=torch.long)
+    for k in range(1, m + 1):
+        width = n >> k
+        block, rest = i // (2 * width), i % (2 * width)
+        second = rest >= width
+        pair = block * width + rest % width
+        index[k - 1, 0] = 4 * pair + torch.where(second, 3, 0)
+        index[k - 1, 1] = 4 * pair + torch.where(second, 2, 1)
+    return index
 
-    Bits are taken from ``lo`` up; after ``j`` of them the product is block-diagonal in the bits not
-    yet taken, with ``S x S`` blocks (``S = 2^j``) on the bits taken. The next factor is diagonal in
-    every bit but its own, so one more is a broadcast product:
-    ``N'[(y, o), (x, i)] = N[y][o, i] T[i][y, x]`` (``T`` applied first) or
-    ``T[o][y, x] N[x][o, i]`` (``T`` applied last, for the inverse).
-    """
-    n_high, n_low, bits = 2 ** (m - 1 - hi), 2**lo, hi - lo + 1
-    prod = blocks.new_ones(n_high, n_low, 2**bits, 1, 1)
-    for j in range(bits):
-        size, rest = 2**j, 2 ** (bits - j - 1)
-        # factor m - q mixes bit q: its pairs are indexed by the bits above q, then those below
-        t = blocks[m - (lo + j) - 1].view(n_high, rest, size, n_low, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        if inverse:
-            left = t.unsqueeze(-1)  # [H, L, rest, y, o, x, 1]
-            right = prod.view(n_high, n_low, rest, 2, size, size).transpose(3, 4).unsqueeze(3)
-        else:
-            left = prod.view(n_high, n_low, rest, 2, size, 1, size)
-            right = t.transpose(4, 5).unsqueeze(4)  # [H, L, rest, y, 1, x, i]
-        prod = (left * right).reshape(n_high, n_low, rest, 2 * size, 2 * size)
-    return prod.view(n_high, n_low, 2**bits, 2**bits)
+
+def _apply_factors(x: Tensor, coef: Tensor, factors) -> Tensor:
+    """Rows ``x [R, n]`` through the given factors (0-based) in order. Factor ``k`` on rows viewed as
+    ``[R, 2^k, 2, n / 2^(k+1)]`` (pair partners along the third axis) is ``A * x + B * x.flip(2)``,
+    with ``A, B = coef[k]`` holding ``a, d`` and ``b, c`` (see :func:`_factor_index`)."""
+    rows, n = x.shape
+    for k in factors:
+        width = n >> (k + 1)
+        v = x.view(rows, -1, 2, width)
+        own, other = coef[k].view(2, -1, 2, width).unbind(0)
+        x = torch.addcmul(own * v, other, v.flip(2)).view(rows, n)
+    return x
 
 
 class Butterfly(Transform):
@@ -110,6 +118,7 @@ class Butterfly(Transform):
         # One [a, b, c, d] per factor and pair: 2n parameters per factor.
         self.weight = nn.Parameter(abcd)
         self._groups = _bit_groups(self.m, GROUP_BITS)
+        self.register_buffer("_factor_index", _factor_index(self.m), persistent=False)
 
     def _rows(self, x: Tensor) -> Tensor:
         # Move the mixed axis last, flatten everything else into rows.
@@ -132,16 +141,26 @@ class Butterfly(Transform):
         det = (a * d - b * c)[..., None, None]
         return torch.stack([d, -b, -c, a], -1).view(self.m, -1, 2, 2) / det
 
-    def _mix(self, r: Tensor, inverse: bool) -> Tensor:
+    def _mix(self, r: Tensor, inverse: bool, by_factor: bool | None = None) -> Tensor:
+        """``r B^T`` (or ``r B^-T``), factor by factor or by grouped blocks (default: by the rows)."""
         if self.m == 0:
             return r
-        mixed, rest = r[:, : self.n_mixed], r[:, self.n_mixed :]
-        blocks = self._blocks(inverse)
-        for lo, hi in (reversed(self._groups) if inverse else self._groups):
-            mat = _group_matrix(blocks, self.m, lo, hi, inverse)
-            h, low, g = mat.shape[:3]
-            mixed = torch.einsum("rhgl,hlfg->rhfl", mixed.reshape(-1, h, g, low), mat)
-            mixed = mixed.reshape(r.shape[0], self.n_mixed)
+        m, n, rows = self.m, self.n_mixed, r.shape[0]
+        mixed, rest = r[:, :n], r[:, n:]
+        coef = self._blocks(inverse).reshape(m, -1).gather(1, self._factor_index.view(m, -1)).view(m, 2, n)
+        if by_factor if by_factor is not None else rows <= FACTOR_ROWS:
+            mixed = _apply_factors(mixed, coef, range(m - 1, -1, -1) if inverse else range(m))
+        else:
+            for lo, hi in (reversed(self._groups) if inverse else self._groups):
+                size, high, low = 2 ** (hi - lo + 1), 2 ** (m - 1 - hi), 2**lo
+                # the group's factors applied to the indicators of each value of its bits give every
+                # block at once: blocks[g, h, f, l] = M[h, l][f, g]
+                eye = torch.eye(size, dtype=r.dtype, device=r.device)
+                eye = eye[:, None, :, None].expand(size, high, size, low).reshape(size, n)
+                factors = [m - 1 - q for q in range(hi, lo - 1, -1)]  # factor m - q mixes bit q
+                blocks = _apply_factors(eye, coef, factors[::-1] if inverse else factors)
+                mixed = torch.einsum("rhgl,ghfl->rhfl", mixed.reshape(rows, high, size, low),
+                                     blocks.view(size, high, size, low)).reshape(rows, n)
         return torch.cat([mixed, rest], 1) if rest.shape[1] else mixed
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
