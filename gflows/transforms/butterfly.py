@@ -14,13 +14,15 @@ For ``n`` not a power of two the first ``2^floor(log2 n)`` coordinates are mixed
 left to an identity block.
 
 Computation: factor ``k`` mixes index bit ``m - k``, with coefficients that depend on the other bits.
-One factor on a batch of rows is ``y = A * x + B * swap(x)`` (three kernels; ``A`` and ``B`` gathered
-from the weights for all factors at once). The factors of a contiguous range of ``j`` bits multiply
-into a batch of dense ``2^j x 2^j`` blocks (one per value of the bits outside the range), obtained by
-applying them to the ``2^j`` indicator rows of the range's bit values. The layer applies the
+The factors of a contiguous range of ``j`` bits therefore multiply into a batch of dense
+``2^j x 2^j`` blocks (one per value of the bits outside the range), built from the 2x2 blocks by one
+elementwise product per factor (doubling the block size each time). The layer applies the
 ``ceil(m / 6)`` such groups as batched matrix products: two passes over the data at ``n = 512``
 instead of nine, the same matrix to round-off. Building the blocks costs the same whatever the
-batch, so for few rows (at most :data:`FACTOR_ROWS`) the factors are applied to the data directly.
+batch, so for few rows (at most :data:`FACTOR_ROWS`) the factors are applied to the data directly,
+one by one, each as ``y = A * x + B * swap(x)`` (three kernels; ``A`` and ``B`` gathered from the
+weights for all factors at once): at 16 rows 1.4x to 2.5x faster for ``n = 64 .. 4096``; at 64
+rows it wins only for some ``n`` (benchmarks/RESULTS.md).
 
 Group action: the layer mixes the channel axis identically at every pixel, so it commutes with
 any group action that only moves pixels, i.e. with every grid element acting on scalar channels.
@@ -44,7 +46,7 @@ __all__ = ["Butterfly"]
 #: most index bits whose factors are multiplied into one dense block (64 x 64)
 GROUP_BITS = 6
 #: most rows for which the factors are applied one by one (see the module docstring)
-FACTOR_ROWS = 256
+FACTOR_ROWS = 32
 
 
 def _bit_groups(m: int, most: int) -> list[tuple[int, int]]:
@@ -57,6 +59,32 @@ def _bit_groups(m: int, most: int) -> list[tuple[int, int]]:
         groups.append((top - size + 1, top))
         top -= size
     return groups
+
+
+def _group_matrix(blocks: Tensor, m: int, lo: int, hi: int, inverse: bool) -> Tensor:
+    """``[H, L, G, G]``: the product of the factors that mix bits ``lo..hi`` (or of their inverses,
+    in reverse order) as dense blocks, one per value of the ``H`` higher and ``L`` lower bits.
+
+    Bits are taken from ``lo`` up; after ``j`` of them the product is block-diagonal in the bits not
+    yet taken, with ``S x S`` blocks (``S = 2^j``) on the bits taken. The next factor is diagonal in
+    every bit but its own, so one more is a broadcast product:
+    ``N'[(y, o), (x, i)] = N[y][o, i] T[i][y, x]`` (``T`` applied first) or
+    ``T[o][y, x] N[x][o, i]`` (``T`` applied last, for the inverse).
+    """
+    n_high, n_low, bits = 2 ** (m - 1 - hi), 2**lo, hi - lo + 1
+    prod = blocks.new_ones(n_high, n_low, 2**bits, 1, 1)
+    for j in range(bits):
+        size, rest = 2**j, 2 ** (bits - j - 1)
+        # factor m - q mixes bit q: its pairs are indexed by the bits above q, then those below
+        t = blocks[m - (lo + j) - 1].view(n_high, rest, size, n_low, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        if inverse:
+            left = t.unsqueeze(-1)  # [H, L, rest, y, o, x, 1]
+            right = prod.view(n_high, n_low, rest, 2, size, size).transpose(3, 4).unsqueeze(3)
+        else:
+            left = prod.view(n_high, n_low, rest, 2, size, 1, size)
+            right = t.transpose(4, 5).unsqueeze(4)  # [H, L, rest, y, 1, x, i]
+        prod = (left * right).reshape(n_high, n_low, rest, 2 * size, 2 * size)
+    return prod.view(n_high, n_low, 2**bits, 2**bits)
 
 
 def _factor_index(m: int) -> Tensor:
@@ -147,20 +175,16 @@ class Butterfly(Transform):
             return r
         m, n, rows = self.m, self.n_mixed, r.shape[0]
         mixed, rest = r[:, :n], r[:, n:]
-        coef = self._blocks(inverse).reshape(m, -1).gather(1, self._factor_index.view(m, -1)).view(m, 2, n)
         if by_factor if by_factor is not None else rows <= FACTOR_ROWS:
-            mixed = _apply_factors(mixed, coef, range(m - 1, -1, -1) if inverse else range(m))
+            coef = self._blocks(inverse).reshape(m, -1).gather(1, self._factor_index.view(m, -1))
+            mixed = _apply_factors(mixed, coef.view(m, 2, n), range(m - 1, -1, -1) if inverse else range(m))
         else:
+            blocks = self._blocks(inverse)
             for lo, hi in (reversed(self._groups) if inverse else self._groups):
-                size, high, low = 2 ** (hi - lo + 1), 2 ** (m - 1 - hi), 2**lo
-                # the group's factors applied to the indicators of each value of its bits give every
-                # block at once: blocks[g, h, f, l] = M[h, l][f, g]
-                eye = torch.eye(size, dtype=r.dtype, device=r.device)
-                eye = eye[:, None, :, None].expand(size, high, size, low).reshape(size, n)
-                factors = [m - 1 - q for q in range(hi, lo - 1, -1)]  # factor m - q mixes bit q
-                blocks = _apply_factors(eye, coef, factors[::-1] if inverse else factors)
-                mixed = torch.einsum("rhgl,ghfl->rhfl", mixed.reshape(rows, high, size, low),
-                                     blocks.view(size, high, size, low)).reshape(rows, n)
+                mat = _group_matrix(blocks, m, lo, hi, inverse)
+                h, low, g = mat.shape[:3]
+                mixed = torch.einsum("rhgl,hlfg->rhfl", mixed.reshape(-1, h, g, low), mat)
+                mixed = mixed.reshape(rows, n)
         return torch.cat([mixed, rest], 1) if rest.shape[1] else mixed
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
