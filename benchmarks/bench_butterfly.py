@@ -4,9 +4,11 @@ matrix with torch.linalg.slogdet: forward with log-det plus inverse, for n = 64 
 All run interleaved in one process on the same inputs; the script prints median times, the
 speed-ups and the fitted scaling exponent ``t ~ n^p`` of each. ``--compiled`` adds the butterfly
 through ``gflows.Compiled`` and nflows' LU layer through ``torch.compile`` (like with like), with
-each one's cold compile time.
+each one's cold compile time. ``--paths`` adds the butterfly's two computations forced (the factors
+one by one, and the grouped dense blocks; the layer picks by the rows, ``FACTOR_ROWS``), the mixing
+alone in both directions.
 
-    python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled]
+    python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled] [--paths]
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
     p.add_argument("--compiled", action="store_true", help="add compiled butterfly and LU columns")
+    p.add_argument("--paths", action="store_true", help="add the factor-by-factor and block paths, forced")
     a = p.parse_args()
     torch.manual_seed(0)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, GPU: no; rows {a.rows}, median of {a.repeats}")
-    names = ["butterfly", "lu", "dense"] + (["butterfly_c", "lu_c"] if a.compiled else [])
+    names = ["butterfly", "lu", "dense"] + (["butterfly_c", "lu_c"] if a.compiled else []) + (
+        ["by_factor", "by_blocks"] if a.paths else [])
     ratios = f" {'LU/bfly':>9} {'dense/bfly':>11}"
     if a.compiled:
         ratios += f" {'LU/bfly_c':>10} {'LU_c/bfly_c':>12}"
@@ -58,6 +62,8 @@ def main() -> None:
                 "lu": lambda lu=lu, x=x: (lu(x), lu.inverse(x)),
                 "dense": lambda w=w, x=x: dense_step(w, x),
             }
+            for name, forced in (("by_factor", True), ("by_blocks", False)) if a.paths else ():
+                fns[name] = lambda bf=bf, x=x, f=forced: (bf._mix(x, False, f), bf._mix(x, True, f))
             if a.compiled:
                 bfc = Compiled(bf, dynamic=False)
                 luf, lui = torch.compile(lu.forward, dynamic=False), torch.compile(lu.inverse, dynamic=False)
