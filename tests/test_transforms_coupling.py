@@ -45,7 +45,14 @@ def test_reconstruction_and_exact_logdet(group, name):
     assert max_reconstruction_error(t, x) <= 1e-5
     z, ld = t(x)
     assert torch.allclose(ld, autograd_logdet(t, x), atol=1e-4)
-    assert torch.allclose(t.inverse(z)[1], -ld, atol=1e-5)
+    # the spline's inverse solves a quadratic per site: in float32 its log-derivative differs by
+    # round-off (up to 4.3e-5 x (1 + |log-det|) over 300 random batches, 2026-12-04); affine maps
+    # agree exactly, and in float64 every kind agrees to round-off
+    rel = 1e-4 if "spline" in name else 1e-5
+    assert ((t.inverse(z)[1] + ld).abs() <= rel * (1 + ld.abs())).all()
+    t64, x64 = t.double(), x.double()
+    z64, ld64 = t64(x64)
+    assert torch.allclose(t64.inverse(z64)[1], -ld64, rtol=0, atol=1e-10)
     assert ld.abs().max() > 1e-3 or name == "additive"  # the perturbed layer is not the identity
 
 
