@@ -34,7 +34,7 @@ butterfly matrix does not.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +104,7 @@ def _factor_index(m: int) -> Tensor:
     return index
 
 
-def _apply_factors(x: Tensor, coef: Tensor, factors) -> Tensor:
+def _apply_factors(x: Tensor, coef: Tensor, factors: Iterable[int]) -> Tensor:
     """Rows ``x [R, n]`` through the given factors (0-based) in order. Factor ``k`` on rows viewed as
     ``[R, 2^k, 2, n / 2^(k+1)]`` (pair partners along the third axis) is ``A * x + B * x.flip(2)``,
     with ``A, B = coef[k]`` holding ``a, d`` and ``b, c`` (see :func:`_factor_index`)."""
