@@ -167,12 +167,11 @@ class _CircularConv(torch.autograd.Function):
         graph = torch.is_grad_enabled()
         gx = gw = gb = None
         if need_x:
-            if graph:
+            adjoint = ctx.adjoint
+            if adjoint is None or graph:
                 adjoint = weight.flip(2, 3).transpose(0, 1)
-            else:
-                if ctx.adjoint is None:
-                    ctx.adjoint = weight.flip(2, 3).transpose(0, 1)
-                adjoint = ctx.adjoint
+            if not graph:
+                ctx.adjoint = adjoint
             gx = F.conv2d(F.pad(g, (p, p, p, p), mode="circular"), adjoint)
         if need_w:
             if graph:
