@@ -175,11 +175,11 @@ class Butterfly(Transform):
             return r
         m, n, rows = self.m, self.n_mixed, r.shape[0]
         mixed, rest = r[:, :n], r[:, n:]
+        blocks = self._blocks(inverse)
         if by_factor if by_factor is not None else rows <= FACTOR_ROWS:
-            coef = self._blocks(inverse).reshape(m, -1).gather(1, self._factor_index.view(m, -1))
+            coef = blocks.reshape(m, -1).gather(1, self._factor_index.view(m, -1))
             mixed = _apply_factors(mixed, coef.view(m, 2, n), range(m - 1, -1, -1) if inverse else range(m))
         else:
-            blocks = self._blocks(inverse)
             for lo, hi in (reversed(self._groups) if inverse else self._groups):
                 mat = _group_matrix(blocks, m, lo, hi, inverse)
                 h, low, g = mat.shape[:3]
