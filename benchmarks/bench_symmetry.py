@@ -27,15 +27,16 @@ those with relaxed D4 filters.
 
     python benchmarks/bench_symmetry.py --data phi4 --sizes 64 512 4096 --seeds 0 1 2 --steps 800
 
-``--data cifar``: the CIFAR-10 subset (``--root``; the last tenth of its training images is the
-validation split), whose exact symmetry is the horizontal mirror while turns are broken (RESULTS.md:
-0.03 bits/dim per quarter turn). G-coupling flows (3 scales x 2 blocks, squeeze first, G-invertible
+``--data cifar``: the CIFAR-10 subset at ``../shared/data/cifar10-subset`` beside the checkout
+(``CIFAR_ROOT``; the last tenth of its training images is the validation split), whose exact
+symmetry is the horizontal mirror while turns are broken (RESULTS.md: 0.03 bits/dim per quarter
+turn). G-coupling flows (3 scales x 2 blocks, squeeze first, G-invertible
 1x1 convolutions, kernels 3-1-3, orbit basis) of the trivial group, the flip group, D4, and D4 with
 relaxed filters, each group's width matched to the trivial model's parameter count (the relaxed
 model's free filters come on top, as in every ``relax`` layer). The question is the issue's: does the
 relaxation that matches the data's partial symmetry beat strict D4, strict flip and no symmetry.
 
-    python benchmarks/bench_symmetry.py --data cifar --seeds 0 1 2 --steps 1000 --relax 0.01 0.1
+    python benchmarks/bench_symmetry.py --data cifar --seeds 0 1 2 --steps 800 --batch 32 --relax 0.05 0.2
 """
 
 from __future__ import annotations
