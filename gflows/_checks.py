@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,11 +17,14 @@ def check_finite(x: Tensor, what: str = "input") -> None:
     checks its input before the compiled call instead)."""
     if torch.compiler.is_compiling() or x.numel() == 0:
         return
-    # min and max are NaN if any entry is, +-Inf if any is infinite: one reduction pass, 5-14x
-    # cheaper than isfinite(x).all() on CPU (benchmarks/bench_checks.py), and this runs in every layer
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+    # The sum is NaN if any entry is, and infinite if any is (or if finite entries overflow, which
+    # the exact count below then clears): one reduction and one read, 5-14x cheaper than
+    # isfinite(x).all() on CPU (benchmarks/bench_checks.py), and this runs in every layer.
+    if not math.isfinite(x.detach().sum()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
+        if n_nan == n_inf == 0:
+            return
         raise ValueError(f"{what} holds non-finite values ({n_nan} NaN, {n_inf} Inf)")
 
 
