@@ -129,8 +129,11 @@ class Conditioner(nn.Module):
             plus, minus = self.net(torch.cat([xa, -xa])).chunk(2)
         else:
             plus = self.net(xa)
-        s_raw = plus[:, : self.n_out] if self.affine else torch.zeros_like(plus[:, : self.n_out])
-        t = plus[:, -self.n_out :]
+        if self.affine:  # one split: its backward is one concatenation, two slices' build two zero tensors
+            s_raw, t = plus.split(self.n_out, 1)
+        else:
+            t = plus
+            s_raw = torch.zeros_like(t)
         if self.sign_symmetric:
             if self.affine:
                 s_raw = (s_raw + minus[:, : self.n_out]) / 2

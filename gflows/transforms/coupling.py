@@ -92,7 +92,8 @@ class AffineMap:
 
     def inverse(self, y: Tensor, params: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         s, t = params
-        return (y - t) * torch.exp(-s), -s
+        minus_s = -s
+        return (y - t) * torch.exp(minus_s), minus_s
 
     def pullback(self, b: Tensor, params: tuple[Tensor, Tensor],
                  score: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -216,6 +217,10 @@ class GCoupling(Transform):
                 raise ValueError(f"a checkerboard on a periodic {h} x {w} lattice needs even sizes: with an "
                                  "odd one, translations wrap sites onto the other parity")
             self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
+            # its complement and its boolean form, made once: every small operator recorded on the
+            # autograd tape costs a node in each backward pass, and a lattice step runs two
+            self.register_buffer("mask_a", 1 - self.mask_b, persistent=False)
+            self.register_buffer("mask_b_bool", self.mask_b.bool(), persistent=False)
             n_in, n_out = c, c
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
@@ -246,13 +251,13 @@ class GCoupling(Transform):
         """``(a, b)``: the conditioning part (checkerboard: the whole field with the ``b`` sites
         zeroed) and the part the element-wise map moves (checkerboard: the whole field)."""
         if self.mask_kind == "checkerboard":
-            return x * (1 - self.mask_b), x
+            return x * self.mask_a, x
         a, b = x[:, : self.split], x[:, self.split :]
         return (b, a) if self.swap else (a, b)
 
     def _merge(self, x: Tensor, a: Tensor, y: Tensor) -> Tensor:
         if self.mask_kind == "checkerboard":
-            return torch.where(self.mask_b.bool(), y, x)
+            return torch.where(self.mask_b_bool, y, x)
         return torch.cat([y, a] if self.swap else [a, y], 1)
 
     def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
@@ -306,7 +311,7 @@ class GCoupling(Transform):
     def _split_adjoint(self, g_a: Tensor) -> Tensor:
         """The gradient with respect to ``x`` of ``a(x) . g_a``, ``a`` the conditioning part."""
         if self.mask_kind == "checkerboard":
-            return g_a * (1 - self.mask_b)
+            return g_a * self.mask_a
         n, _, h, w = g_a.shape
         zeros = g_a.new_zeros(n, self.event_shape[0] - g_a.shape[1], h, w)
         return torch.cat([zeros, g_a] if self.swap else [g_a, zeros], 1)
