@@ -108,6 +108,9 @@ class Conditioner(nn.Module):
         self.shift_bound = float(shift_bound)
         self.final_tanh = final_tanh
         self.n_out = n_out
+        # both bounds as one tensor, so that the plain affine case bounds s and t in one pass
+        bounds = torch.tensor([self.scale_bound] * n_out + [self.shift_bound] * n_out)
+        self.register_buffer("bounds", bounds.view(-1, 1, 1), persistent=False)
         n_net = n_out if self.odd or not affine else 2 * n_out
         self.net = conditioner_net(group, n_in, n_net, hidden_fields, kernel_sizes, padding_mode, activation,
                                    zero_init, squeeze_levels, basis, relax, bias=not self.odd)
@@ -141,6 +144,10 @@ class Conditioner(nn.Module):
         return s_raw, t
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
+        if self.affine and not (self.sign_symmetric or self.final_tanh):
+            # the same soft bounds on the joint output: three recorded operators instead of six
+            # (plus a split), in every pass of every coupling
+            return (self.bounds * torch.tanh(self.net(xa) / self.bounds)).split(self.n_out, 1)
         s_raw, t = self._raw(xa)
         if self.final_tanh:
             return torch.tanh(s_raw), torch.tanh(t)
