@@ -320,6 +320,10 @@ class GConv2d(nn.Module):
         dense = self._dense_basis() if basis == "escnn" else None
         self.register_buffer("dense_basis", dense, persistent=False)
         self.register_buffer("block_basis", self._block_basis(dense), persistent=False)
+        # one bias per channel (scalar fields, the trivial group's): no expansion to apply or record
+        expansion = getattr(self.r2conv, "bias_expansion", None)
+        self.identity_bias = expansion is not None and expansion.shape[0] == expansion.shape[1] and \
+            torch.equal(expansion, torch.eye(expansion.shape[0], dtype=expansion.dtype))
         # A checkpoint carries escnn's sampled basis: rebuild the dense copy from the loaded one.
         self.register_load_state_dict_post_hook(_refresh_after_load)
         if basis == "orbit":
@@ -502,12 +506,17 @@ class GConv2d(nn.Module):
         if self.dense_basis is None:
             return self.r2conv.expand_parameters()
         conv = self.r2conv
-        bias = None if conv.bias is None else conv.bias_expansion @ conv.bias
+        bias = conv.bias
+        if bias is not None and not self.identity_bias:
+            bias = conv.bias_expansion @ bias
         if self.block_basis is None:
             return self.dense_basis @ conv.weights, bias
         n_out, n_in, k = len(self.out_type), len(self.in_type), self.kernel_size
+        fo, fi = self.out_channels // n_out, self.in_channels // n_in
         w = conv.weights.view(n_out * n_in, -1) @ self.block_basis
-        w = w.view(n_out, n_in, self.out_channels // n_out, self.in_channels // n_in, k, k).transpose(1, 2)
+        if fo == 1 or n_in == 1:  # (out field, in field, fo, fi) is already the channel order
+            return w.view(self.out_channels, self.in_channels, k, k), bias
+        w = w.view(n_out, n_in, fo, fi, k, k).transpose(1, 2)
         return w.reshape(self.out_channels, self.in_channels, k, k), bias
 
     def pad(self, x: Tensor) -> Tensor:
@@ -547,11 +556,12 @@ class LipSwish(nn.Module):
         self.rho = nn.Parameter(torch.full((n_fields,), 0.5413))
 
     def forward(self, x: Tensor) -> Tensor:
-        # the fields as an axis of their own, so that beta broadcasts over each field's channels
-        # without a repeated copy (four recorded operators fewer in every call)
-        xf = x.unflatten(1, (-1, self.field_size))
+        # beta broadcast without a repeated copy: over the channels as they are for one-channel
+        # fields, else over a field axis of their own (every recorded operator costs in each backward)
+        xf = x if self.field_size == 1 else x.unflatten(1, (-1, self.field_size))
         beta = F.softplus(self.rho).view(-1, *([1] * (xf.dim() - 2)))
-        return (xf * torch.sigmoid(beta * xf) / 1.1).flatten(1, 2)
+        y = xf * torch.sigmoid(beta * xf) / 1.1
+        return y if self.field_size == 1 else y.flatten(1, 2)
 
 
 class GConvNet(nn.Module):
