@@ -322,8 +322,8 @@ class GConv2d(nn.Module):
         self.register_buffer("block_basis", self._block_basis(dense), persistent=False)
         # one bias per channel (scalar fields, the trivial group's): no expansion to apply or record
         expansion = getattr(self.r2conv, "bias_expansion", None)
-        self.identity_bias = expansion is not None and expansion.shape[0] == expansion.shape[1] and \
-            torch.equal(expansion, torch.eye(expansion.shape[0], dtype=expansion.dtype))
+        self.identity_bias = expansion is not None and \
+            torch.equal(expansion, torch.eye(len(expansion), dtype=expansion.dtype))
         # A checkpoint carries escnn's sampled basis: rebuild the dense copy from the loaded one.
         self.register_load_state_dict_post_hook(_refresh_after_load)
         if basis == "orbit":
