@@ -2,10 +2,12 @@
 
 A step as a user meets it: the engine's whole step (loss, backward, clipping, Adam, Lipschitz
 refresh, logging), read from each run's ``metrics.jsonl`` between two logged steps, so start-up and
-the first steps (allocations, warm-up) are left out. The other checkout (``--ref``, for example a
-``git worktree`` of an older commit) runs with its own ``gflows`` (``train.py``'s folder comes first
-on ``sys.path``) in the same interpreter and environment. Rounds alternate the two, so a change in
-the machine's speed moves both.
+the first steps (allocations, warm-up) are left out. Both runs train from one seed, so the script
+also prints how far apart their logged curves are (loss, batch ESS, gradient norm...): zero where a
+change only rearranges the same arithmetic, round-off where it reorders it. The other checkout
+(``--ref``, for example a ``git worktree`` of an older commit) runs with its own ``gflows``
+(``train.py``'s folder comes first on ``sys.path``) in the same interpreter and environment.
+Rounds alternate the two, so a change in the machine's speed moves both.
 
     git worktree add /tmp/ref 36f5b53
     python benchmarks/bench_train_step.py --ref /tmp/ref --rounds 3 -- data=phi4 flow=lattice_coupling
@@ -29,17 +31,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def seconds_per_step(checkout: Path, overrides: list[str], steps: int, skip: int) -> float:
-    """One ``train.py`` run in ``checkout``; the mean seconds per step from step ``skip`` to ``steps``."""
+def run(checkout: Path, overrides: list[str], steps: int, skip: int) -> tuple[float, list[dict]]:
+    """One ``train.py`` run in ``checkout``: the mean seconds per step from step ``skip`` to
+    ``steps``, and its logged rows."""
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [sys.executable, str(checkout / "train.py"), *overrides, f"trainer.steps={steps}",
                "trainer.eval_at_end=false", "wandb.mode=disabled",
                f"trainer.ckpt_every={steps + 1}", f"run_dir={run_dir}"]
         subprocess.run(cmd, cwd=checkout, check=True, capture_output=True, text=True,
                        env=os.environ | {"CI": "true"})
-        lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
-        rows = {r["step"]: r["seconds"] for r in map(json.loads, lines) if "seconds" in r}
-    return (rows[steps] - rows[skip]) / (steps - skip)
+        rows = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    seconds = {r["step"]: r["seconds"] for r in rows if "seconds" in r}
+    return (seconds[steps] - seconds[skip]) / (steps - skip), rows
+
+
+def curve_differences(a: list[dict], b: list[dict]) -> str:
+    """The largest difference of each logged figure between two runs, step by step."""
+    keys = sorted(set(a[0]) & set(b[0]) - {"step", "seconds", "lr"})
+    diffs = {k: max(abs(x[k] - y[k]) for x, y in zip(a, b, strict=True)) for k in keys}
+    return ", ".join(f"{k} {d:.3g}" for k, d in diffs.items())
 
 
 def main() -> None:
@@ -58,10 +68,14 @@ def main() -> None:
           f"{torch.__version__}; train.py {' '.join(a.overrides)}; steps {a.skip}..{a.steps}, {a.rounds} "
           f"alternated rounds", flush=True)
     times: dict[str, list[float]] = {"this checkout": [], f"ref {a.ref}": []}
+    curves = []
     for i in range(a.rounds):
         for (name, ts), checkout in zip(times.items(), (ROOT, a.ref), strict=True):
-            ts.append(seconds_per_step(checkout, a.overrides, a.steps, a.skip))
+            seconds, rows = run(checkout, a.overrides, a.steps, a.skip)
+            ts.append(seconds)
+            curves.append(rows)
             print(f"round {i}: {name:30s} {ts[-1]:.4f} s/step", flush=True)
+    print(f"largest differences of the two checkouts' curves (round 0): {curve_differences(*curves[:2])}")
     now, ref = (statistics.median(ts) for ts in times.values())
     print(f"median: this checkout {now:.4f} s/step, ref {ref:.4f} s/step: ref / this = {ref / now:.2f}x")
 
