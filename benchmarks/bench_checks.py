@@ -17,8 +17,9 @@ import torch
 from gflows._checks import check_finite
 
 
-def median_us(f, repeats: int = 50) -> float:
-    for _ in range(3):
+def median_us(f, repeats: int = 50, warmup: int = 3) -> float:
+    """The median time of ``f()`` in microseconds, after ``warmup`` calls."""
+    for _ in range(warmup):
         f()
     times = []
     for _ in range(repeats):

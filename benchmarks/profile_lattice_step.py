@@ -25,6 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
+import bench_checks  # this folder, first on sys.path when run as a script
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -41,15 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 THEORY = Phi4.preset("review")
 
 
-def median_us(f, repeats: int = 300) -> float:
-    for _ in range(20):
-        f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+def median_us(f) -> float:
+    return bench_checks.median_us(f, repeats=300, warmup=20)
 
 
 def sampler():
