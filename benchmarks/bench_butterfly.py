@@ -89,7 +89,7 @@ def main() -> None:
                 line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
             print(line)
     logn = [math.log(n) for n in a.sizes]
-    for k, v in res.items():
+    for k, v in res.items() if len(a.sizes) > 1 else ():
         ly = [math.log(t) for t in v]
         mx, my = statistics.mean(logn), statistics.mean(ly)
         slope = sum((u - mx) * (w_ - my) for u, w_ in zip(logn, ly, strict=True)) / sum(

@@ -61,30 +61,79 @@ def _bit_groups(m: int, most: int) -> list[tuple[int, int]]:
     return groups
 
 
-def _group_matrix(blocks: Tensor, m: int, lo: int, hi: int, inverse: bool) -> Tensor:
-    """``[H, L, G, G]``: the product of the factors that mix bits ``lo..hi`` (or of their inverses,
-    in reverse order) as dense blocks, one per value of the ``H`` higher and ``L`` lower bits.
+def _joint_order(groups: Sequence[tuple[int, int]]) -> list[int]:
+    """The ranges in the order :func:`_group_matrices` stacks them: widest first, so that those that
+    finish early leave from the end of the stack."""
+    return sorted(range(len(groups)), key=lambda g: groups[g][0] - groups[g][1])
+
+
+def _group_index(m: int, groups: Sequence[tuple[int, int]], inverse: bool) -> Tensor:
+    """Where, in the flattened ``[m, n/2, 2, 2]`` blocks, :func:`_group_matrices` finds each factor's
+    coefficients, in the order and layout it multiplies them.
+
+    Step ``j`` of range ``lo..hi`` takes bit ``p = lo + j`` (factor ``m - p``) with ``S = 2^j`` bits
+    below it in the range already taken. Its 2x2 block depends on every other bit: ``H`` higher,
+    ``R`` in the range above ``p``, the ``S`` taken, ``L`` lower. The layout is
+    ``[H, L, R, y, x, S]`` (the taken bits are the product's inputs: the factor acts first) or
+    ``[H, L, R, y, S, x]`` for the inverse (its outputs: the factor acts last), so that every
+    product comes out contiguous; each step stacks the ranges still going, in :func:`_joint_order`.
+    """
+    parts = []
+    for j in range(max(hi - lo + 1 for lo, hi in groups)):
+        for lo, hi in (groups[g] for g in _joint_order(groups)):
+            if lo + j > hi:
+                continue
+            n_high, n_low, p, size, rest = 2 ** (m - 1 - hi), 2**lo, lo + j, 2**j, 2 ** (hi - lo - j)
+            h, l_, r, y, x, s = torch.meshgrid(*(torch.arange(k) for k in (n_high, n_low, rest, 2, 2, size)),
+                                               indexing="ij")
+            # the pair index is the coordinate index with bit p removed
+            pair = ((h * rest + r) * size + s) * n_low + l_
+            index = ((m - p - 1) * 2 ** (m - 1) + pair) * 4 + 2 * y + x
+            parts.append((index.permute(0, 1, 2, 3, 5, 4) if inverse else index).reshape(-1))
+    return torch.cat(parts)
+
+
+def _group_matrices(coef: Tensor, m: int, groups: Sequence[tuple[int, int]], inverse: bool) -> list[Tensor]:
+    """``[H, L, G, G]`` per range of bits: the product of the factors that mix bits ``lo..hi`` (or of
+    their inverses, in reverse order) as dense blocks, one per value of the ``H`` higher and ``L``
+    lower bits; ``coef`` holds the factors' coefficients gathered by :func:`_group_index`.
 
     Bits are taken from ``lo`` up; after ``j`` of them the product is block-diagonal in the bits not
     yet taken, with ``S x S`` blocks (``S = 2^j``) on the bits taken. The next factor is diagonal in
     every bit but its own, so one more is a broadcast product:
     ``N'[(y, o), (x, i)] = N[y][o, i] T[i][y, x]`` (``T`` applied first) or
-    ``T[o][y, x] N[x][o, i]`` (``T`` applied last, for the inverse).
+    ``T[o][y, x] N[x][o, i]`` (``T`` applied last, for the inverse). Every range's blocks at step
+    ``j`` are ``S x S``, so all ranges take step ``j`` in one product, stacked.
     """
-    n_high, n_low, bits = 2 ** (m - 1 - hi), 2**lo, hi - lo + 1
-    prod = blocks.new_ones(n_high, n_low, 2**bits, 1, 1)
-    for j in range(bits):
-        size, rest = 2**j, 2 ** (bits - j - 1)
-        # factor m - q mixes bit q: its pairs are indexed by the bits above q, then those below
-        t = blocks[m - (lo + j) - 1].view(n_high, rest, size, n_low, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    order = _joint_order(groups)
+    bits = [bits_ for bits_ in sorted((hi - lo + 1 for lo, hi in groups), reverse=True)]
+    mats: list[Tensor] = [coef] * len(groups)
+    prod, start = coef, 0
+    for j in range(bits[0] + 1):
+        # after j steps every range has n / 2^j blocks; those complete leave from the stack's end
+        blocks, going = 2 ** (m - j), sum(b > j for b in bits)
+        for k in range(going, len(bits)) if j else ():
+            if bits[k] == j:
+                lo, hi = groups[order[k]]
+                part = prod[k * blocks:(k + 1) * blocks]
+                mats[order[k]] = part.view(2 ** (m - 1 - hi), 2**lo, 2**j, 2**j)
+        if not going:
+            break
+        size, pairs = 2**j, going * blocks // 2
+        t = coef[start:start + pairs * 4 * size]
+        start += pairs * 4 * size
+        if not j:
+            prod = t.view(pairs, 2, 2)
+            continue
+        prod = prod[:going * blocks]
         if inverse:
-            left = t.unsqueeze(-1)  # [H, L, rest, y, o, x, 1]
-            right = prod.view(n_high, n_low, rest, 2, size, size).transpose(3, 4).unsqueeze(3)
+            left = t.view(pairs, 2, size, 2, 1)  # [., y, o, x, 1]
+            right = prod.view(pairs, 2, size, size).transpose(1, 2).unsqueeze(1)  # [., 1, o, x, i]
         else:
-            left = prod.view(n_high, n_low, rest, 2, size, 1, size)
-            right = t.transpose(4, 5).unsqueeze(4)  # [H, L, rest, y, 1, x, i]
-        prod = (left * right).reshape(n_high, n_low, rest, 2 * size, 2 * size)
-    return prod.view(n_high, n_low, 2**bits, 2**bits)
+            left = prod.view(pairs, 2, size, 1, size)  # [., y, o, 1, i]
+            right = t.view(pairs, 2, 1, 2, size)  # [., y, 1, x, i]
+        prod = (left * right).view(pairs, 2 * size, 2 * size)
+    return mats
 
 
 def _factor_index(m: int) -> Tensor:
@@ -147,6 +196,10 @@ class Butterfly(Transform):
         self.weight = nn.Parameter(abcd)
         self._groups = _bit_groups(self.m, GROUP_BITS)
         self.register_buffer("_factor_index", _factor_index(self.m), persistent=False)
+        # each direction's block coefficients, gathered in one call (ranges in the order applied)
+        for name, inverse, groups in (("fwd", False, self._groups), ("inv", True, self._groups[::-1])):
+            index = _group_index(self.m, groups, inverse) if groups else torch.zeros(0, dtype=torch.long)
+            self.register_buffer(f"_group_index_{name}", index, persistent=False)
 
     def _rows(self, x: Tensor) -> Tensor:
         # Move the mixed axis last, flatten everything else into rows.
@@ -180,11 +233,16 @@ class Butterfly(Transform):
             coef = blocks.reshape(m, -1).gather(1, self._factor_index.view(m, -1))
             mixed = _apply_factors(mixed, coef.view(m, 2, n), range(m - 1, -1, -1) if inverse else range(m))
         else:
-            for lo, hi in (reversed(self._groups) if inverse else self._groups):
-                mat = _group_matrix(blocks, m, lo, hi, inverse)
+            groups = self._groups[::-1] if inverse else self._groups
+            coef = blocks.reshape(-1)[self._group_index_inv if inverse else self._group_index_fwd]
+            # Columns [n, rows]: a range's blocks act on [G, rows] slices whose rows are contiguous,
+            # and with at most two ranges each matmul reads its operand in place (one bit range
+            # outside it is contiguous-major), so only the first and the last layouts are copied.
+            cols = mixed.T
+            for mat in _group_matrices(coef, m, groups, inverse):
                 h, low, g = mat.shape[:3]
-                mixed = torch.einsum("rhgl,hlfg->rhfl", mixed.reshape(-1, h, g, low), mat)
-                mixed = mixed.reshape(rows, n)
+                cols = torch.matmul(mat, cols.reshape(h, g, low, rows).transpose(1, 2)).transpose(1, 2)
+            mixed = cols.reshape(n, rows).T
         return torch.cat([mixed, rest], 1) if rest.shape[1] else mixed
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
