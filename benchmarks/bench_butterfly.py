@@ -6,14 +6,16 @@ speed-ups and the fitted scaling exponent ``t ~ n^p`` of each. ``--compiled`` ad
 through ``gflows.Compiled`` and nflows' LU layer through ``torch.compile`` (like with like), with
 each one's cold compile time. ``--paths`` adds the butterfly's two computations forced (the factors
 one by one, and the grouped dense blocks; the layer picks by the rows, ``FACTOR_ROWS``), the mixing
-alone in both directions.
+alone in both directions. ``--ref DIR`` adds the layer of another checkout (``DIR`` a git worktree:
+its ``gflows/transforms/butterfly.py``, same weights), timed in the same loop.
 
-    python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled] [--paths]
+    python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled] [--paths] [--ref DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import platform
@@ -34,6 +36,15 @@ def dense_step(w: torch.Tensor, x: torch.Tensor) -> None:
     _ = ld, xr
 
 
+def reference_class(checkout: str) -> type:
+    """The ``Butterfly`` class of another checkout's module (it needs only ``gflows.flow``)."""
+    path = os.path.join(checkout, "gflows", "transforms", "butterfly.py")
+    spec = importlib.util.spec_from_file_location("reference_butterfly", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Butterfly
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=64, help="batch rows (pixels x images)")
@@ -41,13 +52,15 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096])
     p.add_argument("--compiled", action="store_true", help="add compiled butterfly and LU columns")
     p.add_argument("--paths", action="store_true", help="add the factor-by-factor and block paths, forced")
+    p.add_argument("--ref", help="a checkout whose butterfly layer is timed beside this one's")
     a = p.parse_args()
+    ref_class = reference_class(a.ref) if a.ref else None
     torch.manual_seed(0)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, GPU: no; rows {a.rows}, median of {a.repeats}")
     names = ["butterfly", "lu", "dense"] + (["butterfly_c", "lu_c"] if a.compiled else []) + (
-        ["by_factor", "by_blocks"] if a.paths else [])
-    ratios = f" {'LU/bfly':>9} {'dense/bfly':>11}"
+        ["by_factor", "by_blocks"] if a.paths else []) + (["ref"] if a.ref else [])
+    ratios = f" {'LU/bfly':>9} {'dense/bfly':>11}" + (f" {'ref/bfly':>9}" if a.ref else "")
     if a.compiled:
         ratios += f" {'LU/bfly_c':>10} {'LU_c/bfly_c':>12}"
     print(f"{'n':>6}" + "".join(f" {k + ' ms':>14}" for k in names) + ratios)
@@ -62,8 +75,13 @@ def main() -> None:
                 "lu": lambda lu=lu, x=x: (lu(x), lu.inverse(x)),
                 "dense": lambda w=w, x=x: dense_step(w, x),
             }
+            cols = x.T.contiguous()  # the layer's layout: the mixed axis first
             for name, forced in (("by_factor", True), ("by_blocks", False)) if a.paths else ():
-                fns[name] = lambda bf=bf, x=x, f=forced: (bf._mix(x, False, f), bf._mix(x, True, f))
+                fns[name] = lambda bf=bf, c=cols, f=forced: (bf._mix(c, False, f), bf._mix(c, True, f))
+            if ref_class is not None:
+                ref = ref_class((n,))
+                ref.load_state_dict(bf.state_dict())
+                fns["ref"] = lambda ref=ref, x=x: (ref(x), ref.inverse(x))
             if a.compiled:
                 bfc = Compiled(bf, dynamic=False)
                 luf, lui = torch.compile(lu.forward, dynamic=False), torch.compile(lu.inverse, dynamic=False)
@@ -85,6 +103,8 @@ def main() -> None:
                 res[k].append(med[k])
             line = f"{n:6d}" + "".join(f" {med[k] * 1e3:14.3f}" for k in names)
             line += f" {med['lu'] / med['butterfly']:9.2f} {med['dense'] / med['butterfly']:11.2f}"
+            if a.ref:
+                line += f" {med['ref'] / med['butterfly']:9.2f}"
             if a.compiled:
                 line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
             print(line)

@@ -75,10 +75,13 @@ def test_compiled_transform_matches_the_eager_one():
 @pytest.mark.parametrize("layer", ["orbit_coupling", "butterfly"])
 def test_compiled_orbit_layers_and_grouped_butterfly_match_eager(layer):
     """torch.compile through the orbit-basis gather (D4 filters from one weight per orbit), the
-    G-invertible 1x1 convolution, and the butterfly's grouped block products (n = 128: two groups)."""
+    G-invertible 1x1 convolution, and the butterfly's grouped block products (n = 128: two groups;
+    more rows than ``FACTOR_ROWS``, so the block path)."""
     torch.manual_seed(1)
     if layer == "butterfly":
-        t, x = perturb(gflows.Butterfly((128,)), 0.1).eval(), torch.randn(5, 128)
+        from gflows.transforms.butterfly import FACTOR_ROWS
+
+        t, x = perturb(gflows.Butterfly((128,)), 0.1).eval(), torch.randn(FACTOR_ROWS + 1, 128)
     else:
         coupling = gflows.GCoupling("d4", (2, 4, 4), hidden_fields=1, kernel_sizes=(3,))
         t = Compose(perturb(gflows.GInvConv1x1("d4", (2, 4, 4)), 0.1), perturb(coupling, 0.1)).eval()

@@ -94,7 +94,7 @@ def test_factor_and_block_paths_agree(n, inverse):
     w = torch.randn(5, n, dtype=torch.float64)
     outs, grads = [], []
     for by_factor in (True, False):
-        out = b._mix(x, inverse, by_factor)
+        out = b._mix(x.T, inverse, by_factor).T
         outs.append(out)
         grads.append(torch.autograd.grad((out * w).sum(), b.weight)[0])
     assert torch.allclose(outs[0], outs[1], atol=1e-12)
@@ -111,3 +111,34 @@ def test_many_rows_take_the_block_path():
     dense = reference_matrix(b)
     assert torch.allclose(b(x)[0], x @ dense.T, atol=1e-10)
     assert torch.allclose(b.inverse(x)[0], x @ torch.linalg.inv(dense).T, atol=1e-8)
+
+
+@pytest.mark.parametrize("n", [64, 128, 512])
+def test_three_or_more_bit_ranges(monkeypatch, n):
+    """Ranges of at most two bits: three to five ranges of unequal widths, built in one stack and
+    applied with the middle ones copied; still the definition's matrix and its inverse."""
+    import gflows.transforms.butterfly as module
+
+    monkeypatch.setattr(module, "GROUP_BITS", 2)
+    torch.manual_seed(n)
+    b = perturb(Butterfly((n,)).double(), 0.2)
+    assert len(b._groups) >= 3
+    dense = reference_matrix(b)
+    x = torch.randn(module.FACTOR_ROWS + 3, n, dtype=torch.float64)
+    assert torch.allclose(b(x)[0], x @ dense.T, atol=1e-10)
+    assert torch.allclose(b.inverse(x)[0], x @ torch.linalg.inv(dense).T, atol=1e-8)
+
+
+def test_pickles_without_the_block_indices_still_load():
+    """A layer pickled before the gathered block coefficients existed gets them on loading."""
+    import pickle
+
+    torch.manual_seed(0)
+    b = perturb(Butterfly((128,)), 0.2)
+    x = torch.randn(40, 128)
+    state = b.__getstate__()
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if not k.startswith("_group_index")}
+    old = Butterfly.__new__(Butterfly)
+    old.__setstate__(state)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert torch.equal(loaded(x)[0], b(x)[0])

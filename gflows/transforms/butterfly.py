@@ -13,16 +13,18 @@ Log-det:  ``sum over factors and pairs of log|ad - bc|``, times the number of po
 For ``n`` not a power of two the first ``2^floor(log2 n)`` coordinates are mixed and the rest are
 left to an identity block.
 
-Computation: factor ``k`` mixes index bit ``m - k``, with coefficients that depend on the other bits.
-The factors of a contiguous range of ``j`` bits therefore multiply into a batch of dense
-``2^j x 2^j`` blocks (one per value of the bits outside the range), built from the 2x2 blocks by one
-elementwise product per factor (doubling the block size each time). The layer applies the
-``ceil(m / 6)`` such groups as batched matrix products: two passes over the data at ``n = 512``
-instead of nine, the same matrix to round-off. Building the blocks costs the same whatever the
-batch, so for few rows (at most :data:`FACTOR_ROWS`) the factors are applied to the data directly,
-one by one, each as ``y = A * x + B * swap(x)`` (three kernels; ``A`` and ``B`` gathered from the
-weights for all factors at once): at 16 rows 1.4x to 2.5x faster for ``n = 64 .. 4096``; at 64
-rows it wins only for some ``n`` (benchmarks/RESULTS.md).
+Computation: the data are laid out as columns ``[n, R]`` (R = batch x pixels), so that every
+coefficient is broadcast along a contiguous run of R. Factor ``k`` mixes index bit ``m - k``, with
+coefficients that depend on the other bits. The factors of a contiguous range of ``j`` bits
+therefore multiply into a batch of dense ``2^j x 2^j`` blocks (one per value of the bits outside
+the range), built from the 2x2 blocks by one elementwise product per factor (doubling the block
+size each time; every range's coefficients come from one gather, and all ranges take each step in
+one product). The layer applies the ``ceil(m / 6)`` ranges as batched matrix products: two passes
+over the data at ``n = 512`` instead of nine, the same matrix to round-off. Building the blocks
+costs the same whatever the batch, so for few columns (at most :data:`FACTOR_ROWS`) the factors
+are applied to the data directly, one by one, each as ``y = A * x + B * swap(x)`` (three kernels;
+``A`` and ``B`` gathered from the weights for all factors at once). benchmarks/RESULTS.md has the
+timings of both.
 
 Group action: the layer mixes the channel axis identically at every pixel, so it commutes with
 any group action that only moves pixels, i.e. with every grid element acting on scalar channels.
@@ -45,7 +47,7 @@ __all__ = ["Butterfly"]
 
 #: most index bits whose factors are multiplied into one dense block (64 x 64)
 GROUP_BITS = 6
-#: most rows for which the factors are applied one by one (see the module docstring)
+#: most columns (batch x pixels) for which the factors are applied one by one (see the module docstring)
 FACTOR_ROWS = 32
 
 
@@ -71,25 +73,27 @@ def _group_index(m: int, groups: Sequence[tuple[int, int]], inverse: bool) -> Te
     """Where, in the flattened ``[m, n/2, 2, 2]`` blocks, :func:`_group_matrices` finds each factor's
     coefficients, in the order and layout it multiplies them.
 
-    Step ``j`` of range ``lo..hi`` takes bit ``p = lo + j`` (factor ``m - p``) with ``S = 2^j`` bits
-    below it in the range already taken. Its 2x2 block depends on every other bit: ``H`` higher,
-    ``R`` in the range above ``p``, the ``S`` taken, ``L`` lower. The layout is
-    ``[H, L, R, y, x, S]`` (the taken bits are the product's inputs: the factor acts first) or
-    ``[H, L, R, y, S, x]`` for the inverse (its outputs: the factor acts last), so that every
-    product comes out contiguous; each step stacks the ranges still going, in :func:`_joint_order`.
+    Step ``j`` of range ``lo..hi`` takes bit ``p = hi - j`` (factor ``m - p``) with the ``S = 2^j``
+    bits above it in the range already taken. Its 2x2 block depends on every other bit: the ``S``
+    taken and ``B'``: the range's bits below ``p``, then those above and below the range. The
+    layout is ``[S, y, x, B', ranges]`` (the taken bits are the product's outputs: the factor acts
+    last) or ``[y, S, x, B', ranges]`` for the inverse (its inputs: the factor acts first), the
+    ranges still going stacked last in :func:`_joint_order`.
     """
     parts = []
     for j in range(max(hi - lo + 1 for lo, hi in groups)):
+        stack = []
         for lo, hi in (groups[g] for g in _joint_order(groups)):
             if lo + j > hi:
                 continue
-            n_high, n_low, p, size, rest = 2 ** (m - 1 - hi), 2**lo, lo + j, 2**j, 2 ** (hi - lo - j)
-            h, l_, r, y, x, s = torch.meshgrid(*(torch.arange(k) for k in (n_high, n_low, rest, 2, 2, size)),
-                                               indexing="ij")
+            n_high, n_low, p, size = 2 ** (m - 1 - hi), 2**lo, hi - j, 2**j
+            sizes = (size, 2, 2, 2 ** (p - lo), n_high, n_low)
+            s, y, x, r, h, l_ = torch.meshgrid(*(torch.arange(k) for k in sizes), indexing="ij")
             # the pair index is the coordinate index with bit p removed
-            pair = ((h * rest + r) * size + s) * n_low + l_
+            pair = ((h * size + s) * 2 ** (p - lo) + r) * n_low + l_
             index = ((m - p - 1) * 2 ** (m - 1) + pair) * 4 + 2 * y + x
-            parts.append((index.permute(0, 1, 2, 3, 5, 4) if inverse else index).reshape(-1))
+            stack.append((index.transpose(0, 1) if inverse else index).reshape(-1, 2, 2, 2 ** (m - 1 - j)))
+        parts.append(torch.stack(stack, -1).reshape(-1))
     return torch.cat(parts)
 
 
@@ -98,41 +102,46 @@ def _group_matrices(coef: Tensor, m: int, groups: Sequence[tuple[int, int]], inv
     their inverses, in reverse order) as dense blocks, one per value of the ``H`` higher and ``L``
     lower bits; ``coef`` holds the factors' coefficients gathered by :func:`_group_index`.
 
-    Bits are taken from ``lo`` up; after ``j`` of them the product is block-diagonal in the bits not
-    yet taken, with ``S x S`` blocks (``S = 2^j``) on the bits taken. The next factor is diagonal in
-    every bit but its own, so one more is a broadcast product:
-    ``N'[(y, o), (x, i)] = N[y][o, i] T[i][y, x]`` (``T`` applied first) or
-    ``T[o][y, x] N[x][o, i]`` (``T`` applied last, for the inverse). Every range's blocks at step
-    ``j`` are ``S x S``, so all ranges take step ``j`` in one product, stacked.
+    Bits are taken from ``hi`` down; after ``j`` of them the product is block-diagonal in the bits
+    not yet taken, with ``S x S`` blocks (``S = 2^j``) on the bits taken. The next factor is diagonal
+    in every bit but its own, so one more is a broadcast product, the new bit the lowest of the
+    block's: ``N'[(o, y), (i, x)] = T[o][y, x] N[x][o, i]`` (``T`` applied last: the forward map
+    applies the higher bits' factors first) or ``N[y][o, i] T[i][y, x]`` (``T`` applied first, for
+    the inverse). Every range has ``n / S`` blocks at step ``j``, so all ranges take it in one
+    product, stacked.
+
+    Layout ``[S, S, B, ranges]``: the blocks are indexed last, the next bit to take leading ``B``,
+    which keeps the products' inner loops long (the first steps have 2 x 2 blocks) and makes each
+    product come out in the next step's layout without a copy.
     """
     order = _joint_order(groups)
-    bits = [bits_ for bits_ in sorted((hi - lo + 1 for lo, hi in groups), reverse=True)]
+    bits = sorted((hi - lo + 1 for lo, hi in groups), reverse=True)
     mats: list[Tensor] = [coef] * len(groups)
     prod, start = coef, 0
     for j in range(bits[0] + 1):
-        # after j steps every range has n / 2^j blocks; those complete leave from the stack's end
-        blocks, going = 2 ** (m - j), sum(b > j for b in bits)
-        for k in range(going, len(bits)) if j else ():
-            if bits[k] == j:
+        size, going = 2**j, sum(b > j for b in bits)
+        if j:
+            prod = prod.view(size, size, 2 ** (m - j), -1)
+            for k in range(going, prod.shape[-1]):
                 lo, hi = groups[order[k]]
-                part = prod[k * blocks:(k + 1) * blocks]
-                mats[order[k]] = part.view(2 ** (m - 1 - hi), 2**lo, 2**j, 2**j)
+                mat = prod[..., k].permute(2, 0, 1).contiguous()  # blocks first, for the matmuls
+                mats[order[k]] = mat.view(2 ** (m - 1 - hi), 2**lo, size, size)
+            prod = prod[..., :going]
         if not going:
             break
-        size, pairs = 2**j, going * blocks // 2
-        t = coef[start:start + pairs * 4 * size]
-        start += pairs * 4 * size
+        count = 2 ** (m + 1) * going
+        t = coef[start:start + count]
+        start += count
         if not j:
-            prod = t.view(pairs, 2, 2)
+            prod = t
             continue
-        prod = prod[:going * blocks]
-        if inverse:
-            left = t.view(pairs, 2, size, 2, 1)  # [., y, o, x, 1]
-            right = prod.view(pairs, 2, size, size).transpose(1, 2).unsqueeze(1)  # [., 1, o, x, i]
+        n_next = 2 ** (m - j - 1) * going
+        node = prod.reshape(size, size, 2, n_next)  # [o, i, bit p, B']
+        if inverse:  # [o, y, i, x, B']
+            prod = t.view(1, 2, size, 2, n_next) * node.transpose(1, 2).unsqueeze(3)
         else:
-            left = prod.view(pairs, 2, size, 1, size)  # [., y, o, 1, i]
-            right = t.view(pairs, 2, 1, 2, size)  # [., y, 1, x, i]
-        prod = (left * right).view(pairs, 2 * size, 2 * size)
+            prod = t.view(size, 2, 1, 2, n_next) * node.unsqueeze(1)
+        prod = prod.reshape(2 * size, 2 * size, n_next)
     return mats
 
 
@@ -154,15 +163,16 @@ def _factor_index(m: int) -> Tensor:
 
 
 def _apply_factors(x: Tensor, coef: Tensor, factors: Iterable[int]) -> Tensor:
-    """Rows ``x [R, n]`` through the given factors (0-based) in order. Factor ``k`` on rows viewed as
-    ``[R, 2^k, 2, n / 2^(k+1)]`` (pair partners along the third axis) is ``A * x + B * x.flip(2)``,
-    with ``A, B = coef[k]`` holding ``a, d`` and ``b, c`` (see :func:`_factor_index`)."""
-    rows, n = x.shape
+    """Columns ``x [n, R]`` through the given factors (0-based) in order. Factor ``k`` on ``x`` viewed
+    as ``[2^k, 2, n / 2^(k+1), R]`` (pair partners along the second axis) is ``A * x + B * x.flip(1)``,
+    with ``A, B = coef[k]`` holding ``a, d`` and ``b, c`` (see :func:`_factor_index`), broadcast
+    along the columns, which keeps the inner loops ``R`` long."""
+    n, cols = x.shape
     for k in factors:
         width = n >> (k + 1)
-        v = x.view(rows, -1, 2, width)
-        own, other = coef[k].view(2, -1, 2, width).unbind(0)
-        x = torch.addcmul(own * v, other, v.flip(2)).view(rows, n)
+        v = x.view(-1, 2, width, cols)
+        own, other = coef[k].view(2, -1, 2, width, 1).unbind(0)
+        x = torch.addcmul(own * v, other, v.flip(1)).view(n, cols)
     return x
 
 
@@ -196,18 +206,27 @@ class Butterfly(Transform):
         self.weight = nn.Parameter(abcd)
         self._groups = _bit_groups(self.m, GROUP_BITS)
         self.register_buffer("_factor_index", _factor_index(self.m), persistent=False)
+        self._register_group_indices()
+
+    def _register_group_indices(self) -> None:
         # each direction's block coefficients, gathered in one call (ranges in the order applied)
+        device = self._factor_index.device
         for name, inverse, groups in (("fwd", False, self._groups), ("inv", True, self._groups[::-1])):
             index = _group_index(self.m, groups, inverse) if groups else torch.zeros(0, dtype=torch.long)
-            self.register_buffer(f"_group_index_{name}", index, persistent=False)
+            self.register_buffer(f"_group_index_{name}", index.to(device), persistent=False)
 
-    def _rows(self, x: Tensor) -> Tensor:
-        # Move the mixed axis last, flatten everything else into rows.
-        return x.movedim(1, -1).reshape(-1, self.n)
+    def __setstate__(self, state: dict) -> None:
+        # layers pickled before the gathered block coefficients existed
+        super().__setstate__(state)
+        if "_group_index_fwd" not in self._buffers:
+            self._register_group_indices()
 
-    def _unrows(self, r: Tensor, like: Tensor) -> Tensor:
-        shape = (like.shape[0], *like.shape[2:], self.n)
-        return r.reshape(shape).movedim(-1, 1)
+    def _cols(self, x: Tensor) -> Tensor:
+        # The mixed axis first, everything else flattened into contiguous columns.
+        return x.transpose(0, 1).reshape(self.n, -1)
+
+    def _uncols(self, c: Tensor, like: Tensor) -> Tensor:
+        return c.view(self.n, like.shape[0], *like.shape[2:]).transpose(0, 1)
 
     def _logdet(self, batch: int, like: Tensor) -> Tensor:
         a, b, c, d = self.weight.unbind(-1)
@@ -222,38 +241,39 @@ class Butterfly(Transform):
         det = (a * d - b * c)[..., None, None]
         return torch.stack([d, -b, -c, a], -1).view(self.m, -1, 2, 2) / det
 
-    def _mix(self, r: Tensor, inverse: bool, by_factor: bool | None = None) -> Tensor:
-        """``r B^T`` (or ``r B^-T``), factor by factor or by grouped blocks (default: by the rows)."""
+    def _mix(self, c: Tensor, inverse: bool, by_factor: bool | None = None) -> Tensor:
+        """``B c`` (or ``B^-1 c``) for columns ``c [n, R]``, factor by factor or by grouped blocks
+        (default: by the number of columns)."""
         if self.m == 0:
-            return r
-        m, n, rows = self.m, self.n_mixed, r.shape[0]
-        mixed, rest = r[:, :n], r[:, n:]
+            return c
+        m, n, cols = self.m, self.n_mixed, c.shape[1]
+        mixed, rest = c[:n], c[n:]
         blocks = self._blocks(inverse)
-        if by_factor if by_factor is not None else rows <= FACTOR_ROWS:
+        if by_factor if by_factor is not None else cols <= FACTOR_ROWS:
             coef = blocks.reshape(m, -1).gather(1, self._factor_index.view(m, -1))
-            mixed = _apply_factors(mixed, coef.view(m, 2, n), range(m - 1, -1, -1) if inverse else range(m))
+            order = range(m - 1, -1, -1) if inverse else range(m)
+            mixed = _apply_factors(mixed.contiguous(), coef.view(m, 2, n), order)
         else:
             groups = self._groups[::-1] if inverse else self._groups
             coef = blocks.reshape(-1)[self._group_index_inv if inverse else self._group_index_fwd]
-            # Columns [n, rows]: a range's blocks act on [G, rows] slices whose rows are contiguous,
-            # and with at most two ranges each matmul reads its operand in place (one bit range
-            # outside it is contiguous-major), so only the first and the last layouts are copied.
-            cols = mixed.T
+            # A range's blocks act on [G, R] slices of the columns, whose rows are contiguous; with at
+            # most two ranges each matmul reads its operand in place (the bits outside the range are
+            # all above or all below it), so only the result of the last range is copied.
             for mat in _group_matrices(coef, m, groups, inverse):
                 h, low, g = mat.shape[:3]
-                cols = torch.matmul(mat, cols.reshape(h, g, low, rows).transpose(1, 2)).transpose(1, 2)
-            mixed = cols.reshape(n, rows).T
-        return torch.cat([mixed, rest], 1) if rest.shape[1] else mixed
+                mixed = torch.matmul(mat, mixed.reshape(h, g, low, cols).transpose(1, 2)).transpose(1, 2)
+            mixed = mixed.reshape(n, cols)
+        return torch.cat([mixed, rest]) if rest.shape[0] else mixed
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
-        return self._unrows(self._mix(self._rows(x), False), x), self._logdet(x.shape[0], x)
+        return self._uncols(self._mix(self._cols(x), False), x), self._logdet(x.shape[0], x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
-        return self._unrows(self._mix(self._rows(z), True), z), -self._logdet(z.shape[0], z)
+        return self._uncols(self._mix(self._cols(z), True), z), -self._logdet(z.shape[0], z)
 
     def matrix(self) -> Tensor:
         """The dense ``n x n`` matrix ``B`` with ``forward(x) = B x`` (for tests and inspection)."""
         eye = torch.eye(self.n, dtype=self.weight.dtype, device=self.weight.device)
-        return self._mix(eye, False).T
+        return self._mix(eye, False)
