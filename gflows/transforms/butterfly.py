@@ -247,24 +247,28 @@ class Butterfly(Transform):
         if self.m == 0:
             return c
         m, n, cols = self.m, self.n_mixed, c.shape[1]
-        # one copy here: matmuls on transposed vectors' columns cost 2x the copy (4,096 rows, n = 512)
-        c = c.contiguous()
         mixed, rest = c[:n], c[n:]
         blocks = self._blocks(inverse)
         if by_factor if by_factor is not None else cols <= FACTOR_ROWS:
             coef = blocks.reshape(m, -1).gather(1, self._factor_index.view(m, -1))
             order = range(m - 1, -1, -1) if inverse else range(m)
-            mixed = _apply_factors(mixed, coef.view(m, 2, n), order)
+            mixed = _apply_factors(mixed.contiguous(), coef.view(m, 2, n), order)
         else:
             groups = self._groups[::-1] if inverse else self._groups
             coef = blocks.reshape(-1)[self._group_index_inv if inverse else self._group_index_fwd]
-            # A range's blocks act on [G, R] slices of the columns, whose rows are contiguous; with at
-            # most two ranges each matmul reads its operand in place (the bits outside the range are
-            # all above or all below it), so only the result of the last range is copied.
-            for mat in _group_matrices(coef, m, groups, inverse):
-                h, low, g = mat.shape[:3]
-                mixed = torch.matmul(mat, mixed.reshape(h, g, low, cols).transpose(1, 2)).transpose(1, 2)
-            mixed = mixed.reshape(n, cols)
+            mats = _group_matrices(coef, m, groups, inverse)
+            if len(mats) == 1:  # one dense matrix: BLAS reads transposed vectors' columns in place
+                mixed = mats[0].view(n, n) @ mixed
+            else:
+                # A range's blocks act on [G, R] slices of the columns, whose rows are contiguous; with
+                # at most two ranges each matmul reads its operand in place (the bits outside the
+                # range are all above or all below it). The columns are copied first: matmuls on
+                # transposed vectors' columns cost 2x the copy (4,096 rows, n = 512).
+                mixed = mixed.contiguous()
+                for mat in mats:
+                    h, low, g = mat.shape[:3]
+                    mixed = torch.matmul(mat, mixed.reshape(h, g, low, cols).transpose(1, 2)).transpose(1, 2)
+                mixed = mixed.reshape(n, cols)
         return torch.cat([mixed, rest]) if rest.shape[0] else mixed
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
