@@ -87,3 +87,32 @@ def test_spawned_worker_gets_the_same_log_prob():
     proc.join(timeout=60)
     assert proc.exitcode == 0
     assert got == log_prob(t, x).tolist()
+
+
+def _as_if_pickled_before(module: torch.nn.Module, buffers: tuple[str, ...], attrs: tuple[str, ...]):
+    """``module`` unpickled from a state that lacks later-added buffers and attributes."""
+    state = module.__getstate__()
+    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k not in buffers}
+    for name in attrs:
+        state.pop(name, None)
+    old = type(module).__new__(type(module))
+    old.__setstate__(state)
+    return old
+
+
+def test_layers_pickled_before_their_cached_masks_and_flags_still_load():
+    """Pickles of a checkerboard coupling without its cached masks, and of a convolution without its
+    identity-bias flag, rebuild them (or fall back to the general path) and compute the same map."""
+    torch.manual_seed(0)
+    layers = [m for m in make("lattice_coupling", torch.float64).modules() if isinstance(m, gflows.GCoupling)]
+    coupling = layers[0]
+    assert "mask_b" in coupling._buffers  # a checkerboard coupling
+    x = torch.randn(3, *coupling.event_shape, dtype=torch.float64)
+    old = _as_if_pickled_before(coupling, ("mask_a", "mask_b_bool"), ())
+    assert torch.equal(old(x)[0], coupling(x)[0]) and torch.equal(old(x)[1], coupling(x)[1])
+    conv = gflows.nn.GConv2d("trivial", (2, "scalar"), (3, "scalar"), 3, bias=True)
+    assert conv.identity_bias
+    torch.nn.init.normal_(conv.r2conv.bias)
+    y = torch.randn(2, 2, 5, 5)
+    old = _as_if_pickled_before(conv, (), ("identity_bias",))
+    assert not old.identity_bias and torch.allclose(old(y), conv(y), atol=1e-6)

@@ -351,6 +351,9 @@ class GConv2d(nn.Module):
         _hash_by_identity(expansion)
         return r2conv
 
+    #: layers pickled before the flag existed apply escnn's bias expansion, which is always right
+    identity_bias = False
+
     # escnn's field types and modules hold local functions and do not pickle: pickling (torch.save of
     # the module, copy.deepcopy, multiprocessing) keeps the field specifications and escnn's weights,
     # and unpickling rebuilds the escnn objects from the group's name.

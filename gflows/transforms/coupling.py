@@ -217,10 +217,7 @@ class GCoupling(Transform):
                 raise ValueError(f"a checkerboard on a periodic {h} x {w} lattice needs even sizes: with an "
                                  "odd one, translations wrap sites onto the other parity")
             self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
-            # its complement and its boolean form, made once: every small operator recorded on the
-            # autograd tape costs a node in each backward pass, and a lattice step runs two
-            self.register_buffer("mask_a", 1 - self.mask_b, persistent=False)
-            self.register_buffer("mask_b_bool", self.mask_b.bool(), persistent=False)
+            self._register_masks()
             n_in, n_out = c, c
         else:
             raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
@@ -233,6 +230,18 @@ class GCoupling(Transform):
                     activation, final_tanh, zero_init, basis)
         self.conditioner = squeezed_net(self.group, self.levels,
                                         lambda lv: self._conditioner(n_in, lv, *settings))
+
+    def _register_masks(self) -> None:
+        # the checkerboard's complement and boolean form, made once: every small operator recorded on
+        # the autograd tape costs a node in each backward pass, and a lattice step runs two
+        self.register_buffer("mask_a", 1 - self.mask_b, persistent=False)
+        self.register_buffer("mask_b_bool", self.mask_b.bool(), persistent=False)
+
+    def __setstate__(self, state: dict) -> None:
+        # layers pickled before the cached masks existed
+        super().__setstate__(state)
+        if "mask_b" in self._buffers and "mask_a" not in self._buffers:
+            self._register_masks()
 
     def _conditioner(self, n_in: int, levels: int, hidden_fields, kernel_sizes, padding_mode, affine,
                      sign_symmetric, scale_bound, activation, final_tanh, zero_init, basis) -> nn.Module:
