@@ -7,9 +7,11 @@ through ``gflows.Compiled`` and nflows' LU layer through ``torch.compile`` (like
 each one's cold compile time. ``--paths`` adds the butterfly's two computations forced (the factors
 one by one, and the grouped dense blocks; the layer picks by the rows, ``FACTOR_ROWS``), the mixing
 alone in both directions. ``--ref DIR`` adds the layer of another checkout (``DIR`` a git worktree:
-its ``gflows/transforms/butterfly.py``, same weights), timed in the same loop.
+its ``gflows/transforms/butterfly.py``, same weights), timed in the same loop; with ``--images`` it
+also times both on image batches ``[B, C, H, W]`` (channel mixing, as in the Glow-type models).
 
     python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled] [--paths] [--ref DIR]
+        [--images]
 """
 
 from __future__ import annotations
@@ -45,6 +47,31 @@ def reference_class(checkout: str) -> type:
     return module.Butterfly
 
 
+IMAGE_SHAPES = [(16, 12, 16, 16), (16, 48, 8, 8), (16, 192, 4, 4), (16, 512, 4, 4), (4, 512, 2, 2)]
+
+
+@torch.no_grad()
+def images(ref_class: type, repeats: int) -> None:
+    """This checkout's layer against the reference's on image batches, interleaved, forward with
+    log-det plus inverse (median ms)."""
+    print(f"{'image batch':>20} {'rows':>6} {'layer ms':>9} {'ref ms':>9} {'ref/layer':>10}")
+    for shape in IMAGE_SHAPES:
+        layer = Butterfly(shape[1:])
+        ref = ref_class(shape[1:])
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(*shape)
+        times: dict[str, list[float]] = {"layer": [], "ref": []}
+        for i in range(repeats + 2):
+            for k, m in (("layer", layer), ("ref", ref)):
+                t0 = time.perf_counter()
+                m(x), m.inverse(x)
+                if i >= 2:
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(f"{str(shape):>20} {shape[0] * shape[2] * shape[3]:6d} {med['layer']:9.3f} {med['ref']:9.3f} "
+              f"{med['ref'] / med['layer']:10.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=64, help="batch rows (pixels x images)")
@@ -53,6 +80,7 @@ def main() -> None:
     p.add_argument("--compiled", action="store_true", help="add compiled butterfly and LU columns")
     p.add_argument("--paths", action="store_true", help="add the factor-by-factor and block paths, forced")
     p.add_argument("--ref", help="a checkout whose butterfly layer is timed beside this one's")
+    p.add_argument("--images", action="store_true", help="with --ref: image batches as well")
     a = p.parse_args()
     ref_class = reference_class(a.ref) if a.ref else None
     torch.manual_seed(0)
@@ -108,6 +136,8 @@ def main() -> None:
             if a.compiled:
                 line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
             print(line)
+    if ref_class is not None and a.images:
+        images(ref_class, a.repeats)
     logn = [math.log(n) for n in a.sizes]
     for k, v in res.items() if len(a.sizes) > 1 else ():
         ly = [math.log(t) for t in v]
