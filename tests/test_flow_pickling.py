@@ -14,6 +14,7 @@ from families import FAMILIES, make
 
 import gflows
 from gflows.models.image import image_model
+from gflows.transforms.conditioner import Conditioner
 
 
 def log_prob(t, x, seed=0):
@@ -101,8 +102,9 @@ def _as_if_pickled_before(module: torch.nn.Module, buffers: tuple[str, ...], att
 
 
 def test_layers_pickled_before_their_cached_masks_and_flags_still_load():
-    """Pickles of a checkerboard coupling without its cached masks, and of a convolution without its
-    identity-bias flag, rebuild them (or fall back to the general path) and compute the same map."""
+    """Pickles of a checkerboard coupling without its cached masks, of its conditioner without its
+    joint bounds, and of a convolution without its identity-bias flag, rebuild them (or fall back to
+    the general path) and compute the same map."""
     torch.manual_seed(0)
     layers = [m for m in make("lattice_coupling", torch.float64).modules() if isinstance(m, gflows.GCoupling)]
     coupling = layers[0]
@@ -110,6 +112,12 @@ def test_layers_pickled_before_their_cached_masks_and_flags_still_load():
     x = torch.randn(3, *coupling.event_shape, dtype=torch.float64)
     old = _as_if_pickled_before(coupling, ("mask_a", "mask_b_bool"), ())
     assert torch.equal(old(x)[0], coupling(x)[0]) and torch.equal(old(x)[1], coupling(x)[1])
+    # a plain affine conditioner: the one that bounds (s, t) with the joint bounds
+    conditioner = next(m for m in make("coupling", torch.float64).modules() if isinstance(m, Conditioner))
+    assert conditioner.affine and not (conditioner.sign_symmetric or conditioner.final_tanh)
+    xa = torch.randn(3, conditioner.net.in_channels, 4, 4, dtype=torch.float64)
+    old = _as_if_pickled_before(conditioner, ("bounds",), ())
+    assert all(torch.equal(a, b) for a, b in zip(old(xa), conditioner(xa), strict=True))
     conv = gflows.nn.GConv2d("trivial", (2, "scalar"), (3, "scalar"), 3, bias=True)
     assert conv.identity_bias
     torch.nn.init.normal_(conv.r2conv.bias)

@@ -108,9 +108,7 @@ class Conditioner(nn.Module):
         self.shift_bound = float(shift_bound)
         self.final_tanh = final_tanh
         self.n_out = n_out
-        # both bounds as one tensor, so that the plain affine case bounds s and t in one pass
-        bounds = torch.tensor([self.scale_bound] * n_out + [self.shift_bound] * n_out)
-        self.register_buffer("bounds", bounds.view(-1, 1, 1), persistent=False)
+        self._register_bounds()
         n_net = n_out if self.odd or not affine else 2 * n_out
         self.net = conditioner_net(group, n_in, n_net, hidden_fields, kernel_sizes, padding_mode, activation,
                                    zero_init, squeeze_levels, basis, relax, bias=not self.odd)
@@ -142,6 +140,17 @@ class Conditioner(nn.Module):
                 s_raw = (s_raw + minus[:, : self.n_out]) / 2
             t = (t - minus[:, -self.n_out :]) / 2
         return s_raw, t
+
+    def _register_bounds(self) -> None:
+        # both bounds as one tensor, so that the plain affine case bounds s and t in one pass
+        bounds = torch.tensor([self.scale_bound] * self.n_out + [self.shift_bound] * self.n_out)
+        self.register_buffer("bounds", bounds.view(-1, 1, 1), persistent=False)
+
+    def __setstate__(self, state: dict) -> None:
+        # conditioners pickled before the joint bounds existed
+        super().__setstate__(state)
+        if "bounds" not in self._buffers:
+            self._register_bounds()
 
     def forward(self, xa: Tensor) -> tuple[Tensor, Tensor]:
         if self.affine and not (self.sign_symmetric or self.final_tanh):
