@@ -27,8 +27,9 @@ from gflows.transforms.residual import GResidualBlock
 
 
 def certified_excess(block: GResidualBlock, hw: int) -> float:
-    """``max(sigma - c)`` over the block's convolutions in evaluation mode, every operator norm
-    measured afresh (power iteration from a new random start to 1e-6), not read off the layer."""
+    """``max(sigma / input_scale - c)`` over the block's convolutions in evaluation mode (the bound
+    each convolution contributes to Lip(g)), every operator norm measured afresh (power iteration
+    from a new random start to 1e-6), not read off the layer."""
     block.eval()
     worst = -float("inf")
     with torch.no_grad():
@@ -37,7 +38,8 @@ def certified_excess(block: GResidualBlock, hw: int) -> float:
                 w, _ = m.normalised()
                 sigma = operator_norm(lambda u, m=m, w=w: m.conv(u, w), (1, m.in_channels, hw, hw), tol=1e-6,
                                       generator=torch.Generator().manual_seed(1))
-                worst = max(worst, sigma - m.coeff)
+                # a filter after an unscaled LipSwish carries its 1 / 1.1 (input_scale)
+                worst = max(worst, sigma / m.input_scale - m.coeff)
     block.train()
     return worst
 

@@ -124,3 +124,22 @@ def test_layers_pickled_before_their_cached_masks_and_flags_still_load():
     y = torch.randn(2, 2, 5, 5)
     old = _as_if_pickled_before(conv, (), ("identity_bias",))
     assert not old.identity_bias and torch.allclose(old(y), conv(y), atol=1e-6)
+
+
+def test_residual_block_pickled_before_the_folded_activation_scale_still_loads():
+    """A residual block pickled before LipSwish's 1 / 1.1 moved into the next filter has neither
+    ``scaled`` nor ``input_scale``: the class defaults divide in the activation, the same map."""
+    torch.manual_seed(0)
+    block = gflows.GResidualBlock("c4", (1, 4, 4), hidden_fields=2).to(torch.float64).eval()
+    old = copy.deepcopy(block)
+    for m in old.modules():
+        m.__dict__.pop("scaled", None)
+        m.__dict__.pop("input_scale", None)
+    acts = [m for m in old.modules() if isinstance(m, gflows.nn.LipSwish)]
+    assert acts and all(a.scaled for a in acts)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(1)  # the same refresh noise in both power iterations
+        y = block(x)[0]
+        torch.manual_seed(1)
+        assert torch.allclose(old(x)[0], y, rtol=1e-12, atol=1e-12)

@@ -57,6 +57,44 @@ def test_lipswish_is_1_lipschitz():
     x = torch.linspace(-8, 8, 4001).repeat(6, 1).T.reshape(4001, 6, 1, 1).requires_grad_(True)
     (d,) = torch.autograd.grad(act(x).sum(), x)
     assert float(d.abs().max()) <= 1.0
+    # unscaled, it is 1.0998-Lipschitz whatever beta: the 1 / 1.1 a following layer takes is tight
+    raw = LipSwish(2, 3, scaled=False)
+    raw.load_state_dict(act.state_dict())
+    (d,) = torch.autograd.grad(raw(x).sum(), x)
+    assert 1.099 <= float(d.abs().max()) <= LipSwish.LIPSCHITZ
+    assert torch.allclose(raw(x) / LipSwish.LIPSCHITZ, act(x), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("group", GROUPS)
+def test_spectrally_normalised_stack_folds_lipswish_scale_into_the_next_filter(group, dtype):
+    """Between spectrally normalised convolutions, each LipSwish leaves out its 1 / 1.1 and the next
+    filter takes it: the same map as the stack that divides, to round-off; plain stacks are unchanged."""
+    from gflows.nn.lipschitz import LipschitzGConv2d
+
+    torch.manual_seed(0)
+    kw = {"input_hw": (4, 4), "coeff": 0.9}
+    net = GConvNet(group, 2, 2, 2, (3, 1, 3), conv=LipschitzGConv2d, conv_kwargs=kw).to(dtype)
+    convs = [m for m in net.layers if isinstance(m, LipschitzGConv2d)]
+    acts = [m for m in net.layers if isinstance(m, LipSwish)]
+    assert [c.input_scale for c in convs] == [1.0, 1 / 1.1, 1 / 1.1]
+    assert not any(a.scaled for a in acts)
+    unfolded = copy.deepcopy(net)
+    for m in unfolded.modules():  # back to the class defaults: divide in the activation
+        m.__dict__.pop("input_scale", None)
+        m.__dict__.pop("scaled", None)
+    with torch.no_grad():
+        for a in acts:
+            a.rho.normal_()
+    unfolded.load_state_dict(net.state_dict())
+    x = torch.randn(3, 2, 4, 4, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.manual_seed(1)  # the same refresh noise in both power iterations
+    y = net(x)
+    torch.manual_seed(1)
+    assert torch.allclose(y, unfolded(x), rtol=tol, atol=tol)
+    plain = GConvNet(group, 2, 2, 2, (3, 1, 3))
+    assert all(a.scaled for a in plain.layers if isinstance(a, LipSwish))
 
 
 def test_bad_settings():

@@ -164,3 +164,37 @@ def test_lipschitz_layers_lists_every_spectral_normalised_layer_in_order():
     model = torch.nn.Sequential(a, torch.nn.Sequential(torch.nn.Identity(), b))
     assert lipschitz_layers(model) == [a, b]
     assert lipschitz_layers(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_tracked_refresh_applies_the_map_once_and_matches_the_plain_refresh(layer, dtype):
+    """With gradients, a refresh leaves its last application of the map to the differentiable
+    sigma (one application per refresh and step): ``u``, ``v``, ``sigma`` and the normalised weight
+    equal those of a refresh that applies it itself, to round-off."""
+    import copy
+
+    torch.manual_seed(0)
+    if layer == "conv":
+        m = LipschitzGConv2d("d4", (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5,
+                             train_iters=1).to(dtype)
+    else:
+        m = LipschitzLinear(6, 5, coeff=0.5, train_iters=1).to(dtype)
+    m.normalised()  # initialise
+    with torch.no_grad():
+        next(m.parameters()).mul_(3.0)  # stale: the next call refreshes
+    ref = copy.deepcopy(m)
+    calls = []
+    original = m._linear_map
+    m._linear_map = lambda x, w: calls.append(1) or original(x, w)
+    rng = torch.get_rng_state()
+    w, _ = m.normalised()
+    torch.set_rng_state(rng)  # the same refresh noise for the reference
+    with torch.no_grad():
+        ref.update()
+    w_ref, _ = ref.normalised()
+    assert len(calls) == 2  # one power iteration (train_iters=1), then the differentiable sigma
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in ((m.u, ref.u), (m.v, ref.v), (m.sigma, ref.sigma), (w, w_ref)):
+        assert torch.allclose(a, b, rtol=tol, atol=tol)
+    assert w.requires_grad and w.grad_fn is not None

@@ -35,14 +35,16 @@ __all__ = ["LipschitzGConv2d", "LipschitzLinear", "SpectralNormalised", "lipschi
 
 
 def _power_iteration(
-    op, u: Tensor, tol: float, max_iters: int, adjoint=None
-) -> tuple[Tensor, Tensor, Tensor, int]:
+    op, u: Tensor, tol: float, max_iters: int, adjoint=None, final: bool = True
+) -> tuple[Tensor | None, Tensor, Tensor | None, int]:
     """Power iteration for the top singular triple of the linear map ``op`` from ``u``.
 
     Stops when the eigen-residual ``|W^T W u - sigma^2 u| / sigma^2`` is below ``tol``: unlike the
     change of ``sigma`` between iterations, it stays large while ``u`` still mixes in a singular
     vector whose value is close to the top one. Returns ``(sigma, u, v, iterations)`` with unit
     ``u``, ``v`` and ``op(u) = sigma v``. ``adjoint`` defaults to the exact vector-Jacobian product.
+    With ``final=False`` the last application of ``op`` is left to the caller (who needs it with
+    gradients anyway) and ``sigma`` and ``v`` come back as ``None``.
     """
     if adjoint is None:
         _, vjp = torch.func.vjp(op, torch.zeros_like(u))
@@ -56,6 +58,8 @@ def _power_iteration(
         u = wtw_u / wtw_u.norm().clamp_min(1e-12)
         if residual <= tol:
             break
+    if not final:
+        return None, u, None, it
     v = op(u)
     sigma = v.norm()
     return sigma, u, v / sigma.clamp_min(1e-12), it
@@ -74,6 +78,10 @@ class SpectralNormalised:
     the linear map ``_linear_map(x, weight)`` and, where cheaper than autograd's, its ``_adjoint``."""
 
     coeff: float
+    #: a factor taken into the normalised weight: the layer maps ``x`` to ``W (input_scale x) + b``
+    #: with ``||W||_2 <= coeff``, so that it may follow an activation whose normalising division
+    #: was left out (``LipSwish(scaled=False)`` with ``1 / 1.1``); the class default serves pickles
+    input_scale: float = 1.0
     tol: float
     max_iters: int
     init_iters: int
@@ -112,9 +120,12 @@ class SpectralNormalised:
         return tuple((p.data_ptr(), p._version) for p in self.parameters())
 
     @torch.no_grad()
-    def update(self, weight: Tensor | None = None, certify: bool | None = None) -> None:
+    def update(self, weight: Tensor | None = None, certify: bool | None = None, final: bool = True) -> None:
         """Refresh the singular-vector estimate for the current weight: to the tolerance, or (by
-        default in training mode with ``train_iters``) with ``train_iters`` iterations."""
+        default in training mode with ``train_iters``) with ``train_iters`` iterations.
+
+        ``final=False`` updates ``u`` only: the caller then applies the map to it once and calls
+        :meth:`_set_output`, which sets ``v`` and ``sigma``."""
         if weight is None:
             weight, _ = self._raw()
         weight = weight.detach()
@@ -133,27 +144,45 @@ class SpectralNormalised:
         noise = 0.3 if certify else 0.01
         u = u / u.norm().clamp_min(1e-12) + noise * torch.randn_like(u) / u.numel() ** 0.5
         sigma, u, v, n = _power_iteration(lambda x: self._linear_map(x, weight), u,
-                                          self.tol if certify else 0.0, iters, self._adjoint(weight))
+                                          self.tol if certify else 0.0, iters, self._adjoint(weight), final)
         self.u.copy_(u)
-        self.v.copy_(v)
-        self.sigma.copy_(sigma)
+        if final:
+            self.v.copy_(v)
+            self.sigma.copy_(sigma)
         self.initialised.fill_(True)
         self.last_iterations = n
         self._seen, self._certified = self._state(), certify
 
     def normalised(self) -> tuple[Tensor, Tensor | None]:
-        """Weight scaled to operator norm ``<= coeff``, and the bias."""
+        """Weight scaled to operator norm ``<= coeff * input_scale``, and the bias."""
         weight, bias = self._raw()
-        if self._seen != self._state() or not bool(self.initialised):
-            self.update(weight)
+        tracked = torch.is_grad_enabled() and weight.requires_grad
+        stale = self._seen != self._state() or not bool(self.initialised)
+        if stale:
+            # with gradients the map is applied to the new u below anyway: the refresh skips its own
+            # last application (one operator application per layer and step)
+            self.update(weight, final=not tracked)
         elif not self.training and not self._certified:
             self.update(weight, certify=True)
-        if torch.is_grad_enabled() and weight.requires_grad:
-            sigma = (self.v * self._linear_map(self.u, weight)).sum()
+        if tracked:
+            wu = self._linear_map(self.u, weight)
+            if stale:
+                self._set_output(wu.detach())
+            # sigma = v^T W u with v = W u / |W u| held fixed: gradient v u^T (Miyato et al. 2018)
+            sigma = (self.v * wu).sum()
         else:
             sigma = self.sigma
         scale = torch.clamp(sigma / self.coeff, min=1.0)
+        if self.input_scale != 1.0:
+            scale = scale / self.input_scale
         return weight / scale, bias
+
+    @torch.no_grad()
+    def _set_output(self, wu: Tensor) -> None:
+        """``v`` and ``sigma`` from ``W u`` for the current ``u``."""
+        sigma = wu.norm()
+        self.v.copy_(wu / sigma.clamp_min(1e-12))
+        self.sigma.copy_(sigma)
 
     # A copy (pickle, deepcopy) has new tensors: keep whether the estimate matched the weights, so
     # that a copy computes exactly what the original does instead of refreshing its estimate.

@@ -21,11 +21,12 @@ Log-det:  :math:`\log\det(I + J_g) = \sum_{k\ge1} (-1)^{k+1} \operatorname{tr}(J
 Group action: if :math:`g` is G-equivariant, :math:`f(h\cdot x) = h\cdot f(x)` and, since ``h`` acts by
 a permutation, :math:`\log|\det J_f(h \cdot x)| = \log|\det J_f(x)|`. :class:`GResidualBlock` builds
 :math:`g` from escnn steerable convolutions (``scalar -> regular -> regular -> scalar``), each
-spectrally normalised to ``c`` on the true operator, with LipSwish in between, so
-:math:`\mathrm{Lip}(g) \le c^{L} \le c`. :class:`GFCResidualBlock` (the fully-connected blocks that end
-Residual Flows' image models) takes the group average of a dense LipSwish network with spectrally
-normalised matrices, :math:`g(x) = \frac{1}{|H|}\sum_{h} h^{-1} g_0(h x)` over the grid-exact elements,
-exactly equivariant to them with :math:`\mathrm{Lip}(g) \le \mathrm{Lip}(g_0) \le c^{L}`.
+spectrally normalised to ``c`` on the true operator, with LipSwish in between (whose division by
+1.1 the next convolution's filter takes), so :math:`\mathrm{Lip}(g) \le c^{L} \le c`.
+:class:`GFCResidualBlock` (the fully-connected blocks that end Residual Flows' image models) takes
+the group average of a dense LipSwish network with spectrally normalised matrices,
+:math:`g(x) = \frac{1}{|H|}\sum_{h} h^{-1} g_0(h x)` over the grid-exact elements, exactly
+equivariant to them with :math:`\mathrm{Lip}(g) \le \mathrm{Lip}(g_0) \le c^{L}`.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class ResidualTransform(Transform):
     @property
     def lipschitz_bound(self) -> float:
         """Upper bound on ``Lip(g)``: the product of the bounds of its spectrally normalised layers
-        (the activations between them are 1-Lipschitz)."""
+        (each activation between them is 1-Lipschitz, or ``1 / input_scale``-Lipschitz where the
+        next layer's ``input_scale`` takes its normalisation)."""
         bounds = [m.coeff for m in self.g.modules() if isinstance(m, SpectralNormalised)]
         if not bounds:
             raise ValueError("g has no spectrally normalised layers: its Lipschitz bound is unknown")
