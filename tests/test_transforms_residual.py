@@ -156,6 +156,17 @@ def test_equivariance_and_invariant_log_prob(group):
 
 
 @pytest.mark.parametrize("group", GROUPS)
+def test_lipschitz_bound_counts_unscaled_activations(group):
+    """The bound is c^3 whether LipSwish divides by 1.1 or the next filter does; an unscaled
+    LipSwish whose division no layer takes raises the bound by 1.1."""
+    b = block(group)
+    assert math.isclose(b.lipschitz_bound, b.coeff**3, rel_tol=1e-12)
+    for m in b.modules():
+        m.__dict__.pop("input_scale", None)  # the filters no longer take the 1 / 1.1
+    assert math.isclose(b.lipschitz_bound, b.coeff**3 * 1.1**2, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("group", GROUPS)
 def test_lipschitz_bound_after_training(group):
     """Each normalised convolution's operator norm, from its dense matrix, is at most c + 1e-3 (times
     the 1 / 1.1 that the convolutions after a LipSwish take from it), and so is J_g's."""

@@ -138,13 +138,14 @@ class ResidualTransform(Transform):
 
     @property
     def lipschitz_bound(self) -> float:
-        """Upper bound on ``Lip(g)``: the product of the bounds of its spectrally normalised layers
-        (each activation between them is 1-Lipschitz, or ``1 / input_scale``-Lipschitz where the
-        next layer's ``input_scale`` takes its normalisation)."""
-        bounds = [m.coeff for m in self.g.modules() if isinstance(m, SpectralNormalised)]
+        """Upper bound on ``Lip(g)`` for a chain of layers: the product of the bounds of its
+        spectrally normalised layers (``coeff * input_scale``) and of its activations (1, or 1.1
+        for a LipSwish that leaves its division to the next layer's ``input_scale``)."""
+        bounds = [m.coeff * m.input_scale for m in self.g.modules() if isinstance(m, SpectralNormalised)]
         if not bounds:
             raise ValueError("g has no spectrally normalised layers: its Lipschitz bound is unknown")
-        return math.prod(bounds)
+        unscaled = [m.LIPSCHITZ for m in self.g.modules() if isinstance(m, LipSwish) and not m.scaled]
+        return math.prod(bounds) * math.prod(unscaled)
 
     # -- log-det -----------------------------------------------------------------------------
 
