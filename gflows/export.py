@@ -138,7 +138,7 @@ def _plain(module: nn.Module, chunk: int) -> nn.Module:
     with torch.no_grad():
         if isinstance(module, LipschitzLinear):
             return PlainLinear(*module.normalised())
-        weight, bias = module.normalised() if hasattr(module, "normalised") else module.expanded()
+        weight, bias = module.applied()
     return PlainConv2d(weight, bias, module.padding_mode)
 
 

@@ -126,20 +126,29 @@ def test_layers_pickled_before_their_cached_masks_and_flags_still_load():
     assert not old.identity_bias and torch.allclose(old(y), conv(y), atol=1e-6)
 
 
-def test_residual_block_pickled_before_the_folded_activation_scale_still_loads():
-    """A residual block pickled before LipSwish's 1 / 1.1 moved into the next filter has neither
-    ``scaled`` nor ``input_scale``: the class defaults divide in the activation, the same map."""
+@pytest.mark.parametrize("kind", ["residual", "coupling"])
+def test_layers_pickled_before_the_folded_activation_scale_still_load(kind):
+    """A residual block or a coupling pickled before LipSwish's 1 / 1.1 moved into the next filter
+    has neither ``scaled`` nor ``input_scale``: the class defaults divide in the activation, the
+    same map."""
     torch.manual_seed(0)
-    block = gflows.GResidualBlock("c4", (1, 4, 4), hidden_fields=2).to(torch.float64).eval()
-    old = copy.deepcopy(block)
+    if kind == "residual":
+        layer = gflows.GResidualBlock("c4", (1, 4, 4), hidden_fields=2)
+    else:
+        layer = gflows.GCoupling("c4", (2, 4, 4), hidden_fields=2, zero_init=False)
+    layer = layer.to(torch.float64).eval()
+    old = copy.deepcopy(layer)
     for m in old.modules():
         m.__dict__.pop("scaled", None)
         m.__dict__.pop("input_scale", None)
     acts = [m for m in old.modules() if isinstance(m, gflows.nn.LipSwish)]
     assert acts and all(a.scaled for a in acts)
-    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    assert any(m.input_scale != 1.0 for m in layer.modules() if isinstance(m, gflows.nn.GConv2d))
+    x = torch.randn(3, *layer.event_shape, dtype=torch.float64)
     with torch.no_grad():
         torch.manual_seed(1)  # the same refresh noise in both power iterations
-        y = block(x)[0]
+        y = layer(x)
         torch.manual_seed(1)
-        assert torch.allclose(old(x)[0], y, rtol=1e-12, atol=1e-12)
+        y_old = old(x)
+    assert torch.allclose(y_old[0], y[0], rtol=1e-12, atol=1e-12)
+    assert not torch.equal(y[0], x)  # the layer acts

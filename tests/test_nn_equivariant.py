@@ -65,17 +65,19 @@ def test_lipswish_is_1_lipschitz():
     assert torch.allclose(raw(x) / LipSwish.LIPSCHITZ, act(x), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("lipschitz", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("group", GROUPS)
-def test_spectrally_normalised_stack_folds_lipswish_scale_into_the_next_filter(group, dtype):
-    """Between spectrally normalised convolutions, each LipSwish leaves out its 1 / 1.1 and the next
-    filter takes it: the same map as the stack that divides, to round-off; plain stacks are unchanged."""
+def test_stack_folds_lipswish_scale_into_the_next_filter(group, dtype, lipschitz):
+    """Each LipSwish between convolutions leaves out its 1 / 1.1 and the next filter takes it (after
+    the spectral normalisation for Lipschitz convolutions): the same map as the stack that divides,
+    to round-off, as are its gradients; other activations are left alone."""
     from gflows.nn.lipschitz import LipschitzGConv2d
 
     torch.manual_seed(0)
-    kw = {"input_hw": (4, 4), "coeff": 0.9}
-    net = GConvNet(group, 2, 2, 2, (3, 1, 3), conv=LipschitzGConv2d, conv_kwargs=kw).to(dtype)
-    convs = [m for m in net.layers if isinstance(m, LipschitzGConv2d)]
+    conv, kw = (LipschitzGConv2d, {"input_hw": (4, 4), "coeff": 0.9}) if lipschitz else (GConv2d, {})
+    net = GConvNet(group, 2, 2, 2, (3, 1, 3), conv=conv, conv_kwargs=kw).to(dtype)
+    convs = [m for m in net.layers if isinstance(m, GConv2d)]
     acts = [m for m in net.layers if isinstance(m, LipSwish)]
     assert [c.input_scale for c in convs] == [1.0, 1 / 1.1, 1 / 1.1]
     assert not any(a.scaled for a in acts)
@@ -84,17 +86,22 @@ def test_spectrally_normalised_stack_folds_lipswish_scale_into_the_next_filter(g
         m.__dict__.pop("input_scale", None)
         m.__dict__.pop("scaled", None)
     with torch.no_grad():
-        for a in acts:
-            a.rho.normal_()
+        for p in net.parameters():
+            p.normal_()
     unfolded.load_state_dict(net.state_dict())
     x = torch.randn(3, 2, 4, 4, dtype=dtype)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.manual_seed(1)  # the same refresh noise in both power iterations
     y = net(x)
     torch.manual_seed(1)
-    assert torch.allclose(y, unfolded(x), rtol=tol, atol=tol)
-    plain = GConvNet(group, 2, 2, 2, (3, 1, 3))
-    assert all(a.scaled for a in plain.layers if isinstance(a, LipSwish))
+    y_ref = unfolded(x)
+    assert torch.allclose(y, y_ref, rtol=tol, atol=tol)
+    grads = torch.autograd.grad(y.square().sum(), list(net.parameters()))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), list(unfolded.parameters()))
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert torch.allclose(g, g_ref, rtol=10 * tol, atol=10 * tol)
+    plain = GConvNet(group, 2, 2, 2, (3, 1, 3), activation=lambda n, f: torch.nn.Tanh())
+    assert all(c.input_scale == 1.0 for c in plain.layers if isinstance(c, GConv2d))
 
 
 def test_bad_settings():

@@ -353,6 +353,10 @@ class GConv2d(nn.Module):
 
     #: layers pickled before the flag existed apply escnn's bias expansion, which is always right
     identity_bias = False
+    #: a factor taken into the filter: the layer maps ``x`` to ``W (input_scale x) + b``, so that it
+    #: may follow a LipSwish whose division by 1.1 was left out (``GConvNet`` sets it); the class
+    #: default serves layers pickled before it existed
+    input_scale = 1.0
 
     # escnn's field types and modules hold local functions and do not pickle: pickling (torch.save of
     # the module, copy.deepcopy, multiprocessing) keeps the field specifications and escnn's weights,
@@ -536,8 +540,14 @@ class GConv2d(nn.Module):
             return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
         return circular_conv2d(x, weight, bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def applied(self) -> tuple[Tensor, Tensor | None]:
+        """The filter and bias that :meth:`forward` convolves with: :meth:`expanded`, the filter
+        times ``input_scale``."""
         w, b = self.expanded()
+        return (w if self.input_scale == 1.0 else w * self.input_scale), b
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, b = self.applied()
         return self.conv(x, w, b)
 
 
@@ -598,9 +608,10 @@ class GConvNet(nn.Module):
         activation: activation factory ``(n_fields, field_size) -> nn.Module``.
         squeeze_levels: how many times the input and output scalar fields have been squeezed.
 
-    With LipSwish between spectrally normalised convolutions (a ``conv`` class with an
-    ``input_scale``), each LipSwish leaves out its division by 1.1 and the next convolution takes
-    it into its normalised filter: the same map, with one element-wise pass fewer per activation.
+    With LipSwish between the convolutions, each LipSwish leaves out its division by 1.1 and the
+    next convolution takes it into its filter (``input_scale``; after the spectral normalisation
+    for Lipschitz convolutions): the same map, with one element-wise pass over the activations fewer
+    per LipSwish in every forward pass and vector-Jacobian product, for one over the filter.
     """
 
     def __init__(
@@ -628,7 +639,7 @@ class GConvNet(nn.Module):
         fields = [(in_channels // field_size, "scalar", squeeze_levels)]
         fields += [(hidden_fields, "regular")] * (len(kernel_sizes) - 1)
         fields += [(out_channels // field_size, "scalar", squeeze_levels)]
-        fold = activation is LipSwish and hasattr(conv, "input_scale")
+        fold = activation is LipSwish
         layers: list[nn.Module] = []
         for i, k in enumerate(kernel_sizes):
             layer = conv(self.group, fields[i], fields[i + 1], k, padding_mode, bias, **(conv_kwargs or {}))
@@ -642,8 +653,8 @@ class GConvNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
 
     def hidden(self, x: Tensor) -> Tensor:
-        """The last hidden layer's regular fields (after its activation): the input of the last
-        convolution, for heads that share the stack's features."""
+        """The last hidden layer's regular fields (after its activation), as the last convolution
+        takes them (before its ``input_scale``), for heads that share the stack's features."""
         for layer in self.layers[:-1]:
             x = layer(x)
         return x

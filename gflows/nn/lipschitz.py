@@ -255,6 +255,9 @@ class LipschitzGConv2d(SpectralNormalised, GConv2d):
             return lambda v: F.conv2d(v, adjoint_filter, padding=p)
         return None
 
+    def applied(self) -> tuple[Tensor, Tensor | None]:
+        return self.normalised()
+
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.normalised()
         return self.conv(x, w, b)
