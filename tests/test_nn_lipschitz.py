@@ -198,3 +198,22 @@ def test_tracked_refresh_applies_the_map_once_and_matches_the_plain_refresh(laye
     for a, b in ((m.u, ref.u), (m.v, ref.v), (m.sigma, ref.sigma), (w, w_ref)):
         assert torch.allclose(a, b, rtol=tol, atol=tol)
     assert w.requires_grad and w.grad_fn is not None
+
+
+def test_lazy_update_after_a_fused_optimiser_step():
+    """Fused Adam changes the filter without bumping version counters, so the layer cannot notice;
+    ``update_lipschitz(lazy=True)`` marks it stale and the next forward pass refreshes, after which
+    the true operator norm is within the bound again."""
+    torch.manual_seed(0)
+    conv = LipschitzGConv2d("c4", (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5)
+    opt = torch.optim.Adam(conv.parameters(), lr=0.5, fused=True)
+    conv(torch.randn(2, 1, 4, 4))
+    seen = conv._seen
+    for p in conv.parameters():
+        p.grad = -torch.ones_like(p)  # grow every filter weight
+    opt.step()
+    assert conv._seen == conv._state() == seen  # invisible to the version counters
+    update_lipschitz(conv, lazy=True)
+    conv(torch.randn(2, 1, 4, 4))
+    w, _ = conv.normalised()
+    assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3

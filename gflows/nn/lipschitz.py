@@ -153,6 +153,12 @@ class SpectralNormalised:
         self.last_iterations = n
         self._seen, self._certified = self._state(), certify
 
+    def mark_stale(self) -> None:
+        """Make the next forward pass refresh the estimate. Layers notice changed parameters by
+        their version counters, which fused optimiser kernels (``Adam(fused=True)``) do not bump:
+        after such a step call this (or :meth:`update`)."""
+        self._seen = None
+
     def normalised(self) -> tuple[Tensor, Tensor | None]:
         """Weight scaled to operator norm ``<= coeff * input_scale``, and the bias."""
         weight, bias = self._raw()
@@ -291,15 +297,23 @@ class LipschitzLinear(SpectralNormalised, nn.Linear):
         return F.linear(x, w, b)
 
 
-def update_lipschitz(module: nn.Module, certify: bool | None = None) -> None:
-    """Refresh the spectral-norm estimate of every Lipschitz layer in ``module``.
+def update_lipschitz(module: nn.Module, certify: bool | None = None, lazy: bool = False) -> None:
+    """Refresh the spectral-norm estimate of every Lipschitz layer in ``module``: call it after
+    each optimiser step.
 
-    Call after each optimiser step; layers also refresh themselves lazily when they see that
-    their parameters changed, so this only moves the work out of the next forward pass.
-    ``certify=True`` refreshes to the tolerance even in training mode (see ``train_iters``).
+    Layers notice parameters changed by in-place operations (their version counters) and refresh
+    in the next forward pass by themselves, but fused optimiser kernels (``Adam(fused=True)``)
+    change parameters without a trace. ``lazy=True`` only marks the layers stale, so that the next
+    forward pass refreshes: with gradients that refresh shares the pass's filter and its tracked
+    application of the operator, the cheaper place. ``lazy=False`` refreshes now (before
+    ``torch.compile``d passes, whose graph should not hold the refresh). ``certify=True`` refreshes
+    to the tolerance even in training mode (see ``train_iters``).
     """
     for m in lipschitz_layers(module):
-        m.update(certify=certify)
+        if lazy:
+            m.mark_stale()
+        else:
+            m.update(certify=certify)
 
 
 def lipschitz_layers(module: nn.Module) -> list[SpectralNormalised]:

@@ -145,6 +145,11 @@ class Engine:
         self.named_params = list(self.model.named_parameters())
         self.params = [p for _, p in self.named_params]
         self.lipschitz = lipschitz_layers(self.model)
+        # After each step the Lipschitz layers are marked stale and refresh their spectral-norm
+        # estimate in the next forward pass, sharing its filter and its tracked operator application
+        # (fused Adam leaves no trace on the parameters for them to notice); compiled passes
+        # refresh eagerly instead, so that the compiled forward's branch stays fixed and refresh-free
+        self.refresh_eagerly = bool(getattr(self.t, "compile", False))
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
         check_schedule(self.t)
         self.time_clock = getattr(self.t, "schedule_clock", "steps") == "time"
@@ -214,7 +219,8 @@ class Engine:
 
     def _update(self, out: StepLoss, lr: float) -> float:
         """Backward, gradients averaged over the ranks, clipping, the optimiser step, the Lipschitz
-        layers' refresh and the EMA; returns the gradient norm."""
+        layers' refresh (with compiled passes; else the next forward pass's) and the EMA; returns the
+        gradient norm."""
         self.opt.zero_grad(set_to_none=True)
         surrogate = out.surrogate
         if self.t.relax_penalty:  # the same term on every rank, so averaging keeps it whole
@@ -226,7 +232,10 @@ class Engine:
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.t.grad_clip)
         self.opt.step()
         for m in self.lipschitz:
-            m.update()
+            if self.refresh_eagerly:
+                m.update()
+            else:
+                m.mark_stale()
         if self.ema is not None:
             with torch.no_grad():
                 for k, p in self.named_params:

@@ -21,6 +21,7 @@ from gflows.flow import Compiled, Flow
 from gflows.models.config import lattice_model_from_config
 from gflows.models.lattice import LatticeSymmetrised
 from gflows.models.transfer import transfer_lattice_state
+from gflows.nn.lipschitz import update_lipschitz
 from gflows.physics.mcmc import ess
 from gflows.physics.phi4 import Phi4
 from gflows.physics.plots import save_plots
@@ -99,6 +100,7 @@ def train_reverse_kl(flow: Flow, theory: Phi4, steps: int, batch_size: int = 64,
         opt.zero_grad()
         surrogate.backward()
         opt.step()
+        update_lipschitz(flow, lazy=True)  # residual samplers: refresh in the next pass
         if step % log_every == 0 or step == steps:
             rec = {"step": step, "loss": float(-log_w.mean()), "ess_batch": ess(log_w)}
             history.append(rec)
