@@ -374,3 +374,30 @@ def test_block_basis_is_the_dense_basis(group, fields):
     (grad,) = torch.autograd.grad(w, conv.r2conv.weights, g)
     (grad_ref,) = torch.autograd.grad(ref, conv.r2conv.weights, g)
     assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pointwise_convolution_is_the_convolution_with_its_derivatives(bias, dtype):
+    """1x1 convolutions run as a batched matrix product on the CPU: the same values, first and
+    second derivatives as ``F.conv2d`` (the residual flows' series needs the second), whatever the
+    input's strides."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    conv = GConv2d("d4", (2, "regular"), (3, "regular"), 1, bias=bias).to(dtype)
+    w, b = conv.expanded()
+    x = torch.randn(5, 6, 4, 16, dtype=dtype).permute(0, 3, 1, 2).requires_grad_(True)  # not contiguous
+    y, y_ref = conv.conv(x, w, b), F.conv2d(x, w, b)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(y, y_ref, rtol=tol, atol=tol)
+    v = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, x, v, create_graph=True)
+    (g_ref,) = torch.autograd.grad(y_ref, x, v, create_graph=True)
+    assert torch.allclose(g, g_ref, rtol=tol, atol=tol)
+    params = [p for p in conv.parameters() if p.requires_grad]
+    second = torch.autograd.grad((g * x).sum(), params, retain_graph=True, allow_unused=True)
+    second_ref = torch.autograd.grad((g_ref * x).sum(), params, allow_unused=True)
+    assert any(a is not None for a in second)  # the filter's weights
+    for a, r in zip(second, second_ref, strict=True):
+        assert (a is None and r is None) or torch.allclose(a, r, rtol=10 * tol, atol=10 * tol)

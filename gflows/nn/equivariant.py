@@ -536,6 +536,8 @@ class GConv2d(nn.Module):
 
     def conv(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """The convolution with an explicit filter (used with normalised filters)."""
+        if self.kernel_size == 1 and x.device.type == "cpu" and x.dim() == 4:
+            return _pointwise(x, weight, bias)
         if self.padding_mode == "zeros":  # let the kernel pad: no padded copy of the input
             return F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
         return circular_conv2d(x, weight, bias)
@@ -549,6 +551,19 @@ class GConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.applied()
         return self.conv(x, w, b)
+
+
+def _pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1 convolution as one batched matrix product over the pixels: with its backward 1.4-2.1x
+    faster than the CPU's convolution kernels at 128 channels (benchmarks/bench_pointwise.py)."""
+    b, c, h, w = x.shape
+    mat = weight.view(1, weight.shape[0], c).expand(b, -1, -1)
+    cols = x.reshape(b, c, h * w)
+    if bias is None:
+        y = torch.bmm(mat, cols)
+    else:
+        y = torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, 1), mat, cols)
+    return y.view(b, -1, h, w)
 
 
 class LipSwish(nn.Module):
