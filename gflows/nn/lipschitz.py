@@ -253,13 +253,9 @@ class LipschitzGConv2d(SpectralNormalised, GConv2d):
         return self.conv(x, weight)
 
     def _adjoint(self, weight: Tensor):
-        if self.padding_mode == "zeros":  # cheaper than autograd's vector-Jacobian product
-            # the transposed convolution (stride 1, odd kernel, same padding) as a convolution with
-            # the flipped, transposed filter: CPU backends run conv_transpose2d on slow paths
-            p = self.kernel_size // 2
-            adjoint_filter = weight.transpose(0, 1).flip(2, 3).contiguous()
-            return lambda v: F.conv2d(v, adjoint_filter, padding=p)
-        return None
+        # cheaper than autograd's vector-Jacobian product: one convolution (CPU backends run
+        # conv_transpose2d on slow paths)
+        return self.adjoint(weight)
 
     def applied(self) -> tuple[Tensor, Tensor | None]:
         return self.normalised()

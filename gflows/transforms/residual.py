@@ -16,7 +16,12 @@ Log-det:  :math:`\log\det(I + J_g) = \sum_{k\ge1} (-1)^{k+1} \operatorname{tr}(J
   reweighted by :math:`1 / P(\text{term included})`, with a Gaussian Hutchinson probe
   :math:`v^\top J^k v` for the trace. Gradients use the Neumann series
   :math:`\nabla \log\det(I+J) = \mathbb{E}[\sum_k (-1)^k v^\top J^k (\nabla J) v]` (``neumann_grad``), and
-  optionally the memory-saving backward pass that computes them during the forward pass.
+  optionally the memory-saving backward pass that computes them during the forward pass. Where
+  ``g`` gives its Jacobian (:mod:`gflows.nn.linearised`: stacks of G-convolutions and LipSwish), the
+  series' products :math:`J^\top w` run through it without autograd, and the surrogate is
+  :math:`u^\top J v` (the Neumann sum ``u`` held fixed) through its differentiable ``J v``: the same
+  gradients as autograd's :math:`(J^\top u)^\top v`, without a second-order pass over backward
+  operators.
 
 Group action: if :math:`g` is G-equivariant, :math:`f(h\cdot x) = h\cdot f(x)` and, since ``h`` acts by
 a permutation, :math:`\log|\det J_f(h \cdot x)| = \log|\det J_f(x)|`. :class:`GResidualBlock` builds
@@ -41,6 +46,7 @@ from torch import Tensor, nn
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
 from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish
+from gflows.nn.linearised import Linearised, linearise
 from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, SpectralNormalised
 from gflows.nn.squeezed import AtFineGrid, squeezed_net
 
@@ -164,21 +170,30 @@ class ResidualTransform(Transform):
         # 1x1 convolution's), on which CPU sampling runs about 9x slower
         return torch.randn(x.shape, dtype=x.dtype, device=x.device)
 
-    def _series(self, gx: Tensor, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor | None]:
-        """Russian-roulette estimate and, with Neumann gradients, the surrogate for backward."""
+    def _series(
+        self, gx: Tensor, x: Tensor, create_graph: bool, jac: Linearised | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Russian-roulette estimate and, with Neumann gradients, the surrogate for backward.
+        ``jac``: ``g``'s own Jacobian at ``x`` (:func:`~gflows.nn.linearised.linearise`), for the
+        terms that need no graph and for the surrogate ``u^T J v``."""
         n, weights = self._roulette()
         v = self._probe(x)
         w, estimate = v, x.new_zeros(x.shape[0])
         neumann = v if self.neumann_grad and create_graph else None
+        graph = create_graph and neumann is None
         for k in range(1, n + 1):
-            (w,) = torch.autograd.grad(
-                gx, x, w, retain_graph=True, create_graph=create_graph and neumann is None
-            )
+            if jac is not None and not graph:
+                w = jac.vjp(w)
+            else:
+                (w,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=graph)
             estimate = estimate + (-1) ** (k + 1) / k * weights[k] * _flat_dot(w, v)
             if neumann is not None:
                 neumann = neumann + (-1) ** k * weights[k] * w
         if neumann is None:
             return estimate, None
+        # the surrogate u^T J v with u the Neumann sum: its gradient is the log-det's (Chen et al.)
+        if jac is not None:
+            return estimate.detach(), _flat_dot(neumann.detach(), jac.jvp(v))
         (vjp,) = torch.autograd.grad(gx, x, neumann.detach(), retain_graph=True, create_graph=True)
         return estimate.detach(), _flat_dot(vjp, v)
 
@@ -196,13 +211,19 @@ class ResidualTransform(Transform):
         ):
             gx, logdet = _MemorySaving.apply(self, x, *params)
             return gx, logdet
+        if not grad_needed and self.logdet == "estimate" and getattr(self.g, "linearisable", False):
+            # evaluation and sampling: g's own vector-Jacobian products need no graph at all
+            with torch.no_grad():
+                gx, jac = linearise(self.g, x)
+                return gx, self._series(gx, x, False, jac)[0]
         with torch.enable_grad():
             xg = x if x.requires_grad and grad_needed else x.detach().requires_grad_(True)
-            gx = self.g(xg)
             if self.logdet == "exact":
+                gx = self.g(xg)
                 logdet = self._exact(gx, xg, grad_needed)
             else:
-                estimate, surrogate = self._series(gx, xg, grad_needed)
+                gx, jac = linearise(self.g, xg)
+                estimate, surrogate = self._series(gx, xg, grad_needed, jac)
                 logdet = estimate if surrogate is None else estimate + surrogate - surrogate.detach()
         if not grad_needed:
             gx, logdet = gx.detach(), logdet.detach()
@@ -287,10 +308,12 @@ class _ImplicitInverse(torch.autograd.Function):
         params = [p for p in block.g.parameters() if p.requires_grad]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            gx = block.g(xg)
-
-            def vjp(u: Tensor) -> Tensor:
-                return torch.autograd.grad(gx, xg, u, retain_graph=True)[0]
+            gx, jac = linearise(block.g, xg)
+            if jac is not None:
+                vjp = jac.vjp
+            else:
+                def vjp(u: Tensor) -> Tensor:
+                    return torch.autograd.grad(gx, xg, u, retain_graph=True)[0]
 
             u, it = block._iterate(lambda u: v - vjp(u), v)
             if it is None:
@@ -319,8 +342,8 @@ class _MemorySaving(torch.autograd.Function):
     def forward(ctx, block: ResidualTransform, x: Tensor, *params: Tensor):
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            gx = block.g(xg)
-            estimate, surrogate = block._series(gx, xg, create_graph=True)
+            gx, jac = linearise(block.g, xg)
+            estimate, surrogate = block._series(gx, xg, True, jac)
             # keep g's own graph for the backward pass; the series' graph goes with `surrogate`
             grads = torch.autograd.grad(surrogate.sum(), (xg, *params), allow_unused=True, retain_graph=True)
         ctx.block, ctx.xg, ctx.gx, ctx.grads = block, xg, gx, grads

@@ -1,0 +1,116 @@
+import pytest
+import torch
+from conftest import GROUPS
+from torch import nn
+
+from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish
+from gflows.nn.linearised import linearise
+from gflows.nn.lipschitz import LipschitzGConv2d
+
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def stack(group, padding_mode="zeros", lipschitz=False, relax=0.0, kernel_sizes=(3, 1, 3),
+          dtype=torch.float64):
+    """A GConvNet away from its initialisation (random LipSwish slopes, and free filter parts)."""
+    conv, kwargs = GConv2d, {"relax": relax}
+    if lipschitz:
+        conv, kwargs = LipschitzGConv2d, {"relax": relax, "input_hw": (6, 6), "coeff": 0.9}
+    net = GConvNet(group, 2, 2, hidden_fields=2, kernel_sizes=kernel_sizes, padding_mode=padding_mode,
+                   conv=conv, conv_kwargs=kwargs).to(dtype)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, LipSwish):
+                m.rho.copy_(torch.randn_like(m.rho))
+            if relax and isinstance(m, GConv2d):
+                m.free_weight.copy_(torch.randn_like(m.free_weight) * 0.1)
+    return net
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+CASES = [dict(), dict(padding_mode="circular"), dict(lipschitz=True), dict(relax=0.5),
+         dict(kernel_sizes=(1, 3))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+@pytest.mark.parametrize("group", GROUPS)
+def test_vjp_and_jvp_are_the_jacobians(group, case, dtype):
+    """The output is forward's, bit for bit; ``vjp`` is autograd's vector-Jacobian product and ``jvp``
+    the Jacobian-vector product (both exact maps: to round-off)."""
+    torch.manual_seed(0)
+    net = stack(group, dtype=dtype, **case)
+    x = torch.randn(3, 2, 6, 6, dtype=dtype, requires_grad=True)
+    y, jac = linearise(net, x)
+    assert jac is not None and torch.equal(y, net(x))
+    w, t = torch.randn_like(y), torch.randn_like(x)
+    (reference,) = torch.autograd.grad(y, x, w, retain_graph=True)
+    assert rel(jac.vjp(w), reference) <= TOL[dtype]
+    # J t by the double-vjp trick (the orbit basis's gather has no forward-mode rule)
+    u = torch.zeros_like(y, requires_grad=True)
+    (vjp,) = torch.autograd.grad(y, x, u, create_graph=True)
+    (reference,) = torch.autograd.grad(vjp, u, t)
+    assert rel(jac.jvp(t), reference) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=["plain", "circular", "lipschitz", "relaxed"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_jvp_surrogate_has_the_second_order_gradients(group, case):
+    """``u^T J v`` through ``jvp`` and through autograd's ``(J^T u)^T v`` with a graph: the same
+    gradients in the input and every parameter (the log-det surrogate of a residual block)."""
+    torch.manual_seed(1)
+    net = stack(group, **case)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *net.parameters()]
+    u, v = torch.randn_like(x), torch.randn_like(x)
+    y, jac = linearise(net, x)
+    ours = torch.autograd.grad((u * jac.jvp(v)).sum(), inputs, allow_unused=True, materialize_grads=True)
+    y = net(x)
+    (vjp,) = torch.autograd.grad(y, x, u, create_graph=True)
+    reference = torch.autograd.grad((vjp * v).sum(), inputs, allow_unused=True, materialize_grads=True)
+    assert len(ours) == len(reference) > 3
+    for a, b in zip(ours, reference, strict=True):
+        assert float((a - b).abs().max()) <= 1e-12 * (1 + float(b.abs().max()))
+
+
+def test_scaled_lipswish_and_one_channel_fields():
+    torch.manual_seed(2)
+    act = LipSwish(4, 1, scaled=True).double()
+    with torch.no_grad():
+        act.rho.copy_(torch.randn(4))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    y, jac = act.linearise(x)
+    w = torch.randn_like(y)
+    (reference,) = torch.autograd.grad(y, x, w)
+    assert rel(jac.vjp(w), reference) <= 1e-12 and rel(jac.jvp(w), reference) <= 1e-12  # diagonal
+
+
+def test_stacks_without_a_jacobian_fall_back():
+    net = GConvNet("c4", 2, 2, hidden_fields=2, kernel_sizes=(3, 3), activation=lambda n, f: nn.Tanh())
+    x = torch.randn(1, 2, 6, 6)
+    assert not net.linearisable
+    y, jac = linearise(net, x)
+    assert jac is None and torch.equal(y, net(x))
+    with pytest.raises(TypeError, match="cannot give its Jacobian"):
+        net.linearise(x)
+
+
+def test_forward_hooks_are_not_bypassed():
+    net = GConvNet("c4", 2, 2, hidden_fields=2, kernel_sizes=(3, 3))
+    assert net.linearisable
+    seen = []
+    handle = net.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    assert not net.linearisable
+    _, jac = linearise(net, torch.randn(1, 2, 6, 6))
+    assert jac is None and seen == [(1, 2, 6, 6)]
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, y: None)
+    try:
+        assert not net.linearisable
+    finally:
+        handle.remove()
+    assert net.linearisable
