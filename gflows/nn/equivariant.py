@@ -611,17 +611,18 @@ class LipSwish(nn.Module):
         # softplus(0.5413) = 1: start from the plain swish.
         self.rho = nn.Parameter(torch.full((n_fields,), 0.5413))
 
-    def _swish(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The output and ``beta x``, with fields on an axis of their own."""
+    def _swish(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The output, and ``beta x`` and ``sigmoid(beta x)`` with fields on an axis of their own."""
         # beta broadcast without a repeated copy: over the channels as they are for one-channel
         # fields, else over a field axis of their own (every recorded operator costs in each backward)
         xf = x if self.field_size == 1 else x.unflatten(1, (-1, self.field_size))
         beta = F.softplus(self.rho).view(-1, *([1] * (xf.dim() - 2)))
         bx = beta * xf
-        y = xf * torch.sigmoid(bx)
+        s = torch.sigmoid(bx)
+        y = xf * s
         if self.scaled:
             y = y / self.LIPSCHITZ
-        return (y if self.field_size == 1 else y.flatten(1, 2)), bx
+        return (y if self.field_size == 1 else y.flatten(1, 2)), bx, s
 
     def forward(self, x: Tensor) -> Tensor:
         return self._swish(x)[0]
@@ -634,7 +635,7 @@ class LipSwish(nn.Module):
         :math:`x \sigma(\beta x)`, which is :math:`\mathrm{silu}'(\beta x)`. Without a graph the
         backend's fused ``silu_backward`` applies it in one pass (autograd's product takes five);
         with one (``jvp``) the derivative is built once, differentiably, on the first call."""
-        y, bx = self._swish(x)
+        y, bx, s = self._swish(x)
         scale = 1 / self.LIPSCHITZ if self.scaled else None
         bx_const = bx.detach()
         derivative: list[Tensor] = []
@@ -645,7 +646,6 @@ class LipSwish(nn.Module):
 
         def jvp(t: Tensor) -> Tensor:
             if not derivative:
-                s = torch.sigmoid(bx)
                 d = s * (1 + bx * (1 - s))
                 derivative.append(d if scale is None else d * scale)
             d = derivative[0]
