@@ -16,13 +16,16 @@ trained on the subset with Adam at the same batch size, then test bits/dim of ea
 counts its logit and dequantisation log-dets itself: the two figures measure the same thing.
 
 ``steps``: seconds per training step and images per second of the gflows image models and of
-normflows' Glow and residual flow, interleaved, on ``--device`` (cpu or cuda). ``check``: one
+normflows' Glow and residual flow, interleaved, on ``--device`` (cpu or cuda). ``evaluation``: seconds
+per 1,000 test images of the flagship and of normflows' residual flow, interleaved. ``check``: one
 batch's density on ``--device`` against the CPU with the same weights (``benchmarks/gpu_check.sh``).
 
     python benchmarks/bench_cifar.py efficiency --steps 150 --power-iters 5 \
         --override flow.squeeze_first=true --override flow.invconv=true
     python benchmarks/bench_cifar.py steps --group flip --hidden 128 --scales 3 --blocks 4 --batch 16 \
         --steps 10
+    python benchmarks/bench_cifar.py evaluation --group flip --hidden 128 --scales 3 --blocks 4 \
+        --batch 16 --steps 20 --eval-images 256 --rounds 3
     python benchmarks/bench_cifar.py residual --minutes 15 --flow g_residual --group flip --hidden 128 \
         --scales 3 --blocks 4 --ema 0.99 --batch 16 --lr 3e-3 --schedule cosine \
         --override flow.squeeze_first=true --override flow.invconv=true --override flow.fc_blocks=0
@@ -401,6 +404,73 @@ def steps(a) -> None:
               f"{med / glow_s:5.2f}x Glow's")
 
 
+def evaluation(a) -> None:
+    """Seconds per 1,000 test images of the flagship (fast step) and of normflows' residual flow of
+    the same layout, each after ``--steps`` training steps (gflows: or trained, ``--gflows-run``), in
+    evaluation mode (gflows:
+    ``n_exact_terms_eval`` exact terms plus the roulette, the Lipschitz bound refreshed to its
+    tolerance once before the timing; normflows: 20 exact terms plus the roulette), batches of 128 of
+    the first ``--eval-images`` test images; rounds interleaved, medians."""
+    from gflows.training.distributed import setup
+    from gflows.training.images import ImageTask, evaluate
+
+    dd = setup(a.device)
+    train_x, _ = load_cifar10(a.data, "train", verify=False, download=False)
+    test_x, _ = load_cifar10(a.data, "test", verify=False, download=False)
+    test_x = test_x[: a.eval_images]
+    task = ImageTask(_variant_cfg("g_residual (fast step)", a))
+    task.prepare(dd)
+    opt = torch.optim.Adam(task.model.parameters(), lr=a.lr)
+    torch.manual_seed(a.seed)
+    nf = normflows_residual(a.scales, a.blocks, a.hidden).to(a.device)
+    nf_opt = torch.optim.Adam(nf.parameters(), lr=a.lr)
+    g = torch.Generator().manual_seed(a.seed)
+    if a.gflows_run:  # a trained flagship (its EMA weights), the same settings
+        from gflows.training.checkpoint import load_checkpoint
+
+        state = load_checkpoint(Path(a.gflows_run) / "checkpoint.pt")
+        task.model.load_state_dict({**state["model"], **state["ema"]})
+    for i in range(a.steps):  # away from the initialisation (zero-initialised layers act)
+        if not a.gflows_run:
+            out = task.loss(i, dd)
+            opt.zero_grad()
+            out.surrogate.backward()
+            opt.step()
+        loss = glow_bpd(nf, train_x[torch.randint(len(train_x), (a.batch,), generator=g)], g).mean()
+        nf_opt.zero_grad()
+        loss.backward()
+        nf_opt.step()
+    task.model.eval()
+    nf.eval()
+    t0 = time.perf_counter()
+    evaluate(task.model, test_x[:2], 2)  # the certified refresh of the Lipschitz bound, timed apart
+    print(f"gflows: certified refresh of the Lipschitz bounds (and 2 images) "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+    def nf_eval():
+        with torch.no_grad():
+            bpd = [glow_bpd(nf, test_x[i : i + 128], g) for i in range(0, len(test_x), 128)]
+            return float(torch.cat(bpd).mean())
+
+    fns = {"gflows g_residual (fast step) " + a.group: lambda: evaluate(task.model, test_x, 128)["test_bpd"],
+           f"normflows residual ({a.scales}x{a.blocks}, {a.hidden} ch)": nf_eval}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(a.rounds):
+        for k, f in fns.items():
+            _sync(a.device)
+            t0 = time.perf_counter()
+            bpd = f()
+            _sync(a.device)
+            times[k].append((time.perf_counter() - t0) * 1000 / len(test_x))
+            print(f"  {k}: {times[k][-1]:.1f} s per 1,000 images (test bits/dim {bpd:.3f})", flush=True)
+    print(f"# {a.device}, {len(test_x)} test images in batches of 128 after {a.steps} training steps, "
+          f"median of {a.rounds} interleaved rounds")
+    ref = statistics.median(times[list(fns)[1]])
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{k:48s} {med:7.1f} s per 1,000 images  {med / ref:5.2f}x normflows'")
+
+
 def _inner(model, x: torch.Tensor, with_density: bool) -> torch.Tensor:
     """The flow past its dequantisation (which draws noise on the model's device) at the dequantised
     images ``x`` in ``[0, 1]``: the latents, or with ``with_density`` their log-density."""
@@ -440,16 +510,19 @@ def check(a) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("part", choices=["efficiency", "glow", "residual", "steps", "check"])
+    p.add_argument("part", choices=["efficiency", "glow", "residual", "steps", "evaluation", "check"])
     p.add_argument("--device", default="cpu", help="steps, check: cpu or cuda")
-    p.add_argument("--steps", type=int, default=300, help="efficiency: steps of each model")
+    p.add_argument("--steps", type=int, default=300, help="efficiency: steps of each model; steps, "
+                   "evaluation: timed steps, steps before the timing")
+    p.add_argument("--eval-images", type=int, default=256, help="evaluation: test images timed")
+    p.add_argument("--rounds", type=int, default=3, help="evaluation: interleaved timing rounds")
     p.add_argument("--minutes", type=float, default=15.0, help="glow: wall clock of each model")
     p.add_argument("--flow", default="g_coupling", help="glow: the gflows model")
     p.add_argument("--group", default="d4", help="glow: its group")
     p.add_argument("--hidden", type=int, default=64, help="glow: its hidden channels")
     p.add_argument("--ema", type=float, default=0.999, help="glow: gflows' EMA decay")
-    p.add_argument("--gflows-run", default=None, help="glow: a run_dir whose finished gflows run to "
-                   "evaluate instead of training again (same settings)")
+    p.add_argument("--gflows-run", default=None, help="glow, residual, evaluation: a run_dir whose "
+                   "finished gflows run to evaluate instead of training again (same settings)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="glow: learning-rate schedule of both models after the warm-up (cosine: to zero "
                    "at --gflows-steps for gflows, at the end of the time budget for Glow)")
@@ -479,7 +552,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"GPU: {'yes' if torch.cuda.is_available() else 'no'}; {time.strftime('%Y-%m-%d %H:%M')}")
-    {"efficiency": efficiency, "glow": glow, "residual": residual, "steps": steps, "check": check}[a.part](a)
+    {"efficiency": efficiency, "glow": glow, "residual": residual, "steps": steps, "evaluation": evaluation,
+     "check": check}[a.part](a)
 
 
 if __name__ == "__main__":
