@@ -463,8 +463,9 @@ def evaluation(a) -> None:
             _sync(a.device)
             times[k].append((time.perf_counter() - t0) * 1000 / len(test_x))
             print(f"  {k}: {times[k][-1]:.1f} s per 1,000 images (test bits/dim {bpd:.3f})", flush=True)
-    print(f"# {a.device}, {len(test_x)} test images in batches of 128 after {a.steps} training steps, "
-          f"median of {a.rounds} interleaved rounds")
+    trained = f"gflows trained in {a.gflows_run}, normflows" if a.gflows_run else "both"
+    print(f"# {a.device}, {len(test_x)} test images in batches of 128, {trained} after {a.steps} training "
+          f"steps, median of {a.rounds} interleaved rounds")
     ref = statistics.median(times[list(fns)[1]])
     for k, ts in times.items():
         med = statistics.median(ts)
