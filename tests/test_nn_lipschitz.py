@@ -146,12 +146,13 @@ def test_relaxed_filters_respect_the_bound_on_the_true_operator(group):
     assert float(conv.free_weight.abs().max()) > 0
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
 @pytest.mark.parametrize("kernel_size, basis", [(1, "auto"), (3, "auto"), (5, "escnn")])
-def test_adjoint_is_the_vector_jacobian_product(kernel_size, basis):
-    """The zero-padding adjoint (a convolution with the flipped, transposed filter) is exact."""
+def test_adjoint_is_the_vector_jacobian_product(kernel_size, basis, padding_mode):
+    """The adjoint (a convolution with the flipped, transposed filter and the same padding) is exact."""
     torch.manual_seed(kernel_size)
-    conv = LipschitzGConv2d("trivial", (3, "scalar"), (5, "scalar"), kernel_size, input_hw=(6, 6),
-                            basis=basis).double()
+    conv = LipschitzGConv2d("trivial", (3, "scalar"), (5, "scalar"), kernel_size, padding_mode,
+                            input_hw=(6, 6), basis=basis).double()
     w, _ = conv.expanded()
     w = w.detach()
     v = torch.randn(2, 5, 6, 6, dtype=torch.float64)
@@ -217,3 +218,25 @@ def test_lazy_update_after_a_fused_optimiser_step():
     conv(torch.randn(2, 1, 4, 4))
     w, _ = conv.normalised()
     assert dense_norm(conv, w.detach(), (1, 4, 4)) <= 0.5 + 1e-3
+
+
+def test_mark_fresh_keeps_a_loaded_estimate():
+    """Loading a state dict marks the estimate stale; ``mark_fresh`` takes it as loaded (no refresh in
+    the next pass, the same filter as the saved layer's); a layer that never refreshed stays stale."""
+    torch.manual_seed(0)
+    conv = LipschitzGConv2d("c4", (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5, train_iters=1)
+    new = LipschitzGConv2d("c4", (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5, train_iters=1)
+    new.mark_fresh()
+    assert new._seen is None
+    x = torch.randn(2, 1, 4, 4)
+    conv(x)
+    new.load_state_dict(conv.state_dict())
+    assert new._seen is None
+    new.mark_fresh()
+    calls = []
+    original = LipschitzGConv2d.update
+    LipschitzGConv2d.update = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        assert torch.equal(new(x), conv(x)) and not calls
+    finally:
+        LipschitzGConv2d.update = original

@@ -159,6 +159,14 @@ class SpectralNormalised:
         after such a step call this (or :meth:`update`)."""
         self._seen = None
 
+    def mark_fresh(self) -> None:
+        """Declare the estimate (``u``, ``v``, ``sigma`` as they are, for example just loaded) to
+        belong to the current parameters, so that the next forward pass does not refresh it: for a
+        checkpoint written right after a refresh, so that a resumed run computes what an
+        uninterrupted one does. A layer that never refreshed stays stale."""
+        if bool(self.initialised):
+            self._seen, self._certified = self._state(), False
+
     def normalised(self) -> tuple[Tensor, Tensor | None]:
         """Weight scaled to operator norm ``<= coeff * input_scale``, and the bias."""
         weight, bias = self._raw()

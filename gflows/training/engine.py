@@ -169,6 +169,8 @@ class Engine:
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "restores": self.restores, "lr_scale": self.lr_scale, "rng": rng_state(),
                  "seconds": self.seconds_before + time.time() - self._t0,
+                 # refreshed right after each step: the estimates saved belong to the weights saved
+                 "lipschitz_fresh": self.refresh_eagerly,
                  **self.obj.checkpoint_info()}
         if self.ema is not None:
             state["ema"] = self.ema
@@ -184,6 +186,9 @@ class Engine:
                              "trainer.equalise_filter_lr differs from the checkpoint's run; resume with its "
                              "setting or start a new run_dir")
         self.opt.load_state_dict(state["optimizer"])
+        if self.refresh_eagerly and state.get("lipschitz_fresh", False):
+            for m in self.lipschitz:  # loading marks them stale; refreshing again would change them
+                m.mark_fresh()
         if self.ema is not None:
             self.ema.update({k: v.to(self.ema[k].device) for k, v in state["ema"].items()})
         if self.dd.main:
