@@ -24,6 +24,8 @@ SIGN_MODES = (False, True, "average", "odd")
 ACTIVATIONS = {
     "lipswish": LipSwish,
     "leaky_relu": lambda n_fields, field_size: nn.LeakyReLU(),
+    # x sigmoid(x): LipSwish with its slope fixed at 1, one fused pass each way
+    "silu": lambda n_fields, field_size: nn.SiLU(),
     "tanh": lambda n_fields, field_size: nn.Tanh(),
 }
 
@@ -65,8 +67,8 @@ class Conditioner(nn.Module):
         shift_bound: soft bound ``T`` on ``|t|`` (``T tanh(t / T)``): the inverse subtracts ``t`` from
             ``y``, which loses the bits of ``x`` when ``|t| >> |x|``, so a bound keeps the inverse exact
             to round-off for any parameters; the default 100 is far above the shifts data need.
-        activation: ``'lipswish'``, ``'leaky_relu'`` or ``'tanh'`` between convolutions (pointwise,
-            hence equivariant on scalar and regular fields).
+        activation: ``'lipswish'``, ``'silu'``, ``'leaky_relu'`` or ``'tanh'`` between convolutions
+            (pointwise, hence equivariant on scalar and regular fields).
         final_tanh: ``s = tanh(s_raw)``, ``t = tanh(t_raw)`` (the lattice review's RealNVP) instead of
             the soft bound.
         zero_init: start the last convolution at zero, so the layer starts as the identity.
