@@ -634,21 +634,19 @@ class LipSwish(nn.Module):
         r""":meth:`forward`, and its Jacobian in ``x``: the product with the derivative of
         :math:`x \sigma(\beta x)`, which is :math:`\mathrm{silu}'(\beta x)`. Without a graph the
         backend's fused ``silu_backward`` applies it in one pass (autograd's product takes five);
-        with one (``jvp``) the derivative is built once, differentiably, on the first call."""
+        with one (``jvp``) the derivative is built differentiably from the forward pass's sigmoid."""
         y, bx, s = self._swish(x)
         scale = 1 / self.LIPSCHITZ if self.scaled else None
         bx_const = bx.detach()
-        derivative: list[Tensor] = []
 
         def vjp(v: Tensor) -> Tensor:
             u = torch.ops.aten.silu_backward(v.reshape(bx_const.shape), bx_const).reshape(v.shape)
             return u if scale is None else u * scale
 
         def jvp(t: Tensor) -> Tensor:
-            if not derivative:
-                d = s * (1 + bx * (1 - s))
-                derivative.append(d if scale is None else d * scale)
-            d = derivative[0]
+            d = s * (1 + bx * (1 - s))
+            if scale is not None:
+                d = d * scale
             return (t.reshape(d.shape) * d).reshape(t.shape)
 
         return y, Linearised(vjp, jvp)
