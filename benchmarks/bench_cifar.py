@@ -407,10 +407,9 @@ def steps(a) -> None:
 def evaluation(a) -> None:
     """Seconds per 1,000 test images of the flagship (fast step) and of normflows' residual flow of
     the same layout, each after ``--steps`` training steps (gflows: or trained, ``--gflows-run``), in
-    evaluation mode (gflows:
-    ``n_exact_terms_eval`` exact terms plus the roulette, the Lipschitz bound refreshed to its
-    tolerance once before the timing; normflows: 20 exact terms plus the roulette), batches of 128 of
-    the first ``--eval-images`` test images; rounds interleaved, medians."""
+    evaluation mode (gflows: ``n_exact_terms_eval`` exact terms plus the roulette, the Lipschitz bound
+    refreshed to its tolerance once before the timing; normflows: 20 exact terms plus the roulette),
+    batches of 128 of the first ``--eval-images`` test images; rounds interleaved, medians."""
     from gflows.training.distributed import setup
     from gflows.training.images import ImageTask, evaluate
 
