@@ -3,7 +3,7 @@ import torch
 from conftest import GROUPS
 from torch import nn
 
-from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish
+from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish, Tanh
 from gflows.nn.linearised import linearise
 from gflows.nn.lipschitz import LipschitzGConv2d
 
@@ -12,13 +12,15 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 def stack(group, padding_mode="zeros", lipschitz=False, relax=0.0, kernel_sizes=(3, 1, 3),
-          dtype=torch.float64):
-    """A GConvNet away from its initialisation (random LipSwish slopes, and free filter parts)."""
+          dtype=torch.float64, odd=False):
+    """A GConvNet away from its initialisation (random LipSwish slopes, and free filter parts);
+    ``odd``: the lattice samplers' odd branch (tanh, no biases)."""
     conv, kwargs = GConv2d, {"relax": relax}
     if lipschitz:
         conv, kwargs = LipschitzGConv2d, {"relax": relax, "input_hw": (6, 6), "coeff": 0.9}
+    odd_kwargs = {"activation": lambda n, f: Tanh(), "bias": False} if odd else {}
     net = GConvNet(group, 2, 2, hidden_fields=2, kernel_sizes=kernel_sizes, padding_mode=padding_mode,
-                   conv=conv, conv_kwargs=kwargs).to(dtype)
+                   conv=conv, conv_kwargs=kwargs, **odd_kwargs).to(dtype)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, LipSwish):
@@ -33,7 +35,7 @@ def rel(a, b):
 
 
 CASES = [dict(), dict(padding_mode="circular"), dict(lipschitz=True), dict(relax=0.5),
-         dict(kernel_sizes=(1, 3))]
+         dict(padding_mode="circular", lipschitz=True, odd=True), dict(kernel_sizes=(1, 3))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -57,7 +59,7 @@ def test_vjp_and_jvp_are_the_jacobians(group, case, dtype):
     assert rel(jac.jvp(t), reference) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=["plain", "circular", "lipschitz", "relaxed"])
+@pytest.mark.parametrize("case", CASES[:5], ids=["plain", "circular", "lipschitz", "relaxed", "odd"])
 @pytest.mark.parametrize("group", GROUPS)
 def test_jvp_surrogate_has_the_second_order_gradients(group, case):
     """``u^T J v`` through ``jvp`` and through autograd's ``(J^T u)^T v`` with a graph: the same

@@ -85,12 +85,14 @@ def _flat_grad(out, params):
     return torch.cat([g.flatten() for g in torch.autograd.grad(out, params, materialize_grads=True)])
 
 
+@pytest.mark.parametrize("sign_symmetric", [False, True], ids=["lipswish", "odd"])
 @pytest.mark.parametrize("group", GROUPS)
-def test_neumann_gradient_with_exact_trace_probes_is_exact(group, monkeypatch):
+def test_neumann_gradient_with_exact_trace_probes_is_exact(group, sign_symmetric, monkeypatch):
     """Averaged over the probes sqrt(D) e_i (for which mean v v^T = I exactly) the Neumann-series
     gradient equals the exact gradient: the only randomness left is the unbiased roulette, whose
-    tail is negligible at this Lipschitz constant."""
-    b = trained(group, n_exact_terms=6)
+    tail is negligible at this Lipschitz constant. ``odd``: the lattice samplers' odd branch (tanh)."""
+    b = trained(group, n_exact_terms=6, sign_symmetric=sign_symmetric)
+    assert b.g.linearisable
     x = torch.randn(1, 2, 4, 4)
     params = [p for p in b.parameters() if p.requires_grad]
     with logdet_mode(b, "exact"):

@@ -36,7 +36,7 @@ from gflows.groups import Group, escnn_float32, get_group
 from gflows.nn.linearised import Linearised, chain
 from gflows.representations import field_type, orbit_labels, permutation
 
-__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "circular_conv2d", "circular_pad",
+__all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "Tanh", "circular_conv2d", "circular_pad",
            "kernel_orbits", "symmetry_breaking_sq_norm"]
 
 PADDING_MODES = ("zeros", "circular")
@@ -648,6 +648,31 @@ class LipSwish(nn.Module):
             if scale is not None:
                 d = d * scale
             return (t.reshape(d.shape) * d).reshape(t.shape)
+
+        return y, Linearised(vjp, jvp)
+
+
+class Tanh(nn.Tanh):
+    r""":math:`\tanh`, odd and 1-Lipschitz, that gives its Jacobian (:mod:`gflows.nn.linearised`).
+
+    Pointwise, so it commutes with every permutation of channels and pixels; the odd residual
+    branches of the lattice samplers use it between convolutions without biases.
+    """
+
+    #: gives its Jacobian (:mod:`gflows.nn.linearised`)
+    linearisable = True
+
+    def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
+        r""":meth:`forward`, and its Jacobian in ``x``: the product with :math:`1 - \tanh^2 x`, by the
+        backend's fused ``tanh_backward`` without a graph, differentiably from the output with one."""
+        y = torch.tanh(x)
+        y_const = y.detach()
+
+        def vjp(v: Tensor) -> Tensor:
+            return torch.ops.aten.tanh_backward(v, y_const)
+
+        def jvp(t: Tensor) -> Tensor:
+            return t * (1 - y * y)
 
         return y, Linearised(vjp, jvp)
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
-from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish
+from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish, Tanh
 from gflows.nn.linearised import Linearised, linearise
 from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, SpectralNormalised
 from gflows.nn.squeezed import AtFineGrid, squeezed_net
@@ -443,7 +443,7 @@ class GResidualBlock(ResidualTransform):
 
 
 def _odd(n_fields: int, field_size: int) -> nn.Module:
-    return nn.Tanh()  # odd and 1-Lipschitz: keeps g odd and Lip(g) <= c^L
+    return Tanh()  # odd and 1-Lipschitz: keeps g odd and Lip(g) <= c^L
 
 
 class GFCResidualBlock(ResidualTransform):
