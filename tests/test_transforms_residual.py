@@ -13,6 +13,7 @@ from helpers import (
 
 import gflows
 from gflows.nn.equivariant import LipSwish
+from gflows.nn.linearised import is_linearisable
 from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, update_lipschitz
 from gflows.physics.mcmc import ess as ess_of
 from gflows.transforms.residual import ConvergenceError, GFCResidualBlock, GResidualBlock, logdet_mode
@@ -85,15 +86,23 @@ def _flat_grad(out, params):
     return torch.cat([g.flatten() for g in torch.autograd.grad(out, params, materialize_grads=True)])
 
 
-@pytest.mark.parametrize("sign_symmetric", [False, True], ids=["lipswish", "odd"])
+BRANCHES = {
+    "lipswish": lambda group: trained(group, n_exact_terms=6),
+    "odd": lambda group: trained(group, n_exact_terms=6, sign_symmetric=True),  # the lattice samplers'
+    "fc": lambda group: trained_fc(group, n_exact_terms=6),
+    "fc-squeezed": lambda group: trained_fc(group, (8, 2, 2), n_exact_terms=6, squeeze_levels=1),
+}
+
+
+@pytest.mark.parametrize("branch", list(BRANCHES))
 @pytest.mark.parametrize("group", GROUPS)
-def test_neumann_gradient_with_exact_trace_probes_is_exact(group, sign_symmetric, monkeypatch):
+def test_neumann_gradient_with_exact_trace_probes_is_exact(group, branch, monkeypatch):
     """Averaged over the probes sqrt(D) e_i (for which mean v v^T = I exactly) the Neumann-series
     gradient equals the exact gradient: the only randomness left is the unbiased roulette, whose
-    tail is negligible at this Lipschitz constant. ``odd``: the lattice samplers' odd branch (tanh)."""
-    b = trained(group, n_exact_terms=6, sign_symmetric=sign_symmetric)
-    assert b.g.linearisable
-    x = torch.randn(1, 2, 4, 4)
+    tail is negligible at this Lipschitz constant. Every branch takes its Jacobian from its layers."""
+    b = BRANCHES[branch](group)
+    assert is_linearisable(b.g)
+    x = torch.randn(1, *b.event_shape)
     params = [p for p in b.parameters() if p.requires_grad]
     with logdet_mode(b, "exact"):
         exact = _flat_grad(b(x)[1].sum(), params)
@@ -168,13 +177,16 @@ def test_lipschitz_bound_counts_unscaled_activations(group):
     assert math.isclose(b.lipschitz_bound, b.coeff**3 * 1.1**2, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize("activation", ["lipswish", "tanh"])
 @pytest.mark.parametrize("group", GROUPS)
-def test_lipschitz_bound_after_training(group):
+def test_lipschitz_bound_after_training(group, activation):
     """Each normalised convolution's operator norm, from its dense matrix, is at most c + 1e-3 (times
     the 1 / 1.1 that the convolutions after a LipSwish take from it), and so is J_g's."""
-    b = trained(group, steps=5)
+    b = trained(group, steps=5, activation=activation)
     convs = [m for m in b.modules() if isinstance(m, LipschitzGConv2d)]
-    assert [conv.input_scale for conv in convs] == [1.0, 1 / 1.1, 1 / 1.1]
+    scale = 1 / 1.1 if activation == "lipswish" else 1.0
+    assert [conv.input_scale for conv in convs] == [1.0, scale, scale]
+    assert is_linearisable(b.g) and math.isclose(b.lipschitz_bound, b.coeff**3)
     for conv in convs:
         with torch.no_grad():
             w, _ = conv.normalised()
@@ -215,6 +227,8 @@ def test_bad_settings():
         block("c4", logdet="approximate")
     with pytest.raises(ValueError, match="unknown group"):
         block("c4x")
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        block("c4", activation="relu")
 
 
 @pytest.mark.parametrize("levels", [1, 2])

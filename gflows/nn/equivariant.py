@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from gflows.groups import Group, escnn_float32, get_group
-from gflows.nn.linearised import Linearised, chain
+from gflows.nn.linearised import Linearised, chain, is_linearisable, linearise
 from gflows.representations import field_type, orbit_labels, permutation
 
 __all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "Tanh", "circular_conv2d", "circular_pad",
@@ -744,10 +743,7 @@ class GConvNet(nn.Module):
     def linearisable(self) -> bool:
         """Whether every layer gives its Jacobian (:meth:`linearise`) and none has forward hooks,
         which :meth:`linearise` would bypass (the layers' ``forward`` is not called)."""
-        if _global_forward_hooks or _global_forward_pre_hooks:
-            return False
-        return all(getattr(layer, "linearisable", False)
-                   and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in self.layers)
+        return all(is_linearisable(layer) for layer in self.layers)
 
     def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
         """:meth:`forward` (with its graph, as usual) and its Jacobian at ``x`` for the current
@@ -791,10 +787,36 @@ class GroupAveraged(nn.Module):
         super().__init__()
         self.group, self.net = get_group(group), net
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _stacked(self, x: Tensor) -> Tensor:
+        """``h . x`` for every grid-exact ``h``, one batch after the other."""
+        return torch.cat([self.group.act(h, x) for h in self.group.grid_elements])
+
+    def _averaged(self, ys: Tensor) -> Tensor:
+        """The mean of ``h^-1 . y_h`` over the batches of ``ys`` (the order of :meth:`_stacked`)."""
         elements = self.group.grid_elements
-        ys = self.net(torch.cat([self.group.act(h, x) for h in elements])).chunk(len(elements))
+        ys = ys.chunk(len(elements))
         return sum(self.group.act(h.inverse, y) for h, y in zip(elements, ys, strict=True)) / len(elements)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._averaged(self.net(self._stacked(x)))
+
+    @property
+    def linearisable(self) -> bool:
+        """Whether ``f`` gives its Jacobian (:func:`~gflows.nn.linearised.is_linearisable`)."""
+        return is_linearisable(self.net)
+
+    def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
+        r""":meth:`forward`, and its Jacobian :math:`\frac{1}{|H|} \sum_h h^{-1} J_f(h x)\, h`; ``h`` is a
+        permutation, so its transpose is :math:`h^{-1}` and the transpose has the same form with
+        :math:`J_f^T`. Needs :attr:`linearisable`."""
+        y, jac = linearise(self.net, self._stacked(x))
+        if jac is None:
+            raise TypeError(f"{type(self.net).__name__} cannot give its Jacobian")
+
+        def through(apply):
+            return lambda t: self._averaged(apply(self._stacked(t)))
+
+        return self._averaged(y), Linearised(through(jac.vjp), through(jac.jvp))
 
 
 def symmetry_breaking_sq_norm(module: nn.Module) -> Tensor | None:

@@ -1,8 +1,10 @@
 r"""A map's derivative at a point, kept from its forward pass: :math:`J = \partial f / \partial x (x)`.
 
 Layers that know their derivative (:class:`~gflows.nn.equivariant.GConv2d`,
-:class:`~gflows.nn.equivariant.LipSwish`, and stacks of them, :class:`~gflows.nn.equivariant.GConvNet`)
-give it from ``module.linearise(x)`` next to their output, as two maps:
+:class:`~gflows.nn.lipschitz.LipschitzLinear`, :class:`~gflows.nn.equivariant.LipSwish`,
+:class:`~gflows.nn.equivariant.Tanh`, reshapes, and what is built of them:
+:class:`~gflows.nn.equivariant.GConvNet`, :class:`Sequential`, group averages and the un-squeezed
+grid) give it from ``module.linearise(x)`` next to their output, as two maps:
 
 * ``vjp(w) = J^T w``, without a graph: the adjoints of the layers in reverse order (a convolution's
   is a convolution, an activation's a product with its derivative at the input, kept from the forward
@@ -22,8 +24,12 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-__all__ = ["Linearised", "chain", "linearise"]
+__all__ = ["Linearised", "Sequential", "chain", "is_linearisable", "linearise"]
+
+# reshapes of the entries: their Jacobian is a relabelling, applied by reshaping back and forth
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
 
 
 class Linearised(NamedTuple):
@@ -52,9 +58,42 @@ def chain(parts: Sequence[Linearised]) -> Linearised:
     return Linearised(vjp, jvp)
 
 
+def is_linearisable(module: nn.Module) -> bool:
+    """Whether :func:`linearise` takes ``module``'s Jacobian from its layers: it says so (a true
+    ``linearisable`` attribute) or is a reshape, and no forward hook would be bypassed (``linearise``
+    does not call ``forward``)."""
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        return False
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    return isinstance(module, _RESHAPES) or bool(getattr(module, "linearisable", False))
+
+
 def linearise(module: nn.Module, x: Tensor) -> tuple[Tensor, Linearised | None]:
-    """``module(x)`` and, where the module gives it (a ``linearisable`` attribute that is true), its
-    Jacobian at ``x`` (``module.linearise(x)``); else ``None`` in its place."""
-    if getattr(module, "linearisable", False):
-        return module.linearise(x)
-    return module(x), None
+    """``module(x)`` and, where :func:`is_linearisable`, its Jacobian at ``x``; else ``None`` in its
+    place."""
+    if not is_linearisable(module):
+        return module(x), None
+    if isinstance(module, _RESHAPES):
+        y = module(x)
+        return y, Linearised(lambda w: w.reshape(x.shape), lambda t: t.reshape(y.shape))
+    return module.linearise(x)
+
+
+class Sequential(nn.Sequential):
+    """``torch.nn.Sequential`` that gives its Jacobian when every layer does (:func:`is_linearisable`);
+    the same parameters and ``state_dict`` keys."""
+
+    @property
+    def linearisable(self) -> bool:
+        return all(is_linearisable(layer) for layer in self)
+
+    def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
+        """:meth:`forward` (with its graph) and its Jacobian at ``x``. Needs :attr:`linearisable`."""
+        parts = []
+        for layer in self:
+            x, part = linearise(layer, x)
+            if part is None:
+                raise TypeError(f"layer {type(layer).__name__} cannot give its Jacobian")
+            parts.append(part)
+        return x, chain(parts)

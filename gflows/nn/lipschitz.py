@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from gflows.groups import Group
 from gflows.nn.equivariant import GConv2d
+from gflows.nn.linearised import Linearised
 
 __all__ = ["LipschitzGConv2d", "LipschitzLinear", "SpectralNormalised", "lipschitz_layers", "operator_norm",
            "update_lipschitz"]
@@ -299,6 +300,15 @@ class LipschitzLinear(SpectralNormalised, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.normalised()
         return F.linear(x, w, b)
+
+    #: gives its Jacobian (:mod:`gflows.nn.linearised`)
+    linearisable = True
+
+    def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
+        """:meth:`forward`, and its Jacobian in ``x`` (the layer is linear: ``J t = W t``)."""
+        w, b = self.normalised()
+        w_const = w.detach()
+        return F.linear(x, w, b), Linearised(lambda v: v @ w_const, lambda t: F.linear(t, w))
 
 
 def update_lipschitz(module: nn.Module, certify: bool | None = None, lazy: bool = False) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from gflows.groups import get_group
+from gflows.nn.linearised import Linearised, is_linearisable, linearise
 from gflows.representations import squeeze, unsqueeze
 
 __all__ = ["AtFineGrid", "squeezed_net"]
@@ -32,6 +33,23 @@ class AtFineGrid(nn.Module):
         if isinstance(out, tuple):
             return tuple(squeeze(o, self.levels) for o in out)
         return squeeze(out, self.levels)
+
+    @property
+    def linearisable(self) -> bool:
+        """Whether ``net`` gives its Jacobian (:func:`~gflows.nn.linearised.is_linearisable`)."""
+        return is_linearisable(self.net)
+
+    def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
+        """:meth:`forward` for a tensor-valued ``net``, and its Jacobian ``S J_net S^-1`` (``S``, the
+        squeeze, is a permutation, so the transpose has the same form). Needs :attr:`linearisable`."""
+        out, jac = linearise(self.net, unsqueeze(x, self.levels))
+        if jac is None or not isinstance(out, Tensor):
+            raise TypeError(f"{type(self.net).__name__} cannot give its Jacobian")
+
+        def through(apply):
+            return lambda t: squeeze(apply(unsqueeze(t, self.levels)), self.levels)
+
+        return squeeze(out, self.levels), Linearised(through(jac.vjp), through(jac.jvp))
 
 
 def squeezed_net(group, levels: int, make: Callable[[int], nn.Module]) -> nn.Module:
