@@ -81,7 +81,7 @@ def efficiency(a) -> None:
              f"flow.fc_blocks={a.fc_blocks}", f"flow.fc_hidden={a.fc_hidden}",
              f"flow.block.lipschitz_kwargs.train_iters={a.power_iters}",
              # the settings of its recorded figures (the config's defaults until 2026-12-05)
-             "flow.block.basis=escnn", "flow.block.memory_saving=true"]
+             "flow.block.basis=escnn", "flow.block.memory_saving=true", "flow.block.activation=lipswish"]
     trivial = cfg_for("g_residual", "trivial", a.hidden_trivial, a, f"{tmp}/trivial", *extra)
     target = n_params(build_model(trivial))
     # D4 hidden width (a multiple of |D4| = 8) whose parameter count is closest to the trivial one.
@@ -309,17 +309,21 @@ STEP_VARIANTS = {
     # (the config's defaults until 2026-12-05)
     "g_residual (protocol)": ["flow=g_residual", "flow.squeeze_first=true", "flow.invconv=true",
                               "flow.fc_blocks=0", "flow.block.basis=escnn", "flow.block.memory_saving=true",
-                              "flow.block.lipschitz_kwargs.train_iters=5"],
+                              "flow.block.lipschitz_kwargs.train_iters=5", "flow.block.activation=lipswish"],
     # the same model with the fast residual step: orbit basis, no memory saving, 1 iteration per step
-    # (the config's defaults since 2026-12-05, spelled out)
+    # (the config's defaults since 2026-12-05, spelled out), and LipSwish (its recorded figures)
     "g_residual (fast step)": ["flow=g_residual", "flow.squeeze_first=true", "flow.invconv=true",
                                "flow.fc_blocks=0", "flow.block.basis=auto", "flow.block.memory_saving=false",
-                               "flow.block.lipschitz_kwargs.train_iters=1"],
+                               "flow.block.lipschitz_kwargs.train_iters=1", "flow.block.activation=lipswish"],
+    # the fast step with tanh between the convolutions: the config's defaults since 2026-12-05 20:00
+    "g_residual (fast step, tanh)": ["flow=g_residual", "flow.squeeze_first=true", "flow.invconv=true",
+                                     "flow.fc_blocks=0", "flow.block.activation=tanh"],
     # the fast step with one exact series term (then Geometric(1/2) more): what the terms cost
     "g_residual (fast step, 1 exact term)": [
         "flow=g_residual", "flow.squeeze_first=true", "flow.invconv=true", "flow.fc_blocks=0",
         "flow.block.basis=auto", "flow.block.memory_saving=false",
-        "flow.block.lipschitz_kwargs.train_iters=1", "flow.block.n_exact_terms=1"],
+        "flow.block.lipschitz_kwargs.train_iters=1", "flow.block.n_exact_terms=1",
+        "flow.block.activation=lipswish"],
     "g_coupling": ["flow=g_coupling"],
     # Glow's split with its learned prior: one of the three fields leaves after the first scale
     "g_coupling (factor_out, split_prior)": ["flow=g_coupling", "flow.factor_out=true",
