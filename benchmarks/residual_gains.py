@@ -7,8 +7,9 @@ direction) and activations of slope 1/2 at zero (LipSwish) is far below the boun
 blocks barely move their inputs is nearly linear. For every residual block of the model, in
 order: ``|g(x)| / |x|`` over a batch of test images, the block's log-det in bits per dimension of
 its input, and per convolution the raw filter's spectral norm over the bound (``> 1``: the
-normalisation is active). ``--run`` reads a trained run (its hydra config and newest checkpoint,
-the raw weights); without it the model of the given overrides at initialisation (``seed``).
+normalisation is active). ``--run`` reads a trained run (its newest checkpoint, the raw weights,
+and its Hydra config, or the overrides' for runs that have none); without it the model of the
+overrides at initialisation (``seed``).
 
     python benchmarks/residual_gains.py --run <run_dir>
     python benchmarks/residual_gains.py -- flow=g_residual group=flip flow.hidden_channels=128 \\
@@ -43,9 +44,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    if a.run:
+    if a.run and (a.run / "hydra" / "config.yaml").exists():
         cfg = OmegaConf.load(a.run / "hydra" / "config.yaml")
-    else:
+    else:  # the model of the overrides (for runs made without train.py's Hydra folder, bench_cifar's)
         with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
             cfg = compose("config", a.overrides)
     model = image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha)
