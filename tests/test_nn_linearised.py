@@ -47,17 +47,35 @@ def test_vjp_and_jvp_are_the_jacobians(group, case, dtype):
     the Jacobian-vector product (both exact maps: to round-off)."""
     torch.manual_seed(0)
     net = stack(group, dtype=dtype, **case)
-    x = torch.randn(3, 2, 6, 6, dtype=dtype, requires_grad=True)
+    assert_gives_its_jacobian(net, torch.randn(3, 2, 6, 6, dtype=dtype, requires_grad=True))
+
+
+def assert_gives_its_jacobian(net, x):
+    """``linearise``'s output is forward's, bit for bit, and its ``vjp`` and ``jvp`` are autograd's
+    products (to round-off)."""
     y, jac = linearise(net, x)
     assert jac is not None and torch.equal(y, net(x))
     w, t = torch.randn_like(y), torch.randn_like(x)
     (reference,) = torch.autograd.grad(y, x, w, retain_graph=True)
-    assert rel(jac.vjp(w), reference) <= TOL[dtype]
+    assert rel(jac.vjp(w), reference) <= TOL[x.dtype]
     # J t by the double-vjp trick (the orbit basis's gather has no forward-mode rule)
     u = torch.zeros_like(y, requires_grad=True)
     (vjp,) = torch.autograd.grad(y, x, u, create_graph=True)
     (reference,) = torch.autograd.grad(vjp, u, t)
-    assert rel(jac.jvp(t), reference) <= TOL[dtype]
+    assert rel(jac.jvp(t), reference) <= TOL[x.dtype]
+
+
+def assert_surrogate_gradients(net, x, u, v):
+    """``u^T J v`` through ``jvp`` and through autograd's ``(J^T u)^T v`` with a graph: the same
+    gradients in the input and every parameter, to 1e-12 (float64)."""
+    inputs = [x, *net.parameters()]
+    _, jac = linearise(net, x)
+    ours = torch.autograd.grad((u * jac.jvp(v)).sum(), inputs, allow_unused=True, materialize_grads=True)
+    (vjp,) = torch.autograd.grad(net(x), x, u, create_graph=True)
+    reference = torch.autograd.grad((vjp * v).sum(), inputs, allow_unused=True, materialize_grads=True)
+    assert len(ours) == len(reference) > 3
+    for a, b in zip(ours, reference, strict=True):
+        assert float((a - b).abs().max()) <= 1e-12 * (1 + float(b.abs().max()))
 
 
 @pytest.mark.parametrize("case", CASES[:5], ids=["plain", "circular", "lipschitz", "relaxed", "odd"])
@@ -68,16 +86,7 @@ def test_jvp_surrogate_has_the_second_order_gradients(group, case):
     torch.manual_seed(1)
     net = stack(group, **case)
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64, requires_grad=True)
-    inputs = [x, *net.parameters()]
-    u, v = torch.randn_like(x), torch.randn_like(x)
-    y, jac = linearise(net, x)
-    ours = torch.autograd.grad((u * jac.jvp(v)).sum(), inputs, allow_unused=True, materialize_grads=True)
-    y = net(x)
-    (vjp,) = torch.autograd.grad(y, x, u, create_graph=True)
-    reference = torch.autograd.grad((vjp * v).sum(), inputs, allow_unused=True, materialize_grads=True)
-    assert len(ours) == len(reference) > 3
-    for a, b in zip(ours, reference, strict=True):
-        assert float((a - b).abs().max()) <= 1e-12 * (1 + float(b.abs().max()))
+    assert_surrogate_gradients(net, x, torch.randn_like(x), torch.randn_like(x))
 
 
 def test_scaled_lipswish_and_one_channel_fields():
@@ -148,22 +157,9 @@ def test_group_averaged_dense_stack_gives_its_jacobian(group, levels, dtype):
     net, shape = dense(group, levels, dtype)
     assert net.linearisable
     x = torch.randn(3, *shape, dtype=dtype, requires_grad=True)
-    y, jac = linearise(net, x)
-    assert torch.equal(y, net(x))
-    w, t = torch.randn_like(y), torch.randn_like(x)
-    (reference,) = torch.autograd.grad(y, x, w, retain_graph=True)
-    assert rel(jac.vjp(w), reference) <= TOL[dtype]
-    u = torch.zeros_like(y, requires_grad=True)
-    (vjp,) = torch.autograd.grad(y, x, u, create_graph=True)
-    (reference,) = torch.autograd.grad(vjp, u, t)
-    assert rel(jac.jvp(t), reference) <= TOL[dtype]
+    assert_gives_its_jacobian(net, x)
     if dtype == torch.float64:
-        inputs = [x, *net.parameters()]
-        ours = torch.autograd.grad((w * jac.jvp(t)).sum(), inputs, allow_unused=True, materialize_grads=True)
-        (vjp,) = torch.autograd.grad(net(x), x, w, create_graph=True)
-        reference = torch.autograd.grad((vjp * t).sum(), inputs, allow_unused=True, materialize_grads=True)
-        for a, b in zip(ours, reference, strict=True):
-            assert float((a - b).abs().max()) <= 1e-12 * (1 + float(b.abs().max()))
+        assert_surrogate_gradients(net, x, torch.randn_like(x), torch.randn_like(x))
 
 
 def test_sequential_with_an_opaque_layer_falls_back():
