@@ -101,7 +101,8 @@ def image_flow(
                          "set factor_out=True")
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
-    conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")  # not for the fully-connected blocks
+    # not for the fully-connected blocks
+    conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
     plan = _Plan(kind, group, first + n_scales - 1, blocks_per_scale, hidden_fields, actnorm, fc_blocks,
                  fc_hidden, invconv, factor_out, split_prior, block_kwargs, fc_kwargs)

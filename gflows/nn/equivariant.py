@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.groups import Group, escnn_float32, get_group
-from gflows.nn.linearised import Linearised, chain, is_linearisable, linearise
+from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linearise, linearise_layers
 from gflows.representations import field_type, orbit_labels, permutation
 
 __all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "Tanh", "circular_conv2d", "circular_pad",
@@ -751,11 +751,7 @@ class GConvNet(nn.Module):
         if not self.linearisable:
             raise TypeError("a layer of this stack cannot give its Jacobian: "
                             f"{[type(m).__name__ for m in self.layers]}")
-        parts = []
-        for layer in self.layers:
-            x, part = layer.linearise(x)
-            parts.append(part)
-        return x, chain(parts)
+        return linearise_layers(self.layers, x)
 
     def hidden(self, x: Tensor) -> Tensor:
         """The last hidden layer's regular fields (after its activation), as the last convolution
@@ -812,11 +808,7 @@ class GroupAveraged(nn.Module):
         y, jac = linearise(self.net, self._stacked(x))
         if jac is None:
             raise TypeError(f"{type(self.net).__name__} cannot give its Jacobian")
-
-        def through(apply):
-            return lambda t: self._averaged(apply(self._stacked(t)))
-
-        return self._averaged(y), Linearised(through(jac.vjp), through(jac.jvp))
+        return self._averaged(y), conjugated(jac, self._stacked, self._averaged)
 
 
 def symmetry_breaking_sq_norm(module: nn.Module) -> Tensor | None:

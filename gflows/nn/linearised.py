@@ -19,14 +19,15 @@ grid) give it from ``module.linearise(x)`` next to their output, as two maps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-__all__ = ["Linearised", "Sequential", "chain", "is_linearisable", "linearise"]
+__all__ = ["Linearised", "Sequential", "chain", "conjugated", "is_linearisable", "linearise",
+           "linearise_layers"]
 
 # reshapes of the entries: their Jacobian is a relabelling, applied by reshaping back and forth
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
@@ -58,6 +59,14 @@ def chain(parts: Sequence[Linearised]) -> Linearised:
     return Linearised(vjp, jvp)
 
 
+def conjugated(jac: Linearised, into: Callable[[Tensor], Tensor],
+               out: Callable[[Tensor], Tensor]) -> Linearised:
+    """The Jacobian ``out J into`` of a map run between two linear maps, where ``out`` is a multiple of
+    ``into``'s transpose (a permutation and its inverse, or stacking copies and averaging them):
+    its transpose ``into^T J^T out^T`` then has the same form, ``out J^T into``."""
+    return Linearised(lambda w: out(jac.vjp(into(w))), lambda t: out(jac.jvp(into(t))))
+
+
 def is_linearisable(module: nn.Module) -> bool:
     """Whether :func:`linearise` takes ``module``'s Jacobian from its layers: it says so (a true
     ``linearisable`` attribute) or is a reshape, and no forward hook would be bypassed (``linearise``
@@ -80,6 +89,18 @@ def linearise(module: nn.Module, x: Tensor) -> tuple[Tensor, Linearised | None]:
     return module.linearise(x)
 
 
+def linearise_layers(layers: Iterable[nn.Module], x: Tensor) -> tuple[Tensor, Linearised]:
+    """``layers`` applied to ``x`` in order (with their graph) and the Jacobian of their composition;
+    ``TypeError`` naming the first layer that cannot give its own."""
+    parts = []
+    for layer in layers:
+        x, part = linearise(layer, x)
+        if part is None:
+            raise TypeError(f"layer {type(layer).__name__} cannot give its Jacobian")
+        parts.append(part)
+    return x, chain(parts)
+
+
 class Sequential(nn.Sequential):
     """``torch.nn.Sequential`` that gives its Jacobian when every layer does (:func:`is_linearisable`);
     the same parameters and ``state_dict`` keys."""
@@ -90,10 +111,4 @@ class Sequential(nn.Sequential):
 
     def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
         """:meth:`forward` (with its graph) and its Jacobian at ``x``. Needs :attr:`linearisable`."""
-        parts = []
-        for layer in self:
-            x, part = linearise(layer, x)
-            if part is None:
-                raise TypeError(f"layer {type(layer).__name__} cannot give its Jacobian")
-            parts.append(part)
-        return x, chain(parts)
+        return linearise_layers(self, x)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from gflows.groups import get_group
-from gflows.nn.linearised import Linearised, is_linearisable, linearise
+from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linearise
 from gflows.representations import squeeze, unsqueeze
 
 __all__ = ["AtFineGrid", "squeezed_net"]
@@ -45,11 +45,8 @@ class AtFineGrid(nn.Module):
         out, jac = linearise(self.net, unsqueeze(x, self.levels))
         if jac is None or not isinstance(out, Tensor):
             raise TypeError(f"{type(self.net).__name__} cannot give its Jacobian")
-
-        def through(apply):
-            return lambda t: squeeze(apply(unsqueeze(t, self.levels)), self.levels)
-
-        return squeeze(out, self.levels), Linearised(through(jac.vjp), through(jac.jvp))
+        return squeeze(out, self.levels), conjugated(jac, lambda t: unsqueeze(t, self.levels),
+                                                     lambda t: squeeze(t, self.levels))
 
 
 def squeezed_net(group, levels: int, make: Callable[[int], nn.Module]) -> nn.Module:

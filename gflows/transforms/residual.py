@@ -376,6 +376,14 @@ class _MemorySaving(torch.autograd.Function):
         return (None, *out)
 
 
+#: the activations of :class:`GResidualBlock`'s branch
+RESIDUAL_ACTIVATIONS = ("lipswish", "tanh")
+
+
+def _tanh(n_fields: int, field_size: int) -> nn.Module:
+    return Tanh()  # odd and 1-Lipschitz: keeps Lip(g) <= c^L, and g odd without biases
+
+
 class GResidualBlock(ResidualTransform):
     """G-residual block ``x + g(x)`` on scalar image channels, ``g`` G-equivariant, ``Lip(g) <= c``.
 
@@ -442,20 +450,13 @@ class GResidualBlock(ResidualTransform):
             return GConvNet(group, c // (k * k), c // (k * k), hidden_fields, kernel_sizes, padding_mode,
                             conv=LipschitzGConv2d, conv_kwargs=conv_kwargs, squeeze_levels=levels,
                             bias=not sign_symmetric,
-                            activation=_odd if sign_symmetric or activation == "tanh" else LipSwish)
+                            activation=_tanh if sign_symmetric or activation == "tanh" else LipSwish)
 
         super().__init__(squeezed_net(group, squeeze_levels, make), event_shape, **kwargs)
         self.group = get_group(group)
         self.coeff = coeff
         self.sign_symmetric = bool(sign_symmetric)
 
-
-#: the activations of :class:`GResidualBlock`'s branch
-RESIDUAL_ACTIVATIONS = ("lipswish", "tanh")
-
-
-def _odd(n_fields: int, field_size: int) -> nn.Module:
-    return Tanh()  # odd and 1-Lipschitz: keeps g odd and Lip(g) <= c^L
 
 
 class GFCResidualBlock(ResidualTransform):
