@@ -83,8 +83,9 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(data: str, group: str, width: int, relax: float = 0.0):
-    """The model of ``data`` with ``width`` hidden channels (trivial) or regular fields."""
+def build(data: str, group: str, width: int, relax: float = 0.0, activation: str = "lipswish"):
+    """The model of ``data`` with ``width`` hidden channels (trivial) or regular fields; ``activation``
+    between the digits' residual convolutions (``GResidualBlock``'s)."""
     if data == "phi4":
         # the recommended sampler's architecture at half the depth, escnn's basis (as the configs);
         # D4 with the phi -> -phi symmetrisation: every symmetry of the action exact
@@ -97,17 +98,21 @@ def build(data: str, group: str, width: int, relax: float = 0.0):
                            basis="orbit", relax=relax)
     return image_model("residual", group, (1, 8, 8), alpha=0.05, levels=LEVELS, n_scales=2,
                        blocks_per_scale=3, hidden_fields=width, kernel_sizes=(3, 1, 3),
-                       basis="orbit", relax=relax, n_exact_terms=2, lipschitz_kwargs={"train_iters": 5})
+                       basis="orbit", relax=relax, n_exact_terms=2, lipschitz_kwargs={"train_iters": 5},
+                       activation=activation)
 
 
-def matched_fields(data: str, group: str, trivial_params: int) -> int:
+def matched_fields(data: str, group: str, trivial_params: int, activation: str = "lipswish") -> int:
     """The width (regular fields of ``group``) whose parameter count is nearest the trivial model's
     (the count grows with the width: bisection, since every build computes bases)."""
+    def count(fields: int) -> int:
+        return n_params(build(data, group, fields, activation=activation))
+
     lo, hi = 1, 128
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if n_params(build(data, group, mid)) <= trivial_params else (lo, mid)
-    return min((lo, hi), key=lambda f: abs(n_params(build(data, group, f)) - trivial_params))
+        lo, hi = (mid, hi) if count(mid) <= trivial_params else (lo, mid)
+    return min((lo, hi), key=lambda f: abs(count(f) - trivial_params))
 
 
 def nll(data: str, model, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +221,7 @@ def run_job(job: dict) -> dict:
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(job["seed"]))
     x = pool[perm[: job["size"]]]
     torch.manual_seed(job["seed"])
-    model = build(data, job["group"], job["width"], job["relax"])
+    model = build(data, job["group"], job["width"], job["relax"], job.get("activation", "lipswish"))
     t0 = time.perf_counter()
     t, v, best, ran = train(data, model, x, val, test, job["steps"], min(job["batch"], job["size"]),
                             job["lr"], job["seed"], job["augment"], job["eval_every"], job["patience"])
@@ -254,6 +259,9 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--d4-fields", type=int, default=None,
                    help="the D4 width in regular fields (default: matched to the trivial parameter count)")
+    p.add_argument("--activation", choices=["lipswish", "tanh"], default="lipswish",
+                   help="between the digits' residual convolutions (the figures before 2026-12-05: lipswish)")
+    p.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (default: all)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--out", type=Path, default=None,
                    help="one line per finished run; runs already there are not repeated (resume)")
@@ -264,33 +272,43 @@ def main() -> None:
     stem = "bench_symmetry" if a.data == "digits" else f"bench_symmetry_{a.data}"
     a.out = a.out or Path(f"benchmarks/{stem}.jsonl")
     a.plot = a.plot or Path(f"benchmarks/{stem}.png")
+    if a.activation != "lipswish" and a.data != "digits":
+        raise SystemExit(f"--activation: only --data digits has residual convolutions, got --data {a.data}")
+    unknown = set(a.variants or []) - set(VARIANTS[a.data])
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)} for --data {a.data}; "
+                         f"known: {', '.join(VARIANTS[a.data])}")
     if min(a.relax) <= 0:
         raise SystemExit(f"--relax: values > 0 (the strict model is its own variant), got {a.relax}")
     pool, val, test = splits(a.data)
     if max(a.sizes) > len(pool):
         raise SystemExit(f"--sizes: at most {len(pool)} training samples (the rest is the validation split)")
-    trivial_params = n_params(build(a.data, "trivial", a.hidden))
-    groups = sorted({g for g, _, _ in VARIANTS[a.data].values()} - {"trivial"})
-    widths = {"trivial": a.hidden, **{g: matched_fields(a.data, g, trivial_params) for g in groups}}
+    chosen = {n: v for n, v in VARIANTS[a.data].items() if a.variants is None or n in a.variants}
+    trivial_params = n_params(build(a.data, "trivial", a.hidden, activation=a.activation))
+    groups = sorted({g for g, _, _ in chosen.values()} - {"trivial"})
+    widths = {"trivial": a.hidden,
+              **{g: matched_fields(a.data, g, trivial_params, a.activation) for g in groups}}
     if a.d4_fields:
         widths["d4"] = a.d4_fields
-    counts = ", ".join(f"{g} {n_params(build(a.data, g, w))} ({w} "
+    counts = ", ".join(f"{g} {n_params(build(a.data, g, w, activation=a.activation))} ({w} "
                        f"{'channels' if g == 'trivial' else 'fields'})" for g, w in widths.items())
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, no GPU; {title}: {len(val)} validation, {len(test)} test; "
           f"at most {a.steps} steps of batch {a.batch} (patience {a.patience} x {a.eval_every}), Adam "
-          f"{a.lr}, cosine; parameters: {counts}; {a.workers} workers of one thread", flush=True)
+          f"{a.lr}, cosine, {a.activation}; parameters: {counts}; {a.workers} workers of one thread",
+          flush=True)
     variants = {n: (g, widths[g], aug, a.relax if relaxed else [0.0])
-                for n, (g, aug, relaxed) in VARIANTS[a.data].items()}
+                for n, (g, aug, relaxed) in chosen.items()}
     common = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every,
-              "patience": a.patience}
+              "patience": a.patience, "activation": a.activation}
     jobs = [{"data": a.data, "size": s, "variant": n, "seed": seed, "group": g, "width": w, "augment": aug,
              "relax": r, **common}
             for s in a.sizes for n, (g, w, aug, rs) in variants.items() for seed in a.seeds for r in rs]
 
     def key(j: dict) -> tuple:
-        return (j.get("data", "digits"),) + tuple(j[k] for k in ("size", "variant", "seed", "group", "width",
-                                                                 "augment", "relax", *common))
+        # runs recorded before --activation existed used LipSwish
+        return (j.get("data", "digits"),) + tuple(j.get(k, "lipswish") for k in (
+            "size", "variant", "seed", "group", "width", "augment", "relax", *common))
 
     done = {}
     if a.out.exists():
@@ -321,14 +339,17 @@ def main() -> None:
     print(f"{unit}, mean +- standard deviation over seeds {a.seeds}")
     # the issue's question: augmentation against the strict group (invariant data), or the relaxed
     # model against the best of the others (CIFAR)
-    versus = ("trivial+aug", "d4") if "trivial+aug" in variants else (None, "d4-relaxed")
+    versus = ("trivial+aug", "d4") if "trivial+aug" in VARIANTS[a.data] else (None, "d4-relaxed")
     label = "aug - d4" if versus[0] else "others - relaxed"
-    print(f"{'size':>6} " + " ".join(f"{n:>20s}" for n in variants) + f" {label:>16s}")
+    compared = versus[1] in variants and (versus[0] in variants if versus[0] else len(variants) > 1)
+    print(f"{'size':>6} " + " ".join(f"{n:>20s}" for n in variants) + (f" {label:>16s}" if compared else ""))
     for size in a.sizes:
         cells = [f"{rows[size, n][0]:11.4f} +- {rows[size, n][1]:.4f}" for n in variants]
-        other = rows[size, versus[0]][0] if versus[0] else min(
-            rows[size, n][0] for n in variants if n != versus[1])
-        print(f"{size:6d} " + " ".join(cells) + f" {other - rows[size, versus[1]][0]:16.4f}")
+        if compared:
+            other = rows[size, versus[0]][0] if versus[0] else min(
+                rows[size, n][0] for n in variants if n != versus[1])
+            cells.append(f"{other - rows[size, versus[1]][0]:16.4f}")
+        print(f"{size:6d} " + " ".join(cells))
     _plot(a.plot, a.sizes, variants, rows, unit, title)
 
 

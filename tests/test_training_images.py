@@ -233,8 +233,8 @@ def test_batches_augmented_by_a_group_are_group_images():
 def test_digits_train_evaluate_and_measure_symmetry(tmp_path, capsys):
     """data=digits (no download; its default flow, a small G-residual flow): 17 levels, bits/dim
     below the uniform model's log2(17); the D4-invariant model's log-density gaps vanish up to the
-    dequantisation noise (float64, orbit basis, exact log-dets); a coupling cannot split one grey
-    channel and says so."""
+    dequantisation noise (float64, orbit basis, exact log-dets), for the residual and the coupling
+    flow."""
     from gflows.training.run import run
 
     common = ["data=digits", "group=d4", "flow.n_scales=1", "flow.blocks_per_scale=2",
@@ -249,8 +249,12 @@ def test_digits_train_evaluate_and_measure_symmetry(tmp_path, capsys):
         # identity, equal in expectation for the other elements of an invariant model
         assert len(gaps) == 9 and gaps["(rot 0 deg)"] == (0.0, 0.0)
         assert all(abs(v) < 4 * e for g, (v, e) in gaps.items() if g not in ("(rot 0 deg)", "|gap|"))
-        with pytest.raises(ValueError, match="one-channel image needs a residual flow"):
-            run(compose("config", [*common, "flow=g_coupling"]))
+        # one grey channel: the coupling flow splits the pixels by the mirrored checkerboard
+        coupled = [*common[:-1], "flow=g_coupling", "trainer.steps=10", f"run_dir={tmp_path / 'coupling'}"]
+        out = run(compose("config", coupled))
+        assert out["step"] == 10 and 0 < out["test_bpd"] < math.log2(17)
+        gaps = run(compose("config", [*coupled, "mode=symmetry"]))["gaps_bpd"]
+        assert all(abs(v) < 4 * e for g, (v, e) in gaps.items() if g not in ("(rot 0 deg)", "|gap|"))
         with pytest.raises(ValueError, match="data.augment=c4: c4 contains quarter turns"):
             run(compose("config", [*common, "data.augment=c4", "data.shape=[1,8,6]"]))
     assert "log-density gaps" in capsys.readouterr().out

@@ -13,7 +13,7 @@ from helpers import (
 
 from gflows.groups import Group
 from gflows.nn.equivariant import GConv2d
-from gflows.transforms.coupling import GCoupling, parity_preserving
+from gflows.transforms.coupling import GCoupling, checkerboard, mirrored_checkerboard, parity_preserving
 
 CONFIGS = {
     "affine": dict(shape=(2, 4, 4), kw={}),
@@ -28,6 +28,11 @@ CONFIGS = {
     "spline_squeezed": dict(shape=(8, 2, 2), kw=dict(squeeze_levels=1, spline_bins=3, spline_bound=2.0)),
     "spline_checkerboard": dict(shape=(1, 6, 6), kw=dict(mask="checkerboard", padding_mode="circular",
                                                          spline_bins=4)),
+    "mirrored": dict(shape=(1, 6, 6), kw=dict(mask="mirrored")),
+    "mirrored_odd": dict(shape=(1, 5, 5), kw=dict(mask="mirrored", parity=1)),
+    "mirrored_squeezed": dict(shape=(8, 4, 4), kw=dict(mask="mirrored", squeeze_levels=1)),
+    "mirrored_squeezed2": dict(shape=(16, 1, 1), kw=dict(mask="mirrored", squeeze_levels=2, parity=1)),
+    "mirrored_spline": dict(shape=(4, 2, 2), kw=dict(mask="mirrored", squeeze_levels=1, spline_bins=3)),
 }
 
 
@@ -57,7 +62,8 @@ def test_reconstruction_and_exact_logdet(group, name):
 
 
 @pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed", "squeezed2", "spline",
-                                  "spline_squeezed", "orbit", "orbit_squeezed2"])
+                                  "spline_squeezed", "orbit", "orbit_squeezed2", "mirrored", "mirrored_odd",
+                                  "mirrored_squeezed", "mirrored_squeezed2", "mirrored_spline"])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_equivariance_every_grid_element(group, name, dtype):
@@ -116,6 +122,31 @@ def test_checkerboard_exact_on_parity_preserving_subgroup_only(group):
     for shift, exact in [((1, 1), True), ((2, 0), True), ((1, 0), False)]:
         err = float((t(torch.roll(x, shift, (2, 3)))[0] - torch.roll(y, shift, (2, 3))).abs().max())
         assert (err <= 1e-5) == exact, (shift, err)
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 8])
+def test_mirrored_checkerboard_is_invariant_under_d4_and_splits_pixels(size):
+    """Every element of D4 about the centre maps the pattern onto itself (the plain checkerboard's
+    quarter turns swap it on even grids), and both sides are non-empty."""
+    G = Group("d4")
+    m = mirrored_checkerboard(size, size)
+    assert all(torch.equal(G.act(g, m), m) for g in G.grid_elements)
+    assert 0 < float(m.mean()) < 1 and torch.equal(mirrored_checkerboard(size, size, 1), 1 - m)
+    plain = checkerboard(size, size)  # invariant only where the centre is a pixel
+    assert all(torch.equal(G.act(g, plain), plain) for g in G.grid_elements) == bool(size % 2)
+
+
+def test_mirrored_mask_moves_one_side_and_refuses_a_grid_it_cannot_split():
+    t = layer("d4", "mirrored_squeezed")
+    x = torch.randn(2, 8, 4, 4)
+    y, _ = t(x)
+    keep = ~t.mask_b.bool().expand_as(x)
+    assert torch.equal(y[keep], x[keep]) and float((y - x)[~keep].abs().max()) > 1e-3
+    assert float(t.mask_b.mean()) == 0.5  # half of each coarse site's sub-pixels
+    with pytest.raises(ValueError, match="every pixel on one side"):
+        GCoupling("d4", (1, 2, 2), mask="mirrored")
+    with pytest.raises(ValueError, match="whole fields"):
+        GCoupling("d4", (6, 2, 2), mask="mirrored", squeeze_levels=1)
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -34,8 +34,7 @@ def _block(kind: str, group, shape, level: int, index: int, hidden_fields: int, 
     if kind == "residual":
         return [GResidualBlock(group, shape, hidden_fields, squeeze_levels=level, **kw)]
     if kind == "coupling":
-        return [GCoupling(group, shape, squeeze_levels=level, swap=bool(index % 2),
-                          hidden_fields=hidden_fields, **kw)]
+        return [_coupling(group, shape, level, index, hidden_fields, kw)]
     if kind == "iaf":
         if level:
             raise ValueError("iaf models are single-scale: set n_scales=1")
@@ -43,9 +42,18 @@ def _block(kind: str, group, shape, level: int, index: int, hidden_fields: int, 
     if kind == "glow_butterfly":
         # Butterfly channel mixing commutes with pixel moves but not with the sub-pixel
         # permutations a squeeze brings in: this model is equivariant only at scale 0.
-        return [Butterfly(shape), GCoupling(group, shape, squeeze_levels=level, swap=bool(index % 2),
-                                            hidden_fields=hidden_fields, **kw)]
+        return [Butterfly(shape), _coupling(group, shape, level, index, hidden_fields, kw)]
     raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
+
+
+def _coupling(group, shape, level: int, index: int, hidden_fields: int, kw: dict) -> GCoupling:
+    """Block ``index``'s coupling: the fields' two halves in turn, or, where there is one field (a
+    one-channel image), the two sides of the mirrored checkerboard in turn (exact for all of D4)."""
+    if shape[0] // 4**level < 2:
+        return GCoupling(group, shape, mask="mirrored", parity=index % 2, squeeze_levels=level,
+                         hidden_fields=hidden_fields, **kw)
+    return GCoupling(group, shape, squeeze_levels=level, swap=bool(index % 2), hidden_fields=hidden_fields,
+                     **kw)
 
 
 def image_flow(

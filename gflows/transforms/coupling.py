@@ -25,6 +25,14 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   lattice, and the rotations/reflections about a site. With :meth:`~gflows.groups.Group.act`, which
   rotates about the centre of the array, on an even ``L x L`` array those are the identity, the
   half turn and the two diagonal reflections; the others swap the two sublattices.
+* ``mask='mirrored'``: the image grid's own version, for images of one channel (or one squeezed
+  field), which no channel split can divide: sites where ``(|2i - H + 1| + |2j - W + 1|) // 2`` is
+  even (``parity=0``) condition the others: a checkerboard in each quadrant, mirrored across the
+  centre lines, so that every element of D4 about the array's centre (:meth:`~gflows.groups.Group.act`)
+  maps the pattern onto itself and the layer is exact for every grid element (:func:`mirrored_checkerboard`).
+  Neighbours across a centre line share a parity. On a squeezed input (``squeeze_levels = L``) the
+  pattern is laid on the un-squeezed grid and squeezed with the image, so that it splits the ``4^L``
+  sub-pixel channels of each coarse site too and works down to a ``1 x 1`` coarse grid.
 * ``squeeze_levels = L``: the input is a ``L``-times squeezed image, on which the group also
   permutes the ``4^L`` sub-pixel channels of every original channel (see :mod:`.reshape`). The
   split then keeps each original channel's sub-pixels in one half, and the conditioner maps between
@@ -63,10 +71,12 @@ from torch import Tensor, nn
 from gflows.flow import Transform
 from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.squeezed import squeezed_net
+from gflows.representations import squeeze
 from gflows.transforms.conditioner import Conditioner, conditioner_net
 from gflows.transforms.spline import RQSpline
 
-__all__ = ["AffineMap", "GCoupling", "SplineMap", "checkerboard", "parity_preserving"]
+__all__ = ["AffineMap", "GCoupling", "SplineMap", "checkerboard", "mirrored_checkerboard",
+           "parity_preserving"]
 
 
 def checkerboard(h: int, w: int, parity: int = 0) -> Tensor:
@@ -74,6 +84,16 @@ def checkerboard(h: int, w: int, parity: int = 0) -> Tensor:
     i = torch.arange(h)[:, None]
     j = torch.arange(w)[None, :]
     return (((i + j) % 2) == parity).float()[None, None]
+
+
+def mirrored_checkerboard(h: int, w: int, parity: int = 0) -> Tensor:
+    """``[1, 1, h, w]`` mask, 1 where ``(|2i - h + 1| + |2j - w + 1|) // 2 % 2 == parity``: the
+    checkerboard of each quadrant mirrored across the centre lines, invariant under the reflections
+    ``i -> h - 1 - i``, ``j -> w - 1 - j`` and (square grids) the transposition, hence under D4 about
+    the centre."""
+    i = (2 * torch.arange(h) - h + 1).abs()[:, None]
+    j = (2 * torch.arange(w) - w + 1).abs()[None, :]
+    return ((((i + j) // 2) % 2) == parity).float()[None, None]
 
 
 def parity_preserving(group: Group, g: GroupElement, h: int, w: int) -> bool:
@@ -142,8 +162,8 @@ def _channel_split(c: int, field_size: int, split: int | None) -> int:
         raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
     if c // field_size < 2 and split is None:
         raise ValueError(f"a channel coupling splits whole fields and {c} channels of {field_size} "
-                         "sub-pixels are one field: a one-channel image needs a residual flow "
-                         "(flow=g_residual) or mask='checkerboard'")
+                         "sub-pixels are one field: a one-channel image needs mask='mirrored' (which "
+                         "image_flow picks there) or a residual flow")
     split = split if split is not None else (c // field_size // 2) * field_size
     if split % field_size or not 0 < split < c:
         raise ValueError(f"split {split} must lie strictly between 0 and {c} and keep each channel's "
@@ -157,11 +177,11 @@ class GCoupling(Transform):
     Args:
         group: symmetry group, e.g. ``'d4'``.
         event_shape: ``(C, H, W)``.
-        mask: ``'channel'`` or ``'checkerboard'``.
+        mask: ``'channel'``, ``'checkerboard'`` or ``'mirrored'``.
         split: with ``mask='channel'``, the number of conditioning channels (default ``C // 2``,
             rounded to whole squeezed fields); ``swap=True`` conditions the first part on the second.
-        parity: with ``mask='checkerboard'``, which sublattice conditions the other.
-        squeeze_levels: how many times the input has been squeezed (``mask='channel'`` only).
+        parity: with a spatial mask, which sublattice conditions the other.
+        squeeze_levels: how many times the input has been squeezed (not with ``mask='checkerboard'``).
         affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, activation,
             final_tanh, zero_init, basis, relax: see :class:`Conditioner` (``relax > 0``: relaxed
             equivariance; the map stays invertible with the same log-det whatever the conditioner).
@@ -219,8 +239,20 @@ class GCoupling(Transform):
             self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
             self._register_masks()
             n_in, n_out = c, c
+        elif mask == "mirrored":
+            if c % field_size:
+                raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
+            fine = mirrored_checkerboard(h * 2**self.levels, w * 2**self.levels, parity)
+            if fine.min() == fine.max():
+                raise ValueError(f"a mirrored checkerboard of a {h * 2**self.levels} x {w * 2**self.levels} "
+                                 "image puts every pixel on one side: it needs at least 3 x 3 pixels")
+            for _ in range(self.levels):
+                fine = squeeze(fine)
+            self.register_buffer("mask_b", 1 - fine.repeat(1, c // field_size, 1, 1))
+            self._register_masks()
+            n_in = n_out = c // field_size
         else:
-            raise ValueError(f"unknown mask {mask!r}: expected 'channel' or 'checkerboard'")
+            raise ValueError(f"unknown mask {mask!r}: expected 'channel', 'checkerboard' or 'mirrored'")
         self.n_out = n_out
         self.elementwise = (SplineMap(self.spline_bins, self.spline_bound, n_out, field_size)
                             if self.spline_bins else AffineMap())
@@ -259,13 +291,13 @@ class GCoupling(Transform):
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(a, b)``: the conditioning part (checkerboard: the whole field with the ``b`` sites
         zeroed) and the part the element-wise map moves (checkerboard: the whole field)."""
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind != "channel":
             return x * self.mask_a, x
         a, b = x[:, : self.split], x[:, self.split :]
         return (b, a) if self.swap else (a, b)
 
     def _merge(self, x: Tensor, a: Tensor, y: Tensor) -> Tensor:
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind != "channel":
             return torch.where(self.mask_b_bool, y, x)
         return torch.cat([y, a] if self.swap else [a, y], 1)
 
@@ -275,7 +307,7 @@ class GCoupling(Transform):
         a, b = self._split(x)
         params = self.conditioner(a)
         y, ladj = (self.elementwise.inverse if inverse else self.elementwise.forward)(b, params)
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind != "channel":
             ladj = ladj * self.mask_b
         return self._merge(x, a, y), ladj.flatten(1).sum(1)
 
@@ -298,7 +330,7 @@ class GCoupling(Transform):
         if not grad_on:
             params = tuple(p.detach() for p in outs) if isinstance(params, tuple) else params.detach()
         y, ladj = self.elementwise.inverse(b, params)
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind != "channel":
             ladj = ladj * self.mask_b
         x = self._merge(z, a, y)
         # The element-wise part of J_f(x)^T s_z + grad log|det J_f(x)|, with s_z's conditioning
@@ -310,7 +342,7 @@ class GCoupling(Transform):
         g_x = self._merge(score, self._split(score)[0], g_b)
         # ... plus the conditioner's part: one input-gradient pass through the run above.
         g_params = g_params if isinstance(g_params, tuple) else (g_params,)
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind != "channel":
             g_params = tuple(g * self.mask_b for g in g_params)
         pairs = [(o, g) for o, g in zip(outs, g_params, strict=True) if o.requires_grad]
         (g_a,) = torch.autograd.grad([o for o, _ in pairs], a_in, [g for _, g in pairs],
@@ -319,7 +351,7 @@ class GCoupling(Transform):
 
     def _split_adjoint(self, g_a: Tensor) -> Tensor:
         """The gradient with respect to ``x`` of ``a(x) . g_a``, ``a`` the conditioning part."""
-        if self.mask_kind == "checkerboard":
+        if self.mask_kind != "channel":
             return g_a * self.mask_a
         n, _, h, w = g_a.shape
         zeros = g_a.new_zeros(n, self.event_shape[0] - g_a.shape[1], h, w)
