@@ -83,9 +83,10 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build(data: str, group: str, width: int, relax: float = 0.0, activation: str = "lipswish"):
-    """The model of ``data`` with ``width`` hidden channels (trivial) or regular fields; ``activation``
-    between the digits' residual convolutions (``GResidualBlock``'s)."""
+def build(data: str, group: str, width: int, relax: float = 0.0, activation: str = "lipswish",
+          flow: str = "residual"):
+    """The model of ``data`` with ``width`` hidden channels (trivial) or regular fields; for the digits
+    ``flow`` is the family, and ``activation`` is the one between the residual blocks' convolutions."""
     if data == "phi4":
         # the recommended sampler's architecture at half the depth, escnn's basis (as the configs);
         # D4 with the phi -> -phi symmetrisation: every symmetry of the action exact
@@ -96,17 +97,23 @@ def build(data: str, group: str, width: int, relax: float = 0.0, activation: str
         return image_model("coupling", group, (3, 32, 32), n_scales=3, blocks_per_scale=2,
                            hidden_fields=width, squeeze_first=True, invconv=True, kernel_sizes=(3, 1, 3),
                            basis="orbit", relax=relax)
+    if flow == "coupling":
+        # the one grey channel is split by the mirrored checkerboard (exact for D4) in turn
+        return image_model("coupling", group, (1, 8, 8), alpha=0.05, levels=LEVELS, n_scales=2,
+                           blocks_per_scale=4, hidden_fields=width, squeeze_first=True, invconv=True,
+                           kernel_sizes=(3, 1, 3), basis="orbit", relax=relax)
     return image_model("residual", group, (1, 8, 8), alpha=0.05, levels=LEVELS, n_scales=2,
                        blocks_per_scale=3, hidden_fields=width, kernel_sizes=(3, 1, 3),
                        basis="orbit", relax=relax, n_exact_terms=2, lipschitz_kwargs={"train_iters": 5},
                        activation=activation)
 
 
-def matched_fields(data: str, group: str, trivial_params: int, activation: str = "lipswish") -> int:
+def matched_fields(data: str, group: str, trivial_params: int, activation: str = "lipswish",
+                   flow: str = "residual") -> int:
     """The width (regular fields of ``group``) whose parameter count is nearest the trivial model's
     (the count grows with the width: bisection, since every build computes bases)."""
     def count(fields: int) -> int:
-        return n_params(build(data, group, fields, activation=activation))
+        return n_params(build(data, group, fields, activation=activation, flow=flow))
 
     lo, hi = 1, 128
     while hi - lo > 1:
@@ -221,7 +228,8 @@ def run_job(job: dict) -> dict:
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(job["seed"]))
     x = pool[perm[: job["size"]]]
     torch.manual_seed(job["seed"])
-    model = build(data, job["group"], job["width"], job["relax"], job.get("activation", "lipswish"))
+    model = build(data, job["group"], job["width"], job["relax"], job.get("activation", "lipswish"),
+                  job.get("flow", "residual"))
     t0 = time.perf_counter()
     t, v, best, ran = train(data, model, x, val, test, job["steps"], min(job["batch"], job["size"]),
                             job["lr"], job["seed"], job["augment"], job["eval_every"], job["patience"])
@@ -261,6 +269,8 @@ def main() -> None:
                    help="the D4 width in regular fields (default: matched to the trivial parameter count)")
     p.add_argument("--activation", choices=["lipswish", "tanh"], default="lipswish",
                    help="between the digits' residual convolutions (the figures before 2026-12-05: lipswish)")
+    p.add_argument("--flow", choices=["residual", "coupling"], default="residual",
+                   help="the digits' flow family (the figures before 2026-12-05: residual)")
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (default: all)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each")
     p.add_argument("--out", type=Path, default=None,
@@ -268,12 +278,16 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None)
     a = p.parse_args()
     sizes, hidden, lr, unit, title = DEFAULTS[a.data]
+    title += f" ({a.flow} flows{', tanh' if a.activation == 'tanh' else ''})" if a.data == "digits" else ""
     a.sizes, a.hidden, a.lr = a.sizes or sizes, a.hidden or hidden, a.lr or lr
     stem = "bench_symmetry" if a.data == "digits" else f"bench_symmetry_{a.data}"
+    stem += "_coupling" if a.flow == "coupling" else "_tanh" if a.activation == "tanh" else ""
     a.out = a.out or Path(f"benchmarks/{stem}.jsonl")
     a.plot = a.plot or Path(f"benchmarks/{stem}.png")
-    if a.activation != "lipswish" and a.data != "digits":
-        raise SystemExit(f"--activation: only --data digits has residual convolutions, got --data {a.data}")
+    if (a.activation != "lipswish" or a.flow != "residual") and a.data != "digits":
+        raise SystemExit(f"--activation and --flow choose the digits' flow, not --data {a.data}'s")
+    if a.activation != "lipswish" and a.flow != "residual":
+        raise SystemExit("--activation: only the residual flow has residual convolutions")
     unknown = set(a.variants or []) - set(VARIANTS[a.data])
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)} for --data {a.data}; "
@@ -284,30 +298,32 @@ def main() -> None:
     if max(a.sizes) > len(pool):
         raise SystemExit(f"--sizes: at most {len(pool)} training samples (the rest is the validation split)")
     chosen = {n: v for n, v in VARIANTS[a.data].items() if a.variants is None or n in a.variants}
-    trivial_params = n_params(build(a.data, "trivial", a.hidden, activation=a.activation))
+    model = {"activation": a.activation, "flow": a.flow}
+    trivial_params = n_params(build(a.data, "trivial", a.hidden, **model))
     groups = sorted({g for g, _, _ in chosen.values()} - {"trivial"})
     widths = {"trivial": a.hidden,
-              **{g: matched_fields(a.data, g, trivial_params, a.activation) for g in groups}}
+              **{g: matched_fields(a.data, g, trivial_params, **model) for g in groups}}
     if a.d4_fields:
         widths["d4"] = a.d4_fields
-    counts = ", ".join(f"{g} {n_params(build(a.data, g, w, activation=a.activation))} ({w} "
+    counts = ", ".join(f"{g} {n_params(build(a.data, g, w, **model))} ({w} "
                        f"{'channels' if g == 'trivial' else 'fields'})" for g, w in widths.items())
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, no GPU; {title}: {len(val)} validation, {len(test)} test; "
           f"at most {a.steps} steps of batch {a.batch} (patience {a.patience} x {a.eval_every}), Adam "
-          f"{a.lr}, cosine, {a.activation}; parameters: {counts}; {a.workers} workers of one thread",
-          flush=True)
+          f"{a.lr}, cosine, {a.flow} flow ({a.activation}); parameters: {counts}; {a.workers} workers of "
+          "one thread", flush=True)
     variants = {n: (g, widths[g], aug, a.relax if relaxed else [0.0])
                 for n, (g, aug, relaxed) in chosen.items()}
     common = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every,
-              "patience": a.patience, "activation": a.activation}
+              "patience": a.patience, **model}
     jobs = [{"data": a.data, "size": s, "variant": n, "seed": seed, "group": g, "width": w, "augment": aug,
              "relax": r, **common}
             for s in a.sizes for n, (g, w, aug, rs) in variants.items() for seed in a.seeds for r in rs]
 
     def key(j: dict) -> tuple:
-        # runs recorded before --activation existed used LipSwish
-        return (j.get("data", "digits"),) + tuple(j.get(k, "lipswish") for k in (
+        # runs recorded before --activation and --flow existed: LipSwish residual flows
+        old = {"activation": "lipswish", "flow": "residual"}
+        return (j.get("data", "digits"),) + tuple(j[k] if k in j else old[k] for k in (
             "size", "variant", "seed", "group", "width", "augment", "relax", *common))
 
     done = {}
