@@ -226,33 +226,7 @@ class GCoupling(Transform):
         self.group.check_grid(h, w, "GCoupling")
         self.mask_kind, self.swap, self.levels = mask, bool(swap), int(squeeze_levels)
         self.field_size = field_size = 4**self.levels
-        if mask == "channel":
-            self.split = _channel_split(c, field_size, split)
-            n_a, n_b = (c - self.split, self.split) if swap else (self.split, c - self.split)
-            n_in, n_out = n_a // field_size, n_b // field_size
-        elif mask == "checkerboard":
-            if self.levels:
-                raise ValueError("checkerboard masks act on unsqueezed grids: use squeeze_levels=0")
-            if padding_mode == "circular" and (h % 2 or w % 2):
-                raise ValueError(f"a checkerboard on a periodic {h} x {w} lattice needs even sizes: with an "
-                                 "odd one, translations wrap sites onto the other parity")
-            self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
-            self._register_masks()
-            n_in, n_out = c, c
-        elif mask == "mirrored":
-            if c % field_size:
-                raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
-            fine = mirrored_checkerboard(h * 2**self.levels, w * 2**self.levels, parity)
-            if fine.min() == fine.max():
-                raise ValueError(f"a mirrored checkerboard of a {h * 2**self.levels} x {w * 2**self.levels} "
-                                 "image puts every pixel on one side: it needs at least 3 x 3 pixels")
-            for _ in range(self.levels):
-                fine = squeeze(fine)
-            self.register_buffer("mask_b", 1 - fine.repeat(1, c // field_size, 1, 1))
-            self._register_masks()
-            n_in = n_out = c // field_size
-        else:
-            raise ValueError(f"unknown mask {mask!r}: expected 'channel', 'checkerboard' or 'mirrored'")
+        n_in, n_out = self._masks(mask, split, swap, parity, padding_mode)
         self.n_out = n_out
         self.elementwise = (SplineMap(self.spline_bins, self.spline_bound, n_out, field_size)
                             if self.spline_bins else AffineMap())
@@ -262,6 +236,38 @@ class GCoupling(Transform):
                     activation, final_tanh, zero_init, basis)
         self.conditioner = squeezed_net(self.group, self.levels,
                                         lambda lv: self._conditioner(n_in, lv, *settings))
+
+    def _masks(self, mask: str, split: int | None, swap: bool, parity: int,
+               padding_mode: str) -> tuple[int, int]:
+        """Sets up the split of ``mask`` (the spatial masks as buffers); returns the conditioner's
+        input and output fields."""
+        (c, h, w), field_size, levels = self.event_shape, self.field_size, self.levels
+        if mask == "channel":
+            self.split = _channel_split(c, field_size, split)
+            n_a, n_b = (c - self.split, self.split) if swap else (self.split, c - self.split)
+            return n_a // field_size, n_b // field_size
+        if mask == "checkerboard":
+            if levels:
+                raise ValueError("checkerboard masks act on unsqueezed grids: use squeeze_levels=0")
+            if padding_mode == "circular" and (h % 2 or w % 2):
+                raise ValueError(f"a checkerboard on a periodic {h} x {w} lattice needs even sizes: with an "
+                                 "odd one, translations wrap sites onto the other parity")
+            self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
+            self._register_masks()
+            return c, c
+        if mask == "mirrored":
+            if c % field_size:
+                raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
+            fine = mirrored_checkerboard(h * 2**levels, w * 2**levels, parity)
+            if fine.min() == fine.max():
+                raise ValueError(f"a mirrored checkerboard of a {h * 2**levels} x {w * 2**levels} "
+                                 "image puts every pixel on one side: it needs at least 3 x 3 pixels")
+            for _ in range(levels):
+                fine = squeeze(fine)
+            self.register_buffer("mask_b", 1 - fine.repeat(1, c // field_size, 1, 1))
+            self._register_masks()
+            return c // field_size, c // field_size
+        raise ValueError(f"unknown mask {mask!r}: expected 'channel', 'checkerboard' or 'mirrored'")
 
     def _register_masks(self) -> None:
         # the checkerboard's complement and boolean form, made once: every small operator recorded on
