@@ -136,12 +136,17 @@ def test_mirrored_checkerboard_is_invariant_under_d4_and_splits_pixels(size):
     assert all(torch.equal(G.act(g, plain), plain) for g in G.grid_elements) == bool(size % 2)
 
 
-def test_mirrored_mask_moves_one_side_and_refuses_a_grid_it_cannot_split():
-    t = layer("d4", "mirrored_squeezed")
-    x = torch.randn(2, 8, 4, 4)
+def assert_moves_only_masked_entries(group, name):
+    t = layer(group, name)
+    x = torch.randn(2, *CONFIGS[name]["shape"])
     y, _ = t(x)
     keep = ~t.mask_b.bool().expand_as(x)
     assert torch.equal(y[keep], x[keep]) and float((y - x)[~keep].abs().max()) > 1e-3
+    return t
+
+
+def test_mirrored_mask_moves_one_side_and_refuses_a_grid_it_cannot_split():
+    t = assert_moves_only_masked_entries("d4", "mirrored_squeezed")
     assert float(t.mask_b.mean()) == 0.5  # half of each coarse site's sub-pixels
     with pytest.raises(ValueError, match="every pixel on one side"):
         GCoupling("d4", (1, 2, 2), mask="mirrored")
@@ -191,11 +196,7 @@ def test_spline_coupling_starts_as_identity_and_rejects_bad_settings():
 
 
 def test_spline_checkerboard_keeps_the_conditioning_sublattice():
-    t = layer("trivial", "spline_checkerboard")
-    x = torch.randn(2, 1, 6, 6)
-    y, _ = t(x)
-    keep = ~t.mask_b.bool().expand_as(x)
-    assert torch.equal(y[keep], x[keep]) and float((y - x)[~keep].abs().max()) > 1e-3
+    assert_moves_only_masked_entries("trivial", "spline_checkerboard")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
