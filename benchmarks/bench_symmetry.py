@@ -79,6 +79,10 @@ PHI4_CACHE = Path(os.environ.get("TMPDIR", "/tmp")) / f"gflows-bench-symmetry-ph
 CIFAR_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 
 
+# the model settings of runs recorded before --activation and --flow existed: LipSwish residual flows
+LEGACY = {"activation": "lipswish", "flow": "residual"}
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -228,8 +232,8 @@ def run_job(job: dict) -> dict:
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(job["seed"]))
     x = pool[perm[: job["size"]]]
     torch.manual_seed(job["seed"])
-    model = build(data, job["group"], job["width"], job["relax"], job.get("activation", "lipswish"),
-                  job.get("flow", "residual"))
+    settings = {k: job.get(k, v) for k, v in LEGACY.items()}
+    model = build(data, job["group"], job["width"], job["relax"], **settings)
     t0 = time.perf_counter()
     t, v, best, ran = train(data, model, x, val, test, job["steps"], min(job["batch"], job["size"]),
                             job["lr"], job["seed"], job["augment"], job["eval_every"], job["patience"])
@@ -321,9 +325,7 @@ def main() -> None:
             for s in a.sizes for n, (g, w, aug, rs) in variants.items() for seed in a.seeds for r in rs]
 
     def key(j: dict) -> tuple:
-        # runs recorded before --activation and --flow existed: LipSwish residual flows
-        old = {"activation": "lipswish", "flow": "residual"}
-        return (j.get("data", "digits"),) + tuple(j[k] if k in j else old[k] for k in (
+        return (j.get("data", "digits"),) + tuple(j[k] if k in j else LEGACY[k] for k in (
             "size", "variant", "seed", "group", "width", "augment", "relax", *common))
 
     done = {}

@@ -49,11 +49,9 @@ def _block(kind: str, group, shape, level: int, index: int, hidden_fields: int, 
 def _coupling(group, shape, level: int, index: int, hidden_fields: int, kw: dict) -> GCoupling:
     """Block ``index``'s coupling: the fields' two halves in turn, or, where there is one field (a
     one-channel image), the two sides of the mirrored checkerboard in turn (exact for all of D4)."""
-    if shape[0] // 4**level < 2:
-        return GCoupling(group, shape, mask="mirrored", parity=index % 2, squeeze_levels=level,
-                         hidden_fields=hidden_fields, **kw)
-    return GCoupling(group, shape, squeeze_levels=level, swap=bool(index % 2), hidden_fields=hidden_fields,
-                     **kw)
+    one_field = shape[0] // 4**level < 2
+    split = {"mask": "mirrored", "parity": index % 2} if one_field else {"swap": bool(index % 2)}
+    return GCoupling(group, shape, squeeze_levels=level, hidden_fields=hidden_fields, **split, **kw)
 
 
 def image_flow(

@@ -156,11 +156,16 @@ class SplineMap:
         return g_b, g_raw
 
 
-def _channel_split(c: int, field_size: int, split: int | None) -> int:
-    """The number of conditioning channels: ``split``, or half the fields, in whole squeezed fields."""
+def _fields(c: int, field_size: int) -> int:
+    """How many squeezed fields of ``field_size`` sub-pixels ``c`` channels hold (whole ones only)."""
     if c % field_size:
         raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
-    if c // field_size < 2 and split is None:
+    return c // field_size
+
+
+def _channel_split(c: int, field_size: int, split: int | None) -> int:
+    """The number of conditioning channels: ``split``, or half the fields, in whole squeezed fields."""
+    if _fields(c, field_size) < 2 and split is None:
         raise ValueError(f"a channel coupling splits whole fields and {c} channels of {field_size} "
                          "sub-pixels are one field: a one-channel image needs mask='mirrored' (which "
                          "image_flow picks there) or a residual flow")
@@ -256,17 +261,16 @@ class GCoupling(Transform):
             self._register_masks()
             return c, c
         if mask == "mirrored":
-            if c % field_size:
-                raise ValueError(f"{c} channels are not whole fields of {field_size} squeezed sub-pixels")
+            fields = _fields(c, field_size)
             fine = mirrored_checkerboard(h * 2**levels, w * 2**levels, parity)
             if fine.min() == fine.max():
                 raise ValueError(f"a mirrored checkerboard of a {h * 2**levels} x {w * 2**levels} "
                                  "image puts every pixel on one side: it needs at least 3 x 3 pixels")
             for _ in range(levels):
                 fine = squeeze(fine)
-            self.register_buffer("mask_b", 1 - fine.repeat(1, c // field_size, 1, 1))
+            self.register_buffer("mask_b", 1 - fine.repeat(1, fields, 1, 1))
             self._register_masks()
-            return c // field_size, c // field_size
+            return fields, fields
         raise ValueError(f"unknown mask {mask!r}: expected 'channel', 'checkerboard' or 'mirrored'")
 
     def _register_masks(self) -> None:
