@@ -45,6 +45,21 @@ def test_twins_extend_the_g_flows():
         assert {k for k in a if a[k] != b[k]} <= {"name", "group", "sign_symmetric"}
 
 
+@pytest.mark.parametrize("name", ["g_coupling", "coupling", "g_residual", "residual"])
+def test_digits_size_the_image_flows(name):
+    """data=digits sizes the image flows for 8x8 images (configs/size/), after the flow's own config
+    and before the preset; the command line has the last word."""
+    cifar, digits = flow_config(name), flow_config(name, "data=digits")
+    assert (cifar.n_scales, cifar.hidden_channels) != (digits.n_scales, digits.hidden_channels)
+    assert (digits.n_scales, digits.blocks_per_scale, digits.hidden_channels) == (2, 4, 64)
+    assert {k for k in cifar if cifar[k] != digits[k]} <= {"n_scales", "hidden_channels", "fc_blocks"}
+    assert flow_config(name, "data=digits", "flow.hidden_channels=24").hidden_channels == 24
+    assert flow_config(name, "data=digits", "preset=tiny").hidden_channels == 16
+    if name.endswith("residual"):  # data=digits' default flow is the same model
+        default = flow_config("default_digits", "data=digits")
+        assert {k for k in digits if digits[k] != default[k]} <= {"name", "group"}
+
+
 def test_mistakes_are_named():
     with pytest.raises(ValueError, match="flow=lattice_coupling is a lattice flow, not an image flow"):
         image_model_from_config(flow_config("lattice_coupling"), (3, 8, 8), 0.05)

@@ -376,19 +376,27 @@ def test_block_basis_is_the_dense_basis(group, fields):
     assert torch.allclose(grad, grad_ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pointwise_convolution_is_the_convolution_with_its_derivatives(bias, dtype):
-    """1x1 convolutions run as a batched matrix product on the CPU: the same values, first and
+def test_pointwise_convolution_is_the_convolution_with_its_derivatives(bias, dtype, layout):
+    """1x1 convolutions run as a (batched) matrix product on the CPU: the same values, first and
     second derivatives as ``F.conv2d`` (the residual flows' series needs the second), whatever the
-    input's strides."""
+    input's strides; channels-last inputs give channels-last outputs."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     conv = GConv2d("d4", (2, "regular"), (3, "regular"), 1, bias=bias).to(dtype)
     w, b = conv.expanded()
-    x = torch.randn(5, 6, 4, 16, dtype=dtype).permute(0, 3, 1, 2).requires_grad_(True)  # not contiguous
+    x = torch.randn(5, 16, 6, 4, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":  # neither layout: H and W swapped in memory
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    x.requires_grad_(True)
     y, y_ref = conv.conv(x, w, b), F.conv2d(x, w, b)
+    assert (layout == "channels_last") == (y.is_contiguous(memory_format=torch.channels_last)
+                                           and not y.is_contiguous())
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(y, y_ref, rtol=tol, atol=tol)
     v = torch.randn_like(y)

@@ -75,7 +75,12 @@ def solve_tolerances(atol: float | None, rtol: float | None, dtype: torch.dtype)
 
 
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).reshape(a.shape[0], -1).sum(1)
+    # summed over the event dimensions in place: a reshape would copy channels-last products
+    return (a * b).sum(tuple(range(1, a.dim())))
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _batch_jacobian(gx: Tensor, x: Tensor, create_graph: bool, chunk: int = 256) -> Tensor:
@@ -168,8 +173,10 @@ class ResidualTransform(Transform):
     def _probe(self, x: Tensor) -> Tensor:
         """Hutchinson probe with E[v v^T] = I."""
         # drawn contiguous: randn_like keeps a permuted input's strides (a squeeze's, an invertible
-        # 1x1 convolution's), on which CPU sampling runs about 9x slower
-        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        # 1x1 convolution's), on which CPU sampling runs about 9x slower; then in a channels-last
+        # input's layout (the same numbers in either layout), which the Jacobian's products keep
+        v = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        return v.contiguous(memory_format=torch.channels_last) if self._runs_channels_last(x) else v
 
     def _series(
         self, gx: Tensor, x: Tensor, create_graph: bool, jac: Linearised | None = None
@@ -203,7 +210,22 @@ class ResidualTransform(Transform):
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
         return torch.linalg.slogdet(eye + jac).logabsdet
 
+    def _prefers_channels_last(self, x: Tensor) -> bool:
+        """Whether ``g`` runs faster on ``x`` stored channels-last (``GConvNet.prefers_channels_last``)."""
+        prefers = getattr(self.g, "prefers_channels_last", None)
+        return prefers is not None and self.logdet == "estimate" and prefers(x)
+
+    def _runs_channels_last(self, x: Tensor) -> bool:
+        return _channels_last(x) and self._prefers_channels_last(x)
+
     def _g_and_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self._prefers_channels_last(x):
+            # g, the probe and every Jacobian product in one layout; g(x) back in the input's
+            gx, logdet = self._g_and_logdet_in(x.contiguous(memory_format=torch.channels_last))
+            return gx.contiguous(), logdet
+        return self._g_and_logdet_in(x)
+
+    def _g_and_logdet_in(self, x: Tensor) -> tuple[Tensor, Tensor]:
         params = [p for p in self.g.parameters() if p.requires_grad]
         grad_needed = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         if (
