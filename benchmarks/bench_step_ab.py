@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_checks  # this folder, first on sys.path when run as a script
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -93,14 +94,7 @@ def branch_ms(channels_last: bool, c: int, hw: int, hidden: int = 128, batch: in
         jv = conv(torch.ops.aten.tanh_backward(conv(t, w2), a2), w3)
         ((g * g).sum() + (u * jv).sum()).backward()
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return bench_checks.median_us(once, repeats=repeats, warmup=3) / 1e3
 
 
 def main() -> None:
