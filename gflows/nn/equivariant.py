@@ -36,7 +36,7 @@ from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linear
 from gflows.representations import field_type, orbit_labels, permutation
 
 __all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "Tanh", "circular_conv2d", "circular_pad",
-           "kernel_orbits", "symmetry_breaking_sq_norm"]
+           "is_channels_last", "kernel_orbits", "symmetry_breaking_sq_norm"]
 
 PADDING_MODES = ("zeros", "circular")
 BASES = ("escnn", "orbit", "auto")
@@ -570,11 +570,16 @@ class GConv2d(nn.Module):
         return self.conv(x, w, b)
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is a 4-D tensor stored channels-last (NHWC) and not also plainly contiguous."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _pointwise(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """A 1x1 convolution as one batched matrix product over the pixels: with its backward 1.4-2.1x
     faster than the CPU's convolution kernels at 128 channels (benchmarks/bench_pointwise.py)."""
     b, c, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         # pixels as rows [B, H, W, C] in place: one product, and the output stays channels-last
         y = x.permute(0, 2, 3, 1).reshape(b, h * w, c) @ weight.view(weight.shape[0], c).t()
         if bias is not None:
@@ -746,7 +751,6 @@ class GConvNet(nn.Module):
                               else activation(hidden_fields, self.group.order))
         self.layers = nn.ModuleList(layers)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.padding_mode = padding_mode
 
     @property
     def linearisable(self) -> bool:
@@ -767,12 +771,14 @@ class GConvNet(nn.Module):
 
     def prefers_channels_last(self, x: Tensor) -> bool:
         """Whether the stack runs faster on ``x`` stored channels-last (NHWC): on CPU, zero padding and
-        at least :attr:`CHANNELS_LAST_PIXELS` pixels. The backend's 3x3 convolutions then take
-        0.84x the time of a residual block's step at 16 x 16 (12 -> 128 -> 128 -> 12 channels, batch
-        16), but level at 8 x 8 and 1.15x at 4 x 4, where the layout's conversions and strided
-        element-wise passes cost more (benchmarks/RESULTS.md, 2026-12-06). A caller that converts
-        ``x`` keeps every vector it applies the stack's Jacobian to in the same layout."""
-        return (x.device.type == "cpu" and x.dim() == 4 and self.padding_mode == "zeros"
+        at least :attr:`CHANNELS_LAST_PIXELS` pixels. A residual branch's training work (12 -> 128 ->
+        128 -> 12 channels, batch 16) then takes 0.84x the time at 16 x 16, but 0.96-1.00x at 8 x 8
+        and 1.11-1.15x at 4 x 4, where the layout's conversions and strided element-wise passes cost
+        more than the convolutions gain (benchmarks/bench_step_ab.py --layout, RESULTS.md, 2026-12-06).
+        A caller that converts ``x`` keeps every vector it applies the stack's Jacobian to in the same
+        layout."""
+        # the padding from the layers (all share it), so that stacks pickled before this method work
+        return (x.device.type == "cpu" and x.dim() == 4 and self.layers[0].padding_mode == "zeros"
                 and x.shape[-1] * x.shape[-2] >= self.CHANNELS_LAST_PIXELS)
 
     def hidden(self, x: Tensor) -> Tensor:

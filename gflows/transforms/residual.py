@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
-from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish, Tanh
+from gflows.nn.equivariant import GConvNet, GroupAveraged, LipSwish, Tanh, is_channels_last
 from gflows.nn.linearised import Linearised, Sequential, is_linearisable, linearise
 from gflows.nn.lipschitz import LipschitzGConv2d, LipschitzLinear, SpectralNormalised
 from gflows.nn.squeezed import AtFineGrid, squeezed_net
@@ -77,10 +77,6 @@ def solve_tolerances(atol: float | None, rtol: float | None, dtype: torch.dtype)
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     # summed over the event dimensions in place: a reshape would copy channels-last products
     return (a * b).sum(tuple(range(1, a.dim())))
-
-
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _batch_jacobian(gx: Tensor, x: Tensor, create_graph: bool, chunk: int = 256) -> Tensor:
@@ -216,7 +212,7 @@ class ResidualTransform(Transform):
         return prefers is not None and self.logdet == "estimate" and prefers(x)
 
     def _runs_channels_last(self, x: Tensor) -> bool:
-        return _channels_last(x) and self._prefers_channels_last(x)
+        return is_channels_last(x) and self._prefers_channels_last(x)
 
     def _g_and_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self._prefers_channels_last(x):
