@@ -177,29 +177,51 @@ class ResidualTransform(Transform):
     def _series(
         self, gx: Tensor, x: Tensor, create_graph: bool, jac: Linearised | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """Russian-roulette estimate and, with Neumann gradients, the surrogate for backward.
+        r"""Russian-roulette estimate and, with Neumann gradients, the surrogate for backward.
         ``jac``: ``g``'s own Jacobian at ``x`` (:func:`~gflows.nn.linearised.linearise`), for the
-        terms that need no graph and for the surrogate ``u^T J v``."""
+        terms that need no graph and for the surrogate ``u^T J v``.
+
+        With ``n`` terms drawn, term ``k`` of the estimate is :math:`v^\top J^k v` and the Neumann
+        sum is :math:`u = \sum_{k=1}^{n} (-1)^{k+1} w_k (J^\top)^{k-1} v` (``w_k`` the roulette
+        weight of term ``k``), whose :math:`u^\top (\nabla J) v` is the gradient of the same ``n``
+        terms: unbiased, as term ``k`` of the series is kept with probability ``1 / w_k``. Where ``J v``
+        is at hand (``jac``) term ``k`` is :math:`((J^\top)^{k-1} v)^\top (J v)`, so the ``n`` terms
+        and the surrogate take one ``J v`` and ``n - 1`` products with ``J^T``.
+        """
         n, weights = self._roulette()
         v = self._probe(x)
+        neumann_grad = self.neumann_grad and create_graph
+        if neumann_grad and jac is not None:
+            return self._series_jvp(n, weights, v, jac)
+        graph = create_graph and not neumann_grad  # back-propagating through the series itself
         w, estimate = v, x.new_zeros(x.shape[0])
-        neumann = v if self.neumann_grad and create_graph else None
-        graph = create_graph and neumann is None
+        neumann = x.new_zeros(x.shape) if neumann_grad else None
         for k in range(1, n + 1):
-            if jac is not None and not graph:
+            if neumann is not None:
+                neumann = neumann + (-1) ** (k + 1) * weights[k] * w  # w = (J^T)^(k-1) v
+            if jac is not None and not create_graph:
                 w = jac.vjp(w)
             else:
                 (w,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=graph)
             estimate = estimate + (-1) ** (k + 1) / k * weights[k] * _flat_dot(w, v)
-            if neumann is not None:
-                neumann = neumann + (-1) ** k * weights[k] * w
         if neumann is None:
             return estimate, None
-        # the surrogate u^T J v with u the Neumann sum: its gradient is the log-det's (Chen et al.)
-        if jac is not None:
-            return estimate.detach(), _flat_dot(neumann.detach(), jac.jvp(v))
+        # the surrogate (J^T u)^T v with u the Neumann sum: its gradient is the log-det's (Chen et al.)
         (vjp,) = torch.autograd.grad(gx, x, neumann.detach(), retain_graph=True, create_graph=True)
         return estimate.detach(), _flat_dot(vjp, v)
+
+    @staticmethod
+    def _series_jvp(n: int, weights: list[float], v: Tensor, jac: Linearised) -> tuple[Tensor, Tensor]:
+        """:meth:`_series` with Neumann gradients through ``g``'s own differentiable ``J v``."""
+        jv = jac.jvp(v)
+        jv0 = jv.detach()
+        w, estimate, neumann = v, jv0.new_zeros(v.shape[0]), torch.zeros_like(v)
+        for k in range(1, n + 1):
+            if k > 1:
+                w = jac.vjp(w)  # (J^T)^(k-1) v
+            estimate = estimate + (-1) ** (k + 1) / k * weights[k] * _flat_dot(w, jv0)
+            neumann = neumann + (-1) ** (k + 1) * weights[k] * w
+        return estimate, _flat_dot(neumann, jv)
 
     def _exact(self, gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
         jac = _batch_jacobian(gx, x, create_graph)
