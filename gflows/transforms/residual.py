@@ -22,7 +22,9 @@ Log-det:  :math:`\log\det(I + J_g) = \sum_{k\ge1} (-1)^{k+1} \operatorname{tr}(J
   series' products :math:`J^\top w` run through it without autograd, and the surrogate is
   :math:`u^\top J v` (the Neumann sum ``u`` held fixed) through its differentiable ``J v``: the same
   gradients as autograd's :math:`(J^\top u)^\top v`, without a second-order pass over backward
-  operators.
+  operators. That ``J v`` also gives the terms, :math:`v^\top J^k v = ((J^\top)^{k-1} v)^\top (J v)`,
+  so ``n`` terms and the surrogate take ``n - 1`` products with :math:`J^\top` and one with ``J``
+  (Chen et al.'s code: ``n`` and one).
 
 Group action: if :math:`g` is G-equivariant, :math:`f(h\cdot x) = h\cdot f(x)` and, since ``h`` acts by
 a permutation, :math:`\log|\det J_f(h \cdot x)| = \log|\det J_f(x)|`. :class:`GResidualBlock` builds
