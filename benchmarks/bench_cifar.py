@@ -14,6 +14,7 @@ evaluated (EMA weights, 10 exact log-det terms plus the Russian roulette) on the
 trained on the subset with Adam at the same batch size, then test bits/dim of each. Glow models
 ``x / 256`` with uniform dequantisation, so its bits/dim is ``-log p(x / 256) / (D ln 2) + 8``; gflows
 counts its logit and dequantisation log-dets itself: the two figures measure the same thing.
+``gflows``: ``glow``'s gflows half alone, for an A/B of its settings against a Glow of the same session.
 
 ``steps``: seconds per training step and images per second of the gflows image models and of
 normflows' Glow and residual flow, interleaved, on ``--device`` (cpu or cuda). ``evaluation``: seconds
@@ -270,6 +271,12 @@ def _table(a, rows, n_test: int) -> None:
     for label, r in rows:
         print(f"{label:44s} {r['params']:9d} {r['steps']:7d} {r['seconds'] / max(1, r['steps']):7.3f} "
               f"{r['test_bpd']:9.4f}")
+
+
+def gflows(a) -> None:
+    """``glow``'s gflows half alone: an A/B of its settings, each against the Glow of the same session."""
+    gf, _, test_x = train_gflows(a)
+    _table(a, ((f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)", gf),), len(test_x))
 
 
 def glow(a) -> None:
@@ -533,9 +540,13 @@ def check(a) -> None:
               f"max |difference| / max |value| {err:.2e} ({'ok' if err < 1e-4 else 'DIFFERS'})")
 
 
+PARTS = {"efficiency": efficiency, "glow": glow, "gflows": gflows, "residual": residual, "steps": steps,
+         "evaluation": evaluation, "check": check}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("part", choices=["efficiency", "glow", "residual", "steps", "evaluation", "check"])
+    p.add_argument("part", choices=list(PARTS))
     p.add_argument("--device", default="cpu", help="steps, check: cpu or cuda")
     p.add_argument("--steps", type=int, default=300, help="efficiency: steps of each model; steps, "
                    "evaluation: timed steps, steps before the timing")
@@ -577,8 +588,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"GPU: {'yes' if torch.cuda.is_available() else 'no'}; {time.strftime('%Y-%m-%d %H:%M')}")
-    {"efficiency": efficiency, "glow": glow, "residual": residual, "steps": steps, "evaluation": evaluation,
-     "check": check}[a.part](a)
+    PARTS[a.part](a)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ Log-det:  :math:`\log\det(I + J_g) = \sum_{k\ge1} (-1)^{k+1} \operatorname{tr}(J
   series' products :math:`J^\top w` run through it without autograd, and the surrogate is
   :math:`u^\top J v` (the Neumann sum ``u`` held fixed) through its differentiable ``J v``: the same
   gradients as autograd's :math:`(J^\top u)^\top v`, without a second-order pass over backward
-  operators. That ``J v`` also gives the terms, :math:`v^\top J^k v = ((J^\top)^{k-1} v)^\top (J v)`,
-  so ``n`` terms and the surrogate take ``n - 1`` products with :math:`J^\top` and one with ``J``
-  (Chen et al.'s code: ``n`` and one).
+  operators.
 
 Group action: if :math:`g` is G-equivariant, :math:`f(h\cdot x) = h\cdot f(x)` and, since ``h`` acts by
 a permutation, :math:`\log|\det J_f(h \cdot x)| = \log|\det J_f(x)|`. :class:`GResidualBlock` builds
@@ -179,51 +177,29 @@ class ResidualTransform(Transform):
     def _series(
         self, gx: Tensor, x: Tensor, create_graph: bool, jac: Linearised | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        r"""Russian-roulette estimate and, with Neumann gradients, the surrogate for backward.
+        """Russian-roulette estimate and, with Neumann gradients, the surrogate for backward.
         ``jac``: ``g``'s own Jacobian at ``x`` (:func:`~gflows.nn.linearised.linearise`), for the
-        terms that need no graph and for the surrogate ``u^T J v``.
-
-        With ``n`` terms drawn, term ``k`` of the estimate is :math:`v^\top J^k v` and the Neumann
-        sum is :math:`u = \sum_{k=1}^{n} (-1)^{k+1} w_k (J^\top)^{k-1} v` (``w_k`` the roulette
-        weight of term ``k``), whose :math:`u^\top (\nabla J) v` is the gradient of the same ``n``
-        terms: unbiased, as term ``k`` of the series is kept with probability ``1 / w_k``. Where ``J v``
-        is at hand (``jac``) term ``k`` is :math:`((J^\top)^{k-1} v)^\top (J v)`, so the ``n`` terms
-        and the surrogate take one ``J v`` and ``n - 1`` products with ``J^T``.
-        """
+        terms that need no graph and for the surrogate ``u^T J v``."""
         n, weights = self._roulette()
         v = self._probe(x)
-        neumann_grad = self.neumann_grad and create_graph
-        if neumann_grad and jac is not None:
-            return self._series_jvp(n, weights, v, jac)
-        graph = create_graph and not neumann_grad  # back-propagating through the series itself
         w, estimate = v, x.new_zeros(x.shape[0])
-        neumann = x.new_zeros(x.shape) if neumann_grad else None
+        neumann = v if self.neumann_grad and create_graph else None
+        graph = create_graph and neumann is None
         for k in range(1, n + 1):
-            if neumann is not None:
-                neumann = neumann + (-1) ** (k + 1) * weights[k] * w  # w = (J^T)^(k-1) v
-            if jac is not None and not create_graph:
+            if jac is not None and not graph:
                 w = jac.vjp(w)
             else:
                 (w,) = torch.autograd.grad(gx, x, w, retain_graph=True, create_graph=graph)
             estimate = estimate + (-1) ** (k + 1) / k * weights[k] * _flat_dot(w, v)
+            if neumann is not None:
+                neumann = neumann + (-1) ** k * weights[k] * w
         if neumann is None:
             return estimate, None
-        # the surrogate (J^T u)^T v with u the Neumann sum: its gradient is the log-det's (Chen et al.)
+        # the surrogate u^T J v with u the Neumann sum: its gradient is the log-det's (Chen et al.)
+        if jac is not None:
+            return estimate.detach(), _flat_dot(neumann.detach(), jac.jvp(v))
         (vjp,) = torch.autograd.grad(gx, x, neumann.detach(), retain_graph=True, create_graph=True)
         return estimate.detach(), _flat_dot(vjp, v)
-
-    @staticmethod
-    def _series_jvp(n: int, weights: list[float], v: Tensor, jac: Linearised) -> tuple[Tensor, Tensor]:
-        """:meth:`_series` with Neumann gradients through ``g``'s own differentiable ``J v``."""
-        jv = jac.jvp(v)
-        jv0 = jv.detach()
-        w, estimate, neumann = v, jv0.new_zeros(v.shape[0]), torch.zeros_like(v)
-        for k in range(1, n + 1):
-            if k > 1:
-                w = jac.vjp(w)  # (J^T)^(k-1) v
-            estimate = estimate + (-1) ** (k + 1) / k * weights[k] * _flat_dot(w, jv0)
-            neumann = neumann + (-1) ** (k + 1) * weights[k] * w
-        return estimate, _flat_dot(neumann, jv)
 
     def _exact(self, gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
         jac = _batch_jacobian(gx, x, create_graph)
