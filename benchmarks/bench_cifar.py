@@ -273,17 +273,21 @@ def _table(a, rows, n_test: int) -> None:
               f"{r['test_bpd']:9.4f}")
 
 
+def _gflows_label(a) -> str:
+    return f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)"
+
+
 def gflows(a) -> None:
     """``glow``'s gflows half alone: an A/B of its settings, each against the Glow of the same session."""
     gf, _, test_x = train_gflows(a)
-    _table(a, ((f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)", gf),), len(test_x))
+    _table(a, ((_gflows_label(a), gf),), len(test_x))
 
 
 def glow(a) -> None:
     gf, _, test_x = train_gflows(a)
     train_x, _ = load_cifar10(a.data, "train", verify=False, download=False)
     gl = train_glow(a, train_x, test_x)
-    name = f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)"
+    name = _gflows_label(a)
     _table(a, ((name, gf), ("normflows Glow (3x4, 128, LU)", gl)), len(test_x))
     print(f"gflows - Glow: {gf['test_bpd'] - gl['test_bpd']:+.4f} bits/dim (goal: gflows <= 3.90)")
 
@@ -308,7 +312,7 @@ def residual(a) -> None:
     torch.manual_seed(a.seed)
     nr_model = normflows_residual(a.scales, a.blocks, a.hidden)
     nr = train_normflows(nr_model, a, train_x, test_x, "normflows residual")
-    name = f"gflows {a.flow} {a.group} ({a.scales}x{a.blocks}, {a.hidden} ch)"
+    name = _gflows_label(a)
     label = f"normflows residual flow ({a.scales}x{a.blocks}, {a.hidden} ch)"
     _table(a, ((name, gf), (label, nr)), len(test_x))
     print(f"gflows - normflows residual: {gf['test_bpd'] - nr['test_bpd']:+.4f} bits/dim "
