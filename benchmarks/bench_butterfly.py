@@ -5,7 +5,7 @@ All run interleaved in one process on the same inputs; the script prints median 
 speed-ups and the fitted scaling exponent ``t ~ n^p`` of each. ``--compiled`` adds the butterfly
 through ``gflows.Compiled`` and nflows' LU layer through ``torch.compile`` (like with like), with
 each one's cold compile time. ``--paths`` adds the butterfly's two computations forced (the factors
-one by one, and the grouped dense blocks; the layer picks by the rows, ``FACTOR_ROWS``), the mixing
+one by one, and the grouped dense blocks; the layer picks by the rows, ``FACTOR_SPAN``), the mixing
 alone in both directions. ``--ref DIR`` adds the layer of another checkout (``DIR`` a git worktree:
 its ``gflows/transforms/butterfly.py``, same weights), timed in the same loop; with ``--images`` it
 also times both on image batches ``[B, C, H, W]`` (channel mixing, as in the Glow-type models).

@@ -76,12 +76,12 @@ def test_compiled_transform_matches_the_eager_one():
 def test_compiled_orbit_layers_and_grouped_butterfly_match_eager(layer):
     """torch.compile through the orbit-basis gather (D4 filters from one weight per orbit), the
     G-invertible 1x1 convolution, and the butterfly's grouped block products (n = 128: two groups;
-    more rows than ``FACTOR_ROWS``, so the block path)."""
+    at least ``n / FACTOR_SPAN`` rows, so the block path)."""
     torch.manual_seed(1)
     if layer == "butterfly":
-        from gflows.transforms.butterfly import FACTOR_ROWS
+        from gflows.transforms.butterfly import FACTOR_SPAN
 
-        t, x = perturb(gflows.Butterfly((128,)), 0.1).eval(), torch.randn(FACTOR_ROWS + 1, 128)
+        t, x = perturb(gflows.Butterfly((128,)), 0.1).eval(), torch.randn(128 // FACTOR_SPAN + 1, 128)
     else:
         coupling = gflows.GCoupling("d4", (2, 4, 4), hidden_fields=1, kernel_sizes=(3,))
         t = Compose(perturb(gflows.GInvConv1x1("d4", (2, 4, 4)), 0.1), perturb(coupling, 0.1)).eval()

@@ -87,7 +87,7 @@ def test_bad_input():
 @pytest.mark.parametrize("inverse", [False, True])
 def test_factor_and_block_paths_agree(n, inverse):
     """Few rows go through the factors one by one, more through grouped dense blocks
-    (``FACTOR_ROWS``): the same map and the same weight gradients, to float64 round-off."""
+    (``FACTOR_SPAN``): the same map and the same weight gradients, to float64 round-off."""
     torch.manual_seed(n)
     b = perturb(Butterfly((n,)).double(), 0.2)
     x = torch.randn(5, n, dtype=torch.float64)
@@ -102,12 +102,12 @@ def test_factor_and_block_paths_agree(n, inverse):
 
 
 def test_many_rows_take_the_block_path():
-    """Above ``FACTOR_ROWS`` rows the layer still equals its dense matrix (the block path)."""
-    from gflows.transforms.butterfly import FACTOR_ROWS
+    """From ``n / FACTOR_SPAN`` rows the layer still equals its dense matrix (the block path)."""
+    from gflows.transforms.butterfly import FACTOR_SPAN
 
     torch.manual_seed(0)
     b = perturb(Butterfly((128,)).double(), 0.2)
-    x = torch.randn(FACTOR_ROWS + 1, 128, dtype=torch.float64)
+    x = torch.randn(128 // FACTOR_SPAN + 1, 128, dtype=torch.float64)
     dense = reference_matrix(b)
     assert torch.allclose(b(x)[0], x @ dense.T, atol=1e-10)
     assert torch.allclose(b.inverse(x)[0], x @ torch.linalg.inv(dense).T, atol=1e-8)
@@ -124,21 +124,28 @@ def test_three_or_more_bit_ranges(monkeypatch, n):
     b = perturb(Butterfly((n,)).double(), 0.2)
     assert len(b._groups) >= 3
     dense = reference_matrix(b)
-    x = torch.randn(module.FACTOR_ROWS + 3, n, dtype=torch.float64)
+    x = torch.randn(n // module.FACTOR_SPAN + 3, n, dtype=torch.float64)
     assert torch.allclose(b(x)[0], x @ dense.T, atol=1e-10)
     assert torch.allclose(b.inverse(x)[0], x @ torch.linalg.inv(dense).T, atol=1e-8)
 
 
 def test_pickles_without_the_block_indices_still_load():
-    """A layer pickled before the gathered block coefficients existed gets them on loading."""
+    """A layer pickled before the blocks' coefficients were gathered this way gets the new indices
+    on loading (and drops the old ones), in both directions and both paths."""
     import pickle
 
     torch.manual_seed(0)
     b = perturb(Butterfly((128,)), 0.2)
     x = torch.randn(40, 128)
     state = b.__getstate__()
-    state["_buffers"] = {k: v for k, v in state["_buffers"].items() if not k.startswith("_group_index")}
+    # as pickled before: no block indices, inverse factor index or sign; the retired group indices
+    kept = {k: v for k, v in state["_buffers"].items()
+            if k not in ("_block_index_fwd", "_block_index_inv", "_factor_index_inv", "_inverse_sign")}
+    state["_buffers"] = {**kept, "_group_index_fwd": torch.zeros(3, dtype=torch.long)}
     old = Butterfly.__new__(Butterfly)
     old.__setstate__(state)
     loaded = pickle.loads(pickle.dumps(old))
-    assert torch.equal(loaded(x)[0], b(x)[0])
+    assert "_group_index_fwd" not in loaded._buffers
+    for rows in (4, 40):
+        assert torch.equal(loaded(x[:rows])[0], b(x[:rows])[0])
+        assert torch.equal(loaded.inverse(x[:rows])[0], b.inverse(x[:rows])[0])

@@ -17,14 +17,16 @@ Computation: the data are laid out as columns ``[n, R]`` (R = batch x pixels), s
 coefficient is broadcast along a contiguous run of R. Factor ``k`` mixes index bit ``m - k``, with
 coefficients that depend on the other bits. The factors of a contiguous range of ``j`` bits
 therefore multiply into a batch of dense ``2^j x 2^j`` blocks (one per value of the bits outside
-the range), built from the 2x2 blocks by one elementwise product per factor (doubling the block
-size each time; every range's coefficients come from one gather, and all ranges take each step in
-one product). The layer applies the ``ceil(m / 6)`` ranges as batched matrix products: two passes
-over the data at ``n = 512`` instead of nine, the same matrix to round-off. Building the blocks
-costs the same whatever the batch, so for few columns (at most :data:`FACTOR_ROWS`) the factors
-are applied to the data directly, one by one, each as ``y = A * x + B * swap(x)`` (three kernels;
-``A`` and ``B`` gathered from the weights for all factors at once). benchmarks/RESULTS.md has the
-timings of both.
+the range). One path leads from each input coordinate to each output coordinate through the
+range's factors, so every entry of a block is a product of ``j`` coefficients, one per factor;
+splitting the range's bits into an upper and a lower half makes each block the broadcast product
+of two smaller such products. Every range of a direction is built by one gather, one product over
+the gathered factors and one broadcast product per range. The layer applies the ``ceil(m / 6)``
+ranges as batched matrix products: two passes over the data at ``n = 512`` instead of nine, the
+same matrix to round-off. Building the blocks costs the same whatever the batch, so for few
+columns (fewer than ``n /`` :data:`FACTOR_SPAN`) the factors are applied to the data directly,
+one by one, each as ``y = A * x + B * swap(x)`` (three kernels; ``A`` and ``B`` gathered from the
+weights for all factors at once). benchmarks/RESULTS.md has the timings of both.
 
 Group action: the layer mixes the channel axis identically at every pixel, so it commutes with
 any group action that only moves pixels, i.e. with every grid element acting on scalar channels.
@@ -47,8 +49,9 @@ __all__ = ["Butterfly"]
 
 #: most index bits whose factors are multiplied into one dense block (64 x 64)
 GROUP_BITS = 6
-#: most columns (batch x pixels) for which the factors are applied one by one (see the module docstring)
-FACTOR_ROWS = 32
+#: the factors are applied one by one for fewer than ``n / FACTOR_SPAN`` columns (batch x pixels):
+#: building the blocks costs about as much as that many columns' passes (module docstring)
+FACTOR_SPAN = 64
 
 
 def _bit_groups(m: int, most: int) -> list[tuple[int, int]]:
@@ -63,92 +66,90 @@ def _bit_groups(m: int, most: int) -> list[tuple[int, int]]:
     return groups
 
 
-def _joint_order(groups: Sequence[tuple[int, int]]) -> list[int]:
-    """The ranges in the order :func:`_group_matrices` stacks them: widest first, so that those that
-    finish early leave from the end of the stack."""
-    return sorted(range(len(groups)), key=lambda g: groups[g][0] - groups[g][1])
+def _coef_index(m: int, lo: int, hi: int, p: int, h: Tensor, l_: Tensor, o: Tensor, i: Tensor,
+                inverse: bool) -> Tensor:
+    """Where, in the flattened ``[m, n/2, 4]`` coefficients, factor ``m - p`` (mixing bit ``p`` of the
+    range ``lo..hi``) finds the entry it contributes to the range's dense block ``[o, i]`` (``o``,
+    ``i`` the range's output and input bits), for blocks ``h`` (the bits above the range) and
+    ``l_`` (below it); all broadcast together.
 
-
-def _group_index(m: int, groups: Sequence[tuple[int, int]], inverse: bool) -> Tensor:
-    """Where, in the flattened ``[m, n/2, 2, 2]`` blocks, :func:`_group_matrices` finds each factor's
-    coefficients, in the order and layout it multiplies them.
-
-    Step ``j`` of range ``lo..hi`` takes bit ``p = hi - j`` (factor ``m - p``) with the ``S = 2^j``
-    bits above it in the range already taken. Its 2x2 block depends on every other bit: the ``S``
-    taken and ``B'``: the range's bits below ``p``, then those above and below the range. The
-    layout is ``[S, y, x, B', ranges]`` (the taken bits are the product's outputs: the factor acts
-    last) or ``[y, S, x, B', ranges]`` for the inverse (its inputs: the factor acts first), the
-    ranges still going stacked last in :func:`_joint_order`.
+    One path leads from input ``i`` to output ``o`` through the range's factors, so each entry of
+    the block is one coefficient per factor. The forward map applies the higher bits' factors
+    first: when bit ``p`` is mixed, the range's bits above ``p`` are already outputs and those below
+    are still inputs (the other way round for the inverse, whose factors run lowest first).
     """
-    parts = []
-    for j in range(max(hi - lo + 1 for lo, hi in groups)):
-        stack = []
-        for lo, hi in (groups[g] for g in _joint_order(groups)):
-            if lo + j > hi:
-                continue
-            n_high, n_low, p, size = 2 ** (m - 1 - hi), 2**lo, hi - j, 2**j
-            sizes = (size, 2, 2, 2 ** (p - lo), n_high, n_low)
-            s, y, x, r, h, l_ = torch.meshgrid(*(torch.arange(k) for k in sizes), indexing="ij")
-            # the pair index is the coordinate index with bit p removed
-            pair = ((h * size + s) * 2 ** (p - lo) + r) * n_low + l_
-            index = ((m - p - 1) * 2 ** (m - 1) + pair) * 4 + 2 * y + x
-            stack.append((index.transpose(0, 1) if inverse else index).reshape(-1, 2, 2, 2 ** (m - 1 - j)))
-        parts.append(torch.stack(stack, -1).reshape(-1))
-    return torch.cat(parts)
+    q, width = p - lo, hi - lo + 1
+    above = ((1 << width) - 1) ^ ((1 << (q + 1)) - 1)
+    below = (1 << q) - 1
+    first, second = (i, o) if inverse else (o, i)
+    state = (first & above) | (second & below)  # the range's bits but p, as the pair sees them
+    within = ((h << width | state) >> (q + 1) << q) | (state & below)  # ... with bit p removed
+    pair = within << lo | l_
+    y, x = (o >> q) & 1, (i >> q) & 1
+    if inverse:  # [[d, -b], [-c, a]] / det: a and d trade places (the signs are in the coefficients)
+        y, x = y ^ (y == x), x ^ (y == x)
+    return (((m - p - 1) << (m - 1)) + pair) * 4 + 2 * y + x
 
 
-def _group_matrices(coef: Tensor, m: int, groups: Sequence[tuple[int, int]], inverse: bool) -> list[Tensor]:
-    """``[H, L, G, G]`` per range of bits: the product of the factors that mix bits ``lo..hi`` (or of
-    their inverses, in reverse order) as dense blocks, one per value of the ``H`` higher and ``L``
-    lower bits; ``coef`` holds the factors' coefficients gathered by :func:`_group_index`.
+def _block_index(m: int, groups: Sequence[tuple[int, int]], inverse: bool) -> Tensor:
+    """``[k, E]`` indices into the flattened coefficients with a 1 appended (index ``2^(m+1) m``):
+    the product over ``k`` gives, part after part, the two factors of every range's dense blocks
+    that :func:`_block_matrices` multiplies.
 
-    Bits are taken from ``hi`` down; after ``j`` of them the product is block-diagonal in the bits
-    not yet taken, with ``S x S`` blocks (``S = 2^j``) on the bits taken. The next factor is diagonal
-    in every bit but its own, so one more is a broadcast product, the new bit the lowest of the
-    block's: ``N'[(o, y), (i, x)] = T[o][y, x] N[x][o, i]`` (``T`` applied last: the forward map
-    applies the higher bits' factors first) or ``N[y][o, i] T[i][y, x]`` (``T`` applied first, for
-    the inverse). Every range has ``n / S`` blocks at step ``j``, so all ranges take it in one
-    product, stacked.
-
-    Layout ``[S, S, B, ranges]``: the blocks are indexed last, the next bit to take leading ``B``,
-    which keeps the products' inner loops long (the first steps have 2 x 2 blocks) and makes each
-    product come out in the next step's layout without a copy.
+    Split a range's bits into its ``a`` upper and ``b`` lower ones (``o = (o_t, o_b)``, ``i = (i_t,
+    i_b)``). In the forward map the upper factors' coefficients do not depend on ``o_b`` and the
+    lower factors' not on ``i_t`` (the inverse: not on ``i_b``, and not on ``o_t``), so the block is
+    the broadcast product of two smaller products: ``U[o_t, i_t, i_b] L[o_t, o_b, i_b]`` (inverse
+    ``U[o_t, o_b, i_t] L[o_b, i_t, i_b]``), each a product of ``a`` or ``b`` gathered coefficients.
     """
-    order = _joint_order(groups)
-    bits = sorted((hi - lo + 1 for lo, hi in groups), reverse=True)
-    mats: list[Tensor] = [coef] * len(groups)
-    prod, start = coef, 0
-    for j in range(bits[0] + 1):
-        size, going = 2**j, sum(b > j for b in bits)
-        if j:
-            prod = prod.view(size, size, 2 ** (m - j), -1)
-            for k in range(going, prod.shape[-1]):
-                lo, hi = groups[order[k]]
-                mat = prod[..., k].permute(2, 0, 1).contiguous()  # blocks first, for the matmuls
-                mats[order[k]] = mat.view(2 ** (m - 1 - hi), 2**lo, size, size)
-            prod = prod[..., :going]
-        if not going:
-            break
-        count = 2 ** (m + 1) * going
-        t = coef[start:start + count]
-        start += count
-        if not j:
-            prod = t
-            continue
-        n_next = 2 ** (m - j - 1) * going
-        node = prod.reshape(size, size, 2, n_next)  # [o, i, bit p, B']
-        if inverse:  # [o, y, i, x, B']
-            prod = t.view(1, 2, size, 2, n_next) * node.transpose(1, 2).unsqueeze(3)
-        else:
-            prod = t.view(size, 2, 1, 2, n_next) * node.unsqueeze(1)
-        prod = prod.reshape(2 * size, 2 * size, n_next)
+    pad = m << (m + 1)
+    rows: list[Tensor] = []
+    for lo, hi in groups:
+        width = hi - lo + 1
+        b = width // 2
+        for upper in (True, False):
+            shape = _part_shape(m, lo, hi, upper, inverse)
+            h, l_, ot, ob, it, ib = torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij")
+            o, i = ot << b | ob, it << b | ib
+            bits = range(lo + b, hi + 1) if upper else range(lo, lo + b)
+            index = [_coef_index(m, lo, hi, p, h, l_, o, i, inverse).reshape(-1) for p in bits]
+            rows.append(torch.stack(index) if index else torch.full((1, h.numel()), pad))
+    depth = max(r.shape[0] for r in rows)
+    rows = [torch.cat([r, r.new_full((depth - r.shape[0], r.shape[1]), pad)]) for r in rows]
+    return torch.cat(rows, 1)
+
+
+def _part_shape(m: int, lo: int, hi: int, upper: bool, inverse: bool) -> tuple[int, ...]:
+    """``[H, L, o_t, o_b, i_t, i_b]`` of one factor of a range's blocks (see :func:`_block_index`),
+    with 1 where it does not depend on the bits."""
+    width = hi - lo + 1
+    gt, gb = 2 ** (width - width // 2), 2 ** (width // 2)
+    shape = [2 ** (m - 1 - hi), 2**lo, gt, gb, gt, gb]
+    flat = (3 if upper else 4) if not inverse else (5 if upper else 2)
+    shape[flat] = 1
+    return tuple(shape)
+
+
+def _block_matrices(prod: Tensor, m: int, groups: Sequence[tuple[int, int]], inverse: bool) -> list[Tensor]:
+    """``[H, L, G, G]`` per range: the dense blocks, from the products over :func:`_block_index`."""
+    mats, start = [], 0
+    for lo, hi in groups:
+        parts = []
+        for upper in (True, False):
+            shape = _part_shape(m, lo, hi, upper, inverse)
+            size = math.prod(shape)
+            parts.append(prod[start:start + size].view(shape))
+            start += size
+        g = 2 ** (hi - lo + 1)
+        mats.append((parts[0] * parts[1]).view(2 ** (m - 1 - hi), 2**lo, g, g))
     return mats
 
 
-def _factor_index(m: int) -> Tensor:
+def _factor_index(m: int, inverse: bool = False) -> Tensor:
     """``[m, 2, 2^m]``: for each factor and coordinate, the entry of the factor's ``[n/2 * 4]``
     coefficients ``(a, b, c, d)`` per pair that multiplies the coordinate itself (row 0: ``a`` for the
-    pair's first coordinate, ``d`` for its second) and its partner (row 1: ``b``, ``c``)."""
+    pair's first coordinate, ``d`` for its second; swapped for the inverse, see
+    ``Butterfly._coefficients``) and its partner (row 1: ``b``, ``c``)."""
     n = 2**m
     i = torch.arange(n)
     index = torch.empty(m, 2, n, dtype=torch.long)
@@ -157,7 +158,7 @@ def _factor_index(m: int) -> Tensor:
         block, rest = i // (2 * width), i % (2 * width)
         second = rest >= width
         pair = block * width + rest % width
-        index[k - 1, 0] = 4 * pair + torch.where(second, 3, 0)
+        index[k - 1, 0] = 4 * pair + (torch.where(second, 0, 3) if inverse else torch.where(second, 3, 0))
         index[k - 1, 1] = 4 * pair + torch.where(second, 2, 1)
     return index
 
@@ -206,20 +207,26 @@ class Butterfly(Transform):
         self.weight = nn.Parameter(abcd)
         self._groups = _bit_groups(self.m, GROUP_BITS)
         self.register_buffer("_factor_index", _factor_index(self.m), persistent=False)
-        self._register_group_indices()
+        self._register_block_indices()
 
-    def _register_group_indices(self) -> None:
+    def _register_block_indices(self) -> None:
         # each direction's block coefficients, gathered in one call (ranges in the order applied)
         device = self._factor_index.device
         for name, inverse, groups in (("fwd", False, self._groups), ("inv", True, self._groups[::-1])):
-            index = _group_index(self.m, groups, inverse) if groups else torch.zeros(0, dtype=torch.long)
-            self.register_buffer(f"_group_index_{name}", index.to(device), persistent=False)
+            index = _block_index(self.m, groups, inverse) if groups else torch.zeros(1, 0, dtype=torch.long)
+            self.register_buffer(f"_block_index_{name}", index.to(device), persistent=False)
+        inverse_index = _factor_index(self.m, inverse=True).to(device)
+        self.register_buffer("_factor_index_inv", inverse_index, persistent=False)
+        sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=self.weight.dtype, device=device)
+        self.register_buffer("_inverse_sign", sign, persistent=False)
 
     def __setstate__(self, state: dict) -> None:
-        # layers pickled before the gathered block coefficients existed
+        # layers pickled before the blocks' coefficients were gathered this way
         super().__setstate__(state)
-        if "_group_index_fwd" not in self._buffers:
-            self._register_group_indices()
+        if "_block_index_fwd" not in self._buffers:
+            for name in ("_group_index_fwd", "_group_index_inv"):
+                self._buffers.pop(name, None)
+            self._register_block_indices()
 
     def _cols(self, x: Tensor) -> Tensor:
         # The mixed axis first, everything else flattened into contiguous columns.
@@ -228,35 +235,47 @@ class Butterfly(Transform):
     def _uncols(self, c: Tensor, like: Tensor) -> Tensor:
         return c.view(self.n, like.shape[0], *like.shape[2:]).transpose(0, 1)
 
-    def _logdet(self, batch: int, like: Tensor) -> Tensor:
-        a, b, c, d = self.weight.unbind(-1)
-        per_position = torch.log(torch.abs(a * d - b * c)).sum()
-        return (per_position * math.prod(self.event_shape[1:])).expand(batch).to(like.dtype)
+    def _det(self) -> Tensor:
+        """``[m, n/2]``: every pair's ``ad - bc``."""
+        w = self.weight
+        return torch.addcmul(w[..., 0] * w[..., 3], w[..., 1], w[..., 2], value=-1)
 
-    def _blocks(self, inverse: bool) -> Tensor:
-        """``[m, n/2, 2, 2]``: every pair's 2x2 block (rows: outputs), or its inverse."""
+    def _logdet(self, det: Tensor, batch: int, like: Tensor) -> Tensor:
+        per_position = torch.log(torch.abs(det)).sum()
+        positions = math.prod(self.event_shape[1:])
+        if positions != 1:
+            per_position = per_position * positions
+        return per_position.expand(batch).to(like.dtype)
+
+    def _coefficients(self, inverse: bool, det: Tensor | None = None) -> Tensor:
+        """``[m, n/2, 4]``: every pair's ``(a, b, c, d)``, or for the inverse ``(a, -b, -c, d) / det``
+        (the inverse's ``a`` and ``d`` trade places in the gathers)."""
         if not inverse:
-            return self.weight.view(self.m, -1, 2, 2)
-        a, b, c, d = self.weight.unbind(-1)
-        det = (a * d - b * c)[..., None, None]
-        return torch.stack([d, -b, -c, a], -1).view(self.m, -1, 2, 2) / det
+            return self.weight
+        det = self._det() if det is None else det
+        return self.weight * self._inverse_sign / det.unsqueeze(-1)
 
-    def _mix(self, c: Tensor, inverse: bool, by_factor: bool | None = None) -> Tensor:
+    def _mix(
+        self, c: Tensor, inverse: bool, by_factor: bool | None = None, det: Tensor | None = None
+    ) -> Tensor:
         """``B c`` (or ``B^-1 c``) for columns ``c [n, R]``, factor by factor or by grouped blocks
-        (default: by the number of columns)."""
+        (default: by the number of columns); ``det`` the pairs' determinants, if at hand."""
         if self.m == 0:
             return c
         m, n, cols = self.m, self.n_mixed, c.shape[1]
         mixed, rest = c[:n], c[n:]
-        blocks = self._blocks(inverse)
-        if by_factor if by_factor is not None else cols <= FACTOR_ROWS:
-            coef = blocks.reshape(m, -1).gather(1, self._factor_index.view(m, -1))
+        coef = self._coefficients(inverse, det)
+        if by_factor if by_factor is not None else cols * FACTOR_SPAN < n:
+            index = self._factor_index_inv if inverse else self._factor_index
+            coef = coef.reshape(m, -1).gather(1, index.view(m, -1))
             order = range(m - 1, -1, -1) if inverse else range(m)
             mixed = _apply_factors(mixed.contiguous(), coef.view(m, 2, n), order)
         else:
             groups = self._groups[::-1] if inverse else self._groups
-            coef = blocks.reshape(-1)[self._group_index_inv if inverse else self._group_index_fwd]
-            mats = _group_matrices(coef, m, groups, inverse)
+            index = self._block_index_inv if inverse else self._block_index_fwd
+            flat = torch.cat((coef.reshape(-1), coef.new_ones(1)))  # the 1 pads parts with fewer factors
+            prod = flat.index_select(0, index.view(-1)).view(index.shape).prod(0)
+            mats = _block_matrices(prod, m, groups, inverse)
             if len(mats) == 1:  # one dense matrix: BLAS reads transposed vectors' columns in place
                 mixed = mats[0].view(n, n) @ mixed
             else:
@@ -273,11 +292,12 @@ class Butterfly(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
-        return self._uncols(self._mix(self._cols(x), False), x), self._logdet(x.shape[0], x)
+        return self._uncols(self._mix(self._cols(x), False), x), self._logdet(self._det(), x.shape[0], x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
-        return self._uncols(self._mix(self._cols(z), True), z), -self._logdet(z.shape[0], z)
+        det = self._det()
+        return self._uncols(self._mix(self._cols(z), True, det=det), z), -self._logdet(det, z.shape[0], z)
 
     def matrix(self) -> Tensor:
         """The dense ``n x n`` matrix ``B`` with ``forward(x) = B x`` (for tests and inspection)."""
