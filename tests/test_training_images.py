@@ -60,6 +60,9 @@ def test_cli_rejects_unknown_group_and_values_before_work(tmp_path):
     assert "data: read" not in r.stdout  # stopped before reading any data
     r = cli(tmp_path, "mode=fit")
     assert r.returncode != 0 and "unknown mode 'fit'" in r.stderr
+    r = cli(tmp_path, "+trainer.compile=true")
+    assert r.returncode != 0 and "trainer.compile is for data=phi4" in r.stderr
+    assert "data: read" not in r.stdout
     assert time.time() - t0 < 120
 
 

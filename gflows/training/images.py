@@ -85,6 +85,9 @@ class ImageTask:
     def __init__(self, cfg):
         if cfg.init_from:
             raise ValueError(f"init_from={cfg.init_from}: transfer between lattice sizes is for data=phi4")
+        if cfg.trainer.get("compile"):
+            raise ValueError("trainer.compile is for data=phi4: compiled image steps were no faster on CPU "
+                             "after minutes of compiling (benchmarks/bench_compile_image.py)")
         self.cfg = cfg
         self.group = get_group(cfg.flow.group)
         self.augment = get_group(cfg.data.augment) if cfg.data.augment else None
