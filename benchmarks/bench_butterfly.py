@@ -8,10 +8,11 @@ each one's cold compile time. ``--paths`` adds the butterfly's two computations 
 one by one, and the grouped dense blocks; the layer picks by the rows, ``FACTOR_SPAN``), the mixing
 alone in both directions. ``--ref DIR`` adds the layer of another checkout (``DIR`` a git worktree:
 its ``gflows/transforms/butterfly.py``, same weights), timed in the same loop; with ``--images`` it
-also times both on image batches ``[B, C, H, W]`` (channel mixing, as in the Glow-type models).
+also times both on image batches ``[B, C, H, W]`` (channel mixing, as in the Glow-type models), and
+with ``--train`` both in a training step (forward with log-det and backward).
 
     python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled] [--paths] [--ref DIR]
-        [--images]
+        [--images] [--train]
 """
 
 from __future__ import annotations
@@ -72,6 +73,31 @@ def images(ref_class: type, repeats: int) -> None:
               f"{med['ref'] / med['layer']:10.2f}")
 
 
+TRAIN_SHAPES = [(64, 512), (16, 48, 8, 8), (16, 512, 4, 4), (4096, 512)]
+
+
+def train(ref_class: type, repeats: int) -> None:
+    """This checkout's layer against the reference's in a training step (forward with log-det, then
+    backward of ``sum(y^2) - log det`` to the weights), interleaved (median ms)."""
+    print(f"{'training step':>20} {'layer ms':>9} {'ref ms':>9} {'ref/layer':>10}")
+    for shape in TRAIN_SHAPES:
+        layer = Butterfly(shape[1:])
+        ref = ref_class(shape[1:])
+        ref.load_state_dict(layer.state_dict())
+        x = torch.randn(*shape)
+        times: dict[str, list[float]] = {"layer": [], "ref": []}
+        for i in range(repeats + 3):
+            for k, m in (("layer", layer), ("ref", ref)):
+                t0 = time.perf_counter()
+                y, ld = m(x)
+                (y.square().sum() - ld.sum()).backward()
+                m.weight.grad = None
+                if i >= 3:
+                    times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(f"{str(shape):>20} {med['layer']:9.3f} {med['ref']:9.3f} {med['ref'] / med['layer']:10.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=64, help="batch rows (pixels x images)")
@@ -81,6 +107,7 @@ def main() -> None:
     p.add_argument("--paths", action="store_true", help="add the factor-by-factor and block paths, forced")
     p.add_argument("--ref", help="a checkout whose butterfly layer is timed beside this one's")
     p.add_argument("--images", action="store_true", help="with --ref: image batches as well")
+    p.add_argument("--train", action="store_true", help="with --ref: training steps (with backward) as well")
     a = p.parse_args()
     ref_class = reference_class(a.ref) if a.ref else None
     torch.manual_seed(0)
@@ -138,6 +165,8 @@ def main() -> None:
             print(line)
     if ref_class is not None and a.images:
         images(ref_class, a.repeats)
+    if ref_class is not None and a.train:
+        train(ref_class, a.repeats)
     logn = [math.log(n) for n in a.sizes]
     for k, v in res.items() if len(a.sizes) > 1 else ():
         ly = [math.log(t) for t in v]
