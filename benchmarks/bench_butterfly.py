@@ -49,38 +49,27 @@ def reference_class(checkout: str) -> type:
 
 
 IMAGE_SHAPES = [(16, 12, 16, 16), (16, 48, 8, 8), (16, 192, 4, 4), (16, 512, 4, 4), (4, 512, 2, 2)]
-
-
-@torch.no_grad()
-def images(ref_class: type, repeats: int) -> None:
-    """This checkout's layer against the reference's on image batches, interleaved, forward with
-    log-det plus inverse (median ms)."""
-    print(f"{'image batch':>20} {'rows':>6} {'layer ms':>9} {'ref ms':>9} {'ref/layer':>10}")
-    for shape in IMAGE_SHAPES:
-        layer = Butterfly(shape[1:])
-        ref = ref_class(shape[1:])
-        ref.load_state_dict(layer.state_dict())
-        x = torch.randn(*shape)
-        times: dict[str, list[float]] = {"layer": [], "ref": []}
-        for i in range(repeats + 2):
-            for k, m in (("layer", layer), ("ref", ref)):
-                t0 = time.perf_counter()
-                m(x), m.inverse(x)
-                if i >= 2:
-                    times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"{str(shape):>20} {shape[0] * shape[2] * shape[3]:6d} {med['layer']:9.3f} {med['ref']:9.3f} "
-              f"{med['ref'] / med['layer']:10.2f}")
-
-
 TRAIN_SHAPES = [(64, 512), (16, 48, 8, 8), (16, 512, 4, 4), (4096, 512)]
 
 
-def train(ref_class: type, repeats: int) -> None:
-    """This checkout's layer against the reference's in a training step (forward with log-det, then
-    backward of ``sum(y^2) - log det`` to the weights), interleaved (median ms)."""
-    print(f"{'training step':>20} {'layer ms':>9} {'ref ms':>9} {'ref/layer':>10}")
-    for shape in TRAIN_SHAPES:
+def _apply_both(m, x: torch.Tensor) -> None:
+    m(x), m.inverse(x)
+
+
+def _train_step(m, x: torch.Tensor) -> None:
+    y, ld = m(x)
+    (y.square().sum() - ld.sum()).backward()
+    m.weight.grad = None
+
+
+def against_ref(ref_class: type, repeats: int, train: bool) -> None:
+    """This checkout's layer against the reference's, interleaved (median ms): on image batches,
+    forward with log-det plus inverse; or (``train``) in a training step, forward with log-det then
+    backward of ``sum(y^2) - log det`` to the weights."""
+    shapes, step = (TRAIN_SHAPES, _train_step) if train else (IMAGE_SHAPES, torch.no_grad()(_apply_both))
+    print(f"{'training step' if train else 'image batch':>20} {'rows':>6} {'layer ms':>9} {'ref ms':>9} "
+          f"{'ref/layer':>10}")
+    for shape in shapes:
         layer = Butterfly(shape[1:])
         ref = ref_class(shape[1:])
         ref.load_state_dict(layer.state_dict())
@@ -89,13 +78,13 @@ def train(ref_class: type, repeats: int) -> None:
         for i in range(repeats + 3):
             for k, m in (("layer", layer), ("ref", ref)):
                 t0 = time.perf_counter()
-                y, ld = m(x)
-                (y.square().sum() - ld.sum()).backward()
-                m.weight.grad = None
+                step(m, x)
                 if i >= 3:
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"{str(shape):>20} {med['layer']:9.3f} {med['ref']:9.3f} {med['ref'] / med['layer']:10.2f}")
+        rows = shape[0] * math.prod(shape[2:])
+        ratio = med["ref"] / med["layer"]
+        print(f"{str(shape):>20} {rows:6d} {med['layer']:9.3f} {med['ref']:9.3f} {ratio:10.2f}")
 
 
 def main() -> None:
@@ -163,10 +152,9 @@ def main() -> None:
             if a.compiled:
                 line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
             print(line)
-    if ref_class is not None and a.images:
-        images(ref_class, a.repeats)
-    if ref_class is not None and a.train:
-        train(ref_class, a.repeats)
+    for train, wanted in ((False, a.images), (True, a.train)):
+        if ref_class is not None and wanted:
+            against_ref(ref_class, a.repeats, train)
     logn = [math.log(n) for n in a.sizes]
     for k, v in res.items() if len(a.sizes) > 1 else ():
         ly = [math.log(t) for t in v]
