@@ -206,17 +206,17 @@ class Butterfly(Transform):
         # One [a, b, c, d] per factor and pair: 2n parameters per factor.
         self.weight = nn.Parameter(abcd)
         self._groups = _bit_groups(self.m, GROUP_BITS)
-        self.register_buffer("_factor_index", _factor_index(self.m), persistent=False)
-        self._register_block_indices()
+        self._register_indices()
 
-    def _register_block_indices(self) -> None:
-        # each direction's block coefficients, gathered in one call (ranges in the order applied)
-        device = self._factor_index.device
+    def _register_indices(self) -> None:
+        # each direction's coefficients, gathered in one call per path (block ranges in the order applied)
+        device = self.weight.device
         for name, inverse, groups in (("fwd", False, self._groups), ("inv", True, self._groups[::-1])):
             index = _block_index(self.m, groups, inverse) if groups else torch.zeros(1, 0, dtype=torch.long)
             self.register_buffer(f"_block_index_{name}", index.to(device), persistent=False)
-        inverse_index = _factor_index(self.m, inverse=True).to(device)
-        self.register_buffer("_factor_index_inv", inverse_index, persistent=False)
+            factors = _factor_index(self.m, inverse).to(device)
+            factor_name = "_factor_index_inv" if inverse else "_factor_index"
+            self.register_buffer(factor_name, factors, persistent=False)
         sign = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=self.weight.dtype, device=device)
         self.register_buffer("_inverse_sign", sign, persistent=False)
 
@@ -226,7 +226,7 @@ class Butterfly(Transform):
         if "_block_index_fwd" not in self._buffers:
             for name in ("_group_index_fwd", "_group_index_inv"):
                 self._buffers.pop(name, None)
-            self._register_block_indices()
+            self._register_indices()
 
     def _cols(self, x: Tensor) -> Tensor:
         # The mixed axis first, everything else flattened into contiguous columns.
