@@ -19,6 +19,7 @@ from gflows.transforms import (
     Logit,
     ResidualTransform,
     Squeeze,
+    VariationalDequantize,
     logdet_mode,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "Squeeze",
     "StandardNormal",
     "Transform",
+    "VariationalDequantize",
     "check_equivariance",
     "density_gaps",
     "export",

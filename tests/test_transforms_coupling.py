@@ -210,3 +210,40 @@ def test_relaxed_couplings_stay_invertible_with_exact_logdets(dtype):
     assert max_reconstruction_error(layer, x) < tol * scale
     atol = 1e-4 if dtype == torch.float32 else 1e-10
     assert torch.allclose(layer(x)[1], autograd_logdet(layer, x), atol=atol)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_context_conditions_the_map_and_moves_with_the_input(group, dtype):
+    G = Group(group)
+    torch.manual_seed(2)
+    t = perturb(GCoupling(group, (2, 5, 5), mask="mirrored", context_channels=3, hidden_fields=2,
+                          kernel_sizes=(3, 3))).to(dtype)
+    x, c = torch.randn(3, 2, 5, 5, dtype=dtype), torch.randn(3, 3, 5, 5, dtype=dtype)
+    z, ld = t(x, c)
+    assert not torch.allclose(t(x, c + 1)[0], z)  # the context enters the map
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    back, ld_inv = t.inverse(z, c)
+    assert (back - x).abs().max() <= tol * 10 and (ld_inv + ld).abs().max() <= tol * 10
+    exact = 1e-4 if dtype == torch.float32 else 1e-10
+    for i in range(len(x)):
+        def one(v, i=i):
+            return t(v.view(1, 2, 5, 5), c[i : i + 1])[0].flatten()
+
+        jac = torch.autograd.functional.jacobian(one, x[i].flatten())
+        assert abs(float(torch.linalg.slogdet(jac).logabsdet - ld[i])) <= exact
+    for g in G.grid_elements:
+        zg, ldg = t(G.act(g, x), G.act(g, c))
+        assert (zg - G.act(g, z)).abs().max() <= tol * (1 + z.abs().max())
+        assert (ldg - ld).abs().max() <= tol * (1 + ld.abs().max())
+
+
+def test_context_errors_name_the_problem():
+    t = GCoupling("flip", (2, 4, 4), context_channels=3, hidden_fields=2)
+    x = torch.randn(2, 2, 4, 4)
+    with pytest.raises(ValueError, match=r"needs a context of shape \(2, 3, 4, 4\), got none"):
+        t(x)
+    with pytest.raises(ValueError, match=r"got shape \(2, 1, 4, 4\)"):
+        t(x, torch.randn(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="squeeze_levels=0"):
+        GCoupling("flip", (8, 2, 2), squeeze_levels=1, context_channels=1)

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gflows.flow import Compose, Flow, Inverse, Transform
-from gflows.groups import Group
+from gflows.groups import Group, get_group
 from gflows.transforms.autoregressive import GIAF
 from gflows.transforms.butterfly import Butterfly
 from gflows.transforms.coupling import GCoupling
+from gflows.transforms.dequantization import VariationalDequantize
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.invconv import GInvConv1x1
 from gflows.transforms.reshape import FactorOut, Squeeze
@@ -174,16 +175,27 @@ def _scales(p: _Plan, level: int, shape: tuple[int, ...]) -> list[Transform]:
 
 
 def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 32, 32),
-                alpha: float = 0.05, levels: int = 256, **kwargs) -> Flow:
-    """Flow on images of ``levels`` grey levels (8-bit by default): uniform dequantisation,
-    logit(alpha), then :func:`image_flow`.
+                alpha: float = 0.05, levels: int = 256, dequantization: str = "uniform",
+                dequant_blocks: int = 4, dequant_hidden: int = 32, **kwargs) -> Flow:
+    """Flow on images of ``levels`` grey levels (8-bit by default): dequantisation, logit(alpha),
+    then :func:`image_flow`.
 
     ``-flow.log_prob(x) / (D ln 2)`` is then the bits per dimension of integer images ``x``,
-    counting every log-det of the preprocessing and the ``levels`` bins.
+    counting every log-det of the preprocessing and the ``levels`` bins: exactly with uniform
+    dequantisation, and as an unbiased one-sample estimate of the variational bound with
+    ``dequantization='variational'`` (:class:`VariationalDequantize`: ``dequant_blocks`` couplings
+    with ``dequant_hidden`` hidden channels, ``dequant_hidden // |G|`` regular fields).
     """
     shape = tuple(event_shape)
-    return Flow(Compose(Dequantize(shape, levels), Logit(shape, alpha),
-                        image_flow(kind, group, shape, **kwargs)))
+    if dequantization == "uniform":
+        dequantize = Dequantize(shape, levels)
+    elif dequantization == "variational":
+        g = get_group(group)
+        fields = max(1, dequant_hidden // g.order)
+        dequantize = VariationalDequantize(g, shape, levels, dequant_blocks, fields)
+    else:
+        raise ValueError(f"unknown dequantization {dequantization!r}: expected 'uniform' or 'variational'")
+    return Flow(Compose(dequantize, Logit(shape, alpha), image_flow(kind, group, shape, **kwargs)))
 
 
 def g_residual_flow(

@@ -3,6 +3,7 @@
 from gflows.transforms.autoregressive import GIAF
 from gflows.transforms.butterfly import Butterfly
 from gflows.transforms.coupling import GCoupling
+from gflows.transforms.dequantization import VariationalDequantize
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.fourier import MomentumScale
 from gflows.transforms.invconv import GInvConv1x1
@@ -28,5 +29,6 @@ __all__ = [
     "MomentumScale",
     "ResidualTransform",
     "Squeeze",
+    "VariationalDequantize",
     "logdet_mode",
 ]

@@ -41,6 +41,10 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   else on the un-squeezed (depth-to-space) ``a`` part (:class:`~gflows.nn.squeezed.AtFineGrid`).
 * spline parameters are scalar fields like ``s`` and ``t`` (one per entry and parameter), so spline
   couplings have the same symmetries as affine ones (except ``sign_symmetric``, not offered).
+* ``context_channels = k``: the conditioner also sees ``k`` channels of scalar fields on the same
+  grid, passed as ``context`` (for example the integer image a variational dequantiser conditions
+  on): ``s, t = n([a, context])``. The map stays a coupling of ``x`` for each context, with the same
+  inverse and log-det, and commutes with the group when the context moves with ``x``.
 * ``sign_symmetric=True``: the conditioner's output is symmetrised over ``{x, -x}``,
   ``s = (n_s(x_a) + n_s(-x_a)) / 2`` (even) and ``t = (n_t(x_a) - n_t(-x_a)) / 2`` (odd), so the layer
   also commutes with ``x -> -x`` (the Z2 symmetry of phi^4) and every even ``s`` / odd ``t`` the net
@@ -192,6 +196,8 @@ class GCoupling(Transform):
             equivariance; the map stays invertible with the same log-det whatever the conditioner).
         spline_bins: with ``K > 0``, a rational-quadratic spline coupling of ``K`` bins on
             ``[-spline_bound, spline_bound]`` instead of the affine one (see the module docstring).
+        context_channels: channels of ``context`` the conditioner sees beside ``a`` (unsqueezed
+            inputs only; see the module docstring).
     """
 
     def __init__(
@@ -216,9 +222,14 @@ class GCoupling(Transform):
         spline_bound: float = 3.0,
         basis: str = "auto",
         relax: float = 0.0,
+        context_channels: int = 0,
     ):
         super().__init__()
         self.group = get_group(group)
+        self.context_channels = int(context_channels)
+        if self.context_channels < 0 or (self.context_channels and squeeze_levels):
+            raise ValueError(f"context_channels must be >= 0 and needs squeeze_levels=0, got "
+                             f"{context_channels} with squeeze_levels={squeeze_levels}")
         self.spline_bins, self.spline_bound = int(spline_bins), float(spline_bound)
         if self.spline_bins < 0 or (self.spline_bins and self.spline_bound <= 0):
             raise ValueError(f"need spline_bins >= 0 and spline_bound > 0, got {spline_bins}, {spline_bound}")
@@ -232,6 +243,7 @@ class GCoupling(Transform):
         self.mask_kind, self.swap, self.levels = mask, bool(swap), int(squeeze_levels)
         self.field_size = field_size = 4**self.levels
         n_in, n_out = self._masks(mask, split, swap, parity, padding_mode)
+        n_in += self.context_channels
         self.n_out = n_out
         self.elementwise = (SplineMap(self.spline_bins, self.spline_bound, n_out, field_size)
                             if self.spline_bins else AffineMap())
@@ -311,11 +323,22 @@ class GCoupling(Transform):
             return torch.where(self.mask_b_bool, y, x)
         return torch.cat([y, a] if self.swap else [a, y], 1)
 
-    def _map(self, x: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    def _condition(self, a: Tensor, context: Tensor | None):
+        """The element-wise map's parameters from the conditioning part (and the context)."""
+        if not self.context_channels:
+            return self.conditioner(a)
+        want = (a.shape[0], self.context_channels, *a.shape[2:])
+        if context is None or tuple(context.shape) != want:
+            got = "none" if context is None else f"shape {tuple(context.shape)}"
+            raise ValueError(f"GCoupling with context_channels={self.context_channels} needs a context of "
+                             f"shape {want}, got {got}")
+        return self.conditioner(torch.cat([a, context.to(a.dtype)], 1))
+
+    def _map(self, x: Tensor, inverse: bool, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The coupling in either direction: the conditioning part is unchanged by the map, so the
         parameters are the same function of the input and of the output."""
         a, b = self._split(x)
-        params = self.conditioner(a)
+        params = self._condition(a, context)
         y, ladj = (self.elementwise.inverse if inverse else self.elementwise.forward)(b, params)
         if self.mask_kind != "channel":
             ladj = ladj * self.mask_b
@@ -323,7 +346,7 @@ class GCoupling(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
-        return self._map(x, inverse=False)
+        return self._map(x, inverse=False, context=context)
 
     def inverse_and_score(self, z: Tensor, score: Tensor,
                           context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -335,7 +358,7 @@ class GCoupling(Transform):
         with torch.enable_grad():
             # a leaf where z carries no graph, so that the conditioner's input gradient exists
             a_in = a if a.requires_grad else a.detach().requires_grad_(True)
-            params = self.conditioner(a_in)
+            params = self._condition(a_in, context)
         outs = params if isinstance(params, tuple) else (params,)
         if not grad_on:
             params = tuple(p.detach() for p in outs) if isinstance(params, tuple) else params.detach()
@@ -369,4 +392,4 @@ class GCoupling(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
-        return self._map(z, inverse=True)
+        return self._map(z, inverse=True, context=context)

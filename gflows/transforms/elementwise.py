@@ -126,10 +126,14 @@ class Dequantize(Transform):
         self.event_shape = tuple(int(s) for s in event_shape)
         self.levels = int(levels)
 
+    def check_levels(self, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` holds integers in ``[0, levels - 1]``."""
+        if bool(((x < 0) | (x > self.levels - 1) | (x != torch.round(x))).any()):
+            raise ValueError(f"{type(self).__name__} input must hold integers in [0, {self.levels - 1}]")
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
-        if bool(((x < 0) | (x > self.levels - 1) | (x != torch.round(x))).any()):
-            raise ValueError(f"Dequantize input must hold integers in [0, {self.levels - 1}]")
+        self.check_levels(x)
         # drawn contiguous: rand_like keeps a permuted input's strides, 9x slower to fill on the CPU
         y = (x + torch.rand(x.shape, dtype=x.dtype, device=x.device)) / self.levels
         d = math.prod(self.event_shape)

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+from conftest import GROUPS
+from helpers import bad_inputs, perturb
+
+from gflows.groups import Group
+from gflows.models.image import image_model
+from gflows.transforms.dequantization import VariationalDequantize
+from gflows.transforms.elementwise import Dequantize
+
+SHAPE = (2, 5, 5)
+
+
+def layer(group, dtype=torch.float64, moved=True):
+    torch.manual_seed(3)
+    t = VariationalDequantize(group, SHAPE, levels=8, n_blocks=3, hidden_fields=2, kernel_sizes=(3, 3))
+    return (perturb(t, 0.05) if moved else t).to(dtype)
+
+
+def images(n=3, dtype=torch.float64):
+    return torch.randint(0, 8, (n, *SHAPE)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_starts_as_uniform_dequantisation(dtype):
+    t, x = layer("flip", dtype, moved=False), images(dtype=dtype)
+    torch.manual_seed(0)
+    y, ld = t(x)
+    torch.manual_seed(0)
+    y0, ld0 = Dequantize(SHAPE, levels=8)(x)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert (y - y0).abs().max() <= tol and (ld - ld0).abs().max() <= tol * abs(float(ld0[0]))
+
+
+def test_log_q_is_the_density_of_the_noise():
+    """``log q(u | x)`` against ``log p_e(e) - log|det du/de|`` from a dense autograd Jacobian."""
+    t, x = layer("d4"), images()
+    e = t.noise(x)
+    u, log_q = t.dequantize(x, e)
+    assert ((u > 0) & (u < 1)).all()
+    for i in range(len(x)):
+        jac = torch.autograd.functional.jacobian(
+            lambda v, i=i: t.dequantize(x[i : i + 1], v.view(1, *SHAPE))[0].flatten(), e[i].flatten())
+        log_pe = float((torch.nn.functional.logsigmoid(e[i]) + torch.nn.functional.logsigmoid(-e[i])).sum())
+        assert abs(log_pe - float(torch.linalg.slogdet(jac).logabsdet) - float(log_q[i])) <= 1e-10
+    assert log_q.abs().min() > 1e-2  # the moved layer is not uniform
+
+
+def test_bound_and_inverse():
+    t, x = layer("flip"), images()
+    y, ld = t(x)
+    assert torch.equal(t.inverse(y)[0], x)
+    u, log_q = t.dequantize(x, t.noise(x))
+    d = math.prod(SHAPE)
+    torch.manual_seed(5)
+    y, ld = t(x)
+    torch.manual_seed(5)
+    _, log_q = t.dequantize(x, t.noise(x))
+    assert torch.allclose(ld, -d * math.log(8) - log_q, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noise_density_is_invariant(group, dtype):
+    """q(g u | g x) = q(u | x): the dequantised image moves with the image, the density stays."""
+    G, t, x = Group(group), layer(group, dtype), images(dtype=dtype)
+    e = t.noise(x)
+    u, log_q = t.dequantize(x, e)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for g in G.grid_elements:
+        ug, log_qg = t.dequantize(G.act(g, x), G.act(g, e))
+        assert (ug - G.act(g, u)).abs().max() <= tol
+        assert (log_qg - log_q).abs().max() <= tol * (1 + log_q.abs().max())
+
+
+def test_model_trains_the_noise_and_refuses_bad_settings():
+    model = image_model("coupling", "flip", (3, 4, 4), levels=8, dequantization="variational",
+                        dequant_blocks=2, dequant_hidden=4, hidden_fields=2, n_scales=1)
+    x = torch.randint(0, 8, (4, 3, 4, 4)).float()
+    (-model.log_prob(x).mean()).backward()
+    noise_grads = [p.grad for p in model.transform.transforms[0].parameters()]
+    assert noise_grads and all(g is not None for g in noise_grads)
+    assert sum(float(g.abs().sum()) for g in noise_grads) > 0
+    with pytest.raises(ValueError, match="unknown dequantization 'logistic'"):
+        image_model("coupling", "flip", (3, 4, 4), dequantization="logistic")
+    with pytest.raises(ValueError, match="integers in"):
+        layer("flip")(images() + 0.5)
+    with pytest.raises(ValueError, match="n_blocks >= 1"):
+        VariationalDequantize("flip", SHAPE, n_blocks=0)
+    for bad, error, match in bad_inputs(SHAPE):
+        with pytest.raises(error, match=match):
+            layer("flip")(bad)
