@@ -245,5 +245,5 @@ def test_context_errors_name_the_problem():
         t(x)
     with pytest.raises(ValueError, match=r"got shape \(2, 1, 4, 4\)"):
         t(x, torch.randn(2, 1, 4, 4))
-    with pytest.raises(ValueError, match="squeeze_levels=0"):
-        GCoupling("flip", (8, 2, 2), squeeze_levels=1, context_channels=1)
+    with pytest.raises(ValueError, match="whole squeezed fields of 4 sub-pixels"):
+        GCoupling("flip", (8, 2, 2), squeeze_levels=1, context_channels=2)

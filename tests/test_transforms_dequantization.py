@@ -11,16 +11,19 @@ from gflows.transforms.dequantization import VariationalDequantize
 from gflows.transforms.elementwise import Dequantize
 
 SHAPE = (2, 5, 5)
+#: the couplings on the image as it is, and squeezed once (a 3 x 3 coarse grid)
+SHAPES = {0: SHAPE, 1: (2, 6, 6)}
 
 
-def layer(group, dtype=torch.float64, moved=True):
+def layer(group, dtype=torch.float64, moved=True, squeeze=0):
     torch.manual_seed(3)
-    t = VariationalDequantize(group, SHAPE, levels=8, n_blocks=3, hidden_fields=2, kernel_sizes=(3, 3))
+    t = VariationalDequantize(group, SHAPES[squeeze], levels=8, n_blocks=3, hidden_fields=2,
+                              kernel_sizes=(3, 3), squeeze_levels=squeeze)
     return (perturb(t, 0.05) if moved else t).to(dtype)
 
 
-def images(n=3, dtype=torch.float64):
-    return torch.randint(0, 8, (n, *SHAPE)).to(dtype)
+def images(n=3, dtype=torch.float64, squeeze=0):
+    return torch.randint(0, 8, (n, *SHAPES[squeeze])).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -34,15 +37,16 @@ def test_starts_as_uniform_dequantisation(dtype):
     assert (y - y0).abs().max() <= tol and (ld - ld0).abs().max() <= tol * abs(float(ld0[0]))
 
 
-def test_log_q_is_the_density_of_the_noise():
+@pytest.mark.parametrize("squeeze", [0, 1])
+def test_log_q_is_the_density_of_the_noise(squeeze):
     """``log q(u | x)`` against ``log p_e(e) - log|det du/de|`` from a dense autograd Jacobian."""
-    t, x = layer("d4"), images()
+    t, x = layer("d4", squeeze=squeeze), images(squeeze=squeeze)
     e = t.noise(x)
     u, log_q = t.dequantize(x, e)
     assert ((u > 0) & (u < 1)).all()
     for i in range(len(x)):
         jac = torch.autograd.functional.jacobian(
-            lambda v, i=i: t.dequantize(x[i : i + 1], v.view(1, *SHAPE))[0].flatten(), e[i].flatten())
+            lambda v, i=i: t.dequantize(x[i : i + 1], v.view(1, *x.shape[1:]))[0].flatten(), e[i].flatten())
         log_pe = float((torch.nn.functional.logsigmoid(e[i]) + torch.nn.functional.logsigmoid(-e[i])).sum())
         assert abs(log_pe - float(torch.linalg.slogdet(jac).logabsdet) - float(log_q[i])) <= 1e-10
     assert log_q.abs().min() > 1e-2  # the moved layer is not uniform
@@ -61,11 +65,12 @@ def test_bound_and_inverse():
     assert torch.allclose(ld, -d * math.log(8) - log_q, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("squeeze", [0, 1])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_noise_density_is_invariant(group, dtype):
+def test_noise_density_is_invariant(group, dtype, squeeze):
     """q(g u | g x) = q(u | x): the dequantised image moves with the image, the density stays."""
-    G, t, x = Group(group), layer(group, dtype), images(dtype=dtype)
+    G, t, x = Group(group), layer(group, dtype, squeeze=squeeze), images(dtype=dtype, squeeze=squeeze)
     e = t.noise(x)
     u, log_q = t.dequantize(x, e)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -89,6 +94,8 @@ def test_model_trains_the_noise_and_refuses_bad_settings():
         layer("flip")(images() + 0.5)
     with pytest.raises(ValueError, match="n_blocks >= 1"):
         VariationalDequantize("flip", SHAPE, n_blocks=0)
+    with pytest.raises(ValueError, match="divisible by 2, got 5 x 5"):
+        VariationalDequantize("flip", SHAPE, squeeze_levels=1)
     for bad, error, match in bad_inputs(SHAPE):
         with pytest.raises(error, match=match):
             layer("flip")(bad)

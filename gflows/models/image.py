@@ -176,7 +176,8 @@ def _scales(p: _Plan, level: int, shape: tuple[int, ...]) -> list[Transform]:
 
 def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 32, 32),
                 alpha: float = 0.05, levels: int = 256, dequantization: str = "uniform",
-                dequant_blocks: int = 4, dequant_hidden: int = 32, **kwargs) -> Flow:
+                dequant_blocks: int = 4, dequant_hidden: int = 32, dequant_squeeze: int = 1,
+                **kwargs) -> Flow:
     """Flow on images of ``levels`` grey levels (8-bit by default): dequantisation, logit(alpha),
     then :func:`image_flow`.
 
@@ -184,7 +185,8 @@ def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 
     counting every log-det of the preprocessing and the ``levels`` bins: exactly with uniform
     dequantisation, and as an unbiased one-sample estimate of the variational bound with
     ``dequantization='variational'`` (:class:`VariationalDequantize`: ``dequant_blocks`` couplings
-    with ``dequant_hidden`` hidden channels, ``dequant_hidden // |G|`` regular fields).
+    with ``dequant_hidden`` hidden channels, ``dequant_hidden // |G|`` regular fields, on the
+    image squeezed ``dequant_squeeze`` times).
     """
     shape = tuple(event_shape)
     if dequantization == "uniform":
@@ -192,7 +194,8 @@ def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 
     elif dequantization == "variational":
         g = get_group(group)
         fields = max(1, dequant_hidden // g.order)
-        dequantize = VariationalDequantize(g, shape, levels, dequant_blocks, fields)
+        dequantize = VariationalDequantize(g, shape, levels, dequant_blocks, fields,
+                                           squeeze_levels=dequant_squeeze)
     else:
         raise ValueError(f"unknown dequantization {dequantization!r}: expected 'uniform' or 'variational'")
     return Flow(Compose(dequantize, Logit(shape, alpha), image_flow(kind, group, shape, **kwargs)))

@@ -42,9 +42,10 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
 * spline parameters are scalar fields like ``s`` and ``t`` (one per entry and parameter), so spline
   couplings have the same symmetries as affine ones (except ``sign_symmetric``, not offered).
 * ``context_channels = k``: the conditioner also sees ``k`` channels of scalar fields on the same
-  grid, passed as ``context`` (for example the integer image a variational dequantiser conditions
-  on): ``s, t = n([a, context])``. The map stays a coupling of ``x`` for each context, with the same
-  inverse and log-det, and commutes with the group when the context moves with ``x``.
+  grid (squeezed as the input is), passed as ``context`` (for example the integer image that a
+  variational dequantiser conditions on): ``s, t = n([a, context])``. The map stays a coupling of
+  ``x`` for each context, with the same inverse and log-det, and commutes with the group when the
+  context moves with ``x``.
 * ``sign_symmetric=True``: the conditioner's output is symmetrised over ``{x, -x}``,
   ``s = (n_s(x_a) + n_s(-x_a)) / 2`` (even) and ``t = (n_t(x_a) - n_t(-x_a)) / 2`` (odd), so the layer
   also commutes with ``x -> -x`` (the Z2 symmetry of phi^4) and every even ``s`` / odd ``t`` the net
@@ -196,8 +197,9 @@ class GCoupling(Transform):
             equivariance; the map stays invertible with the same log-det whatever the conditioner).
         spline_bins: with ``K > 0``, a rational-quadratic spline coupling of ``K`` bins on
             ``[-spline_bound, spline_bound]`` instead of the affine one (see the module docstring).
-        context_channels: channels of ``context`` the conditioner sees beside ``a`` (unsqueezed
-            inputs only; see the module docstring).
+        context_channels: channels of ``context`` the conditioner sees beside ``a``: scalar fields
+            squeezed like the input, whole fields of ``4^squeeze_levels`` channels (see the module
+            docstring).
     """
 
     def __init__(
@@ -227,9 +229,9 @@ class GCoupling(Transform):
         super().__init__()
         self.group = get_group(group)
         self.context_channels = int(context_channels)
-        if self.context_channels < 0 or (self.context_channels and squeeze_levels):
-            raise ValueError(f"context_channels must be >= 0 and needs squeeze_levels=0, got "
-                             f"{context_channels} with squeeze_levels={squeeze_levels}")
+        if self.context_channels < 0 or self.context_channels % 4 ** int(squeeze_levels):
+            raise ValueError(f"context_channels must be whole squeezed fields of {4 ** int(squeeze_levels)} "
+                             f"sub-pixels, got {context_channels} with squeeze_levels={squeeze_levels}")
         self.spline_bins, self.spline_bound = int(spline_bins), float(spline_bound)
         if self.spline_bins < 0 or (self.spline_bins and self.spline_bound <= 0):
             raise ValueError(f"need spline_bins >= 0 and spline_bound > 0, got {spline_bins}, {spline_bound}")
@@ -243,7 +245,7 @@ class GCoupling(Transform):
         self.mask_kind, self.swap, self.levels = mask, bool(swap), int(squeeze_levels)
         self.field_size = field_size = 4**self.levels
         n_in, n_out = self._masks(mask, split, swap, parity, padding_mode)
-        n_in += self.context_channels
+        n_in += self.context_channels // field_size
         self.n_out = n_out
         self.elementwise = (SplineMap(self.spline_bins, self.spline_bound, n_out, field_size)
                             if self.spline_bins else AffineMap())

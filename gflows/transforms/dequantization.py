@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.groups import Group, get_group
+from gflows.representations import squeeze, unsqueeze
 from gflows.transforms.coupling import GCoupling
 from gflows.transforms.elementwise import Dequantize
 
@@ -55,27 +56,38 @@ class VariationalDequantize(Dequantize):
 
     Args:
         group: symmetry group of the conditioners (grid elements act on pixels).
-        event_shape: ``(C, H, W)``, at least ``3 x 3`` pixels (mirrored checkerboard).
+        event_shape: ``(C, H, W)``, at least ``3 x 3`` pixels before the squeezes (mirrored
+            checkerboard).
         levels: number of integer levels ``L``.
         n_blocks: couplings of the noise, alternating the checkerboard's two sides.
         hidden_fields, kernel_sizes, activation, basis, scale_bound: of each coupling's conditioner
             (:class:`~gflows.transforms.coupling.GCoupling`).
+        squeeze_levels: the couplings run on the noise and the image squeezed this many times
+            (fewer pixels, more channels: cheaper convolutions; a squeeze is a permutation, so the
+            density is the same function of the couplings).
     """
 
     def __init__(self, group: str | Group, event_shape: Sequence[int], levels: int = 256,
                  n_blocks: int = 4, hidden_fields: int = 4, kernel_sizes: Sequence[int] = (3, 1, 3),
-                 activation: str = "silu", basis: str = "auto", scale_bound: float = 3.0):
+                 activation: str = "silu", basis: str = "auto", scale_bound: float = 3.0,
+                 squeeze_levels: int = 0):
         super().__init__(event_shape, levels)
         if len(self.event_shape) != 3:
             raise ValueError(f"VariationalDequantize needs event_shape (C, H, W), got {self.event_shape}")
         if n_blocks < 1:
             raise ValueError(f"VariationalDequantize needs n_blocks >= 1, got {n_blocks}")
-        c = self.event_shape[0]
+        c, h, w = self.event_shape
+        self.squeeze_levels = int(squeeze_levels)
+        f = 2**self.squeeze_levels
+        if self.squeeze_levels < 0 or h % f or w % f:
+            raise ValueError(f"squeeze_levels={squeeze_levels} needs height and width divisible by {f}, "
+                             f"got {h} x {w}")
+        shape = (c * f * f, h // f, w // f)
         self.group = get_group(group)
         self.couplings = nn.ModuleList(
-            GCoupling(self.group, self.event_shape, mask="mirrored", parity=i % 2, context_channels=c,
-                      hidden_fields=hidden_fields, kernel_sizes=kernel_sizes, activation=activation,
-                      basis=basis, scale_bound=scale_bound)
+            GCoupling(self.group, shape, mask="mirrored", parity=i % 2, squeeze_levels=self.squeeze_levels,
+                      context_channels=shape[0], hidden_fields=hidden_fields, kernel_sizes=kernel_sizes,
+                      activation=activation, basis=basis, scale_bound=scale_bound)
             for i in range(n_blocks))
 
     def noise(self, x: Tensor) -> Tensor:
@@ -88,10 +100,11 @@ class VariationalDequantize(Dequantize):
         self.check_levels(x)
         context = x * (2 / (self.levels - 1)) - 1 if self.levels > 1 else torch.zeros_like(x)
         log_q = _log_sigmoid_slope(e).flatten(1).sum(1)
-        v = e
+        v, context = squeeze(e, self.squeeze_levels), squeeze(context, self.squeeze_levels)
         for coupling in self.couplings:
             v, ld = coupling(v, context)
             log_q = log_q - ld
+        v = unsqueeze(v, self.squeeze_levels)
         return torch.sigmoid(v), log_q - _log_sigmoid_slope(v).flatten(1).sum(1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
