@@ -13,6 +13,11 @@ three scales.
     python benchmarks/bench_step_ab.py --b flow.block.n_exact_terms=1 -- flow=g_residual group=flip ...
     python benchmarks/bench_step_ab.py --a-plain-layout -- flow=g_residual group=flip ...
     python benchmarks/bench_step_ab.py --layout
+    python benchmarks/bench_step_ab.py --losses 100 --rounds 24 --steps 25 \
+        --b flow.dequantization=variational -- flow=g_coupling group=flip ...
+
+``--losses N`` also prints both models' mean training loss over every ``N`` steps (the same seed,
+hence the same batches): a comparison at equal steps.
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ from gflows.training.images import ImageTask
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def stepper(overrides: list[str], plain_layout: bool):
-    """A function ``block(n)`` that trains ``n`` steps of the run and returns seconds per step."""
+def stepper(overrides: list[str], plain_layout: bool, losses: list[float] | None = None):
+    """A function ``block(n)`` that trains ``n`` steps of the run and returns seconds per step
+    (the learning rate warmed up over ``trainer.warmup_steps``, then constant); each step's
+    training loss is appended to ``losses``. ``block.model`` is the model it trains."""
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", [*overrides, "wandb.mode=disabled", f"run_dir={tempfile.mkdtemp()}"])
     torch.manual_seed(cfg.seed)
@@ -58,10 +65,14 @@ def stepper(overrides: list[str], plain_layout: bool):
     def block(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            engine._update(task.loss(step[0], engine.dd), cfg.trainer.lr)
+            out = task.loss(step[0], engine.dd)
+            engine._update(out, cfg.trainer.lr * min(1.0, (step[0] + 1) / max(1, cfg.trainer.warmup_steps)))
+            if losses is not None:
+                losses.append(float(out.loss))
             step[0] += 1
         return (time.perf_counter() - t0) / n
 
+    block.model = engine.model
     return block
 
 
@@ -105,6 +116,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=15, help="steps per block")
     p.add_argument("--layout", action="store_true", help="the residual branch alone, both layouts")
+    p.add_argument("--losses", type=int, default=0, metavar="N",
+                   help="also print both models' mean training loss over every N steps (equal steps)")
     p.add_argument("overrides", nargs="*", help="train.py overrides of both")
     a = p.parse_args()
     print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} cores, "
@@ -119,14 +132,23 @@ def main() -> None:
         return
     print(f"# train.py {' '.join(a.overrides)}; A: {' '.join(a.a) or '-'}"
           f"{' (plain layout)' if a.a_plain_layout else ''}; B: {' '.join(a.b) or '-'}", flush=True)
-    model_a = stepper([*a.overrides, *a.a], a.a_plain_layout)
-    model_b = stepper([*a.overrides, *a.b], False)
-    model_a(5)
-    model_b(5)
+    loss_a: list[float] = []
+    loss_b: list[float] = []
+    model_a = stepper([*a.overrides, *a.a], a.a_plain_layout, loss_a)
+    model_b = stepper([*a.overrides, *a.b], False, loss_b)
+    if not a.losses:  # warm-up steps, left out of the timing (with --losses every step counts)
+        model_a(5)
+        model_b(5)
     times_a, times_b = [], []
-    for _ in range(a.rounds):
+    for r in range(a.rounds):
         times_a.append(model_a(a.steps))
         times_b.append(model_b(a.steps))
+        done = (r + 1) * a.steps
+        if a.losses and done % a.losses == 0:
+            ma, mb = statistics.mean(loss_a[-a.losses:]), statistics.mean(loss_b[-a.losses:])
+            sa, sb = statistics.median(times_a), statistics.median(times_b)
+            print(f"steps {done - a.losses + 1}-{done}: mean loss A {ma:.4f} B {mb:.4f} "
+                  f"B - A {mb - ma:+.4f}; s/step so far A {sa:.3f} B {sb:.3f}", flush=True)
     print("A s/step: " + " ".join(f"{t:.3f}" for t in times_a))
     print("B s/step: " + " ".join(f"{t:.3f}" for t in times_b))
     ma, mb = statistics.median(times_a), statistics.median(times_b)

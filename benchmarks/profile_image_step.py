@@ -1,0 +1,145 @@
+"""Where an image model's training step goes: operator times next to normflows' Glow, and the
+filter gathers.
+
+Builds the run of ``train.py``'s overrides (the engine's own step, as ``bench_step_ab.py``) and
+normflows' Glow of ``bench_cifar.py``, times blocks of steps of the two interleaved (s/step and
+the ratio), then times every dispatched operator of a few steps of each with a
+``TorchDispatchMode`` that wraps each call in ``perf_counter`` (``torch.profiler`` inflated these
+steps about 3x on this CPU) and prints the costliest. ``--gathers`` instead times the model's orbit
+filter gathers with their backward, as ``index_select`` of the flat index (the layer's) against
+advanced indexing with the filter-shaped index (before 2026-12-06).
+
+    python benchmarks/profile_image_step.py -- flow=g_coupling group=flip flow.hidden_channels=128 \\
+        flow.block.activation=silu data.root=../shared/data/cifar10-subset data.verify=false \\
+        trainer.batch_size=16
+    python benchmarks/profile_image_step.py --gathers -- flow=g_coupling group=flip ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import bench_cifar  # this folder, first on sys.path when run as a script
+import bench_step_ab
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gflows.data.cifar10 import load_cifar10
+from gflows.nn import equivariant
+from gflows.nn.equivariant import GConv2d
+
+
+class _OpTimes(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[str(func)] += time.perf_counter() - t0
+        self.calls[str(func)] += 1
+        return out
+
+
+def glow_stepper(root: str, batch: int):
+    """``block(n)``: ``n`` training steps of normflows' Glow (Adam, clipping) in seconds per step."""
+    train_x, _ = load_cifar10(root, "train", verify=False, download=False)
+    model = bench_cifar.normflows_glow()
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+    g = torch.Generator().manual_seed(0)
+
+    def block(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = bench_cifar.glow_bpd(model, train_x[torch.randint(len(train_x), (batch,), generator=g)], g)
+            opt.zero_grad()
+            loss.mean().backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        return (time.perf_counter() - t0) / n
+
+    return block
+
+
+def profile(overrides: list[str], root: str, batch: int, rounds: int, top: int) -> None:
+    steppers = {"gflows": bench_step_ab.stepper(overrides, False), "Glow": glow_stepper(root, batch)}
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    for f in steppers.values():
+        f(5)
+    for _ in range(rounds):
+        for k, f in steppers.items():
+            times[k].append(f(8))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"s/step (medians of {rounds} interleaved blocks of 8): gflows {med['gflows']:.3f}, Glow "
+          f"{med['Glow']:.3f}: {med['gflows'] / med['Glow']:.2f}x Glow's")
+    for name, f in steppers.items():
+        ops = _OpTimes()
+        with ops:
+            f(3)
+        total, calls = sum(ops.seconds.values()) / 3, sum(ops.calls.values()) // 3
+        print(f"\n## {name}: {total * 1e3:.1f} ms of operators per step, {calls} calls")
+        for op, s in sorted(ops.seconds.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{s / 3 * 1e3:8.2f} ms {ops.calls[op] / 3:7.1f} calls  {op}")
+
+
+def _indexed(ctx, weights, index):  # the gather before 2026-12-06
+    ctx.save_for_backward(index)
+    ctx.n = weights.shape[0]
+    return weights[index]
+
+
+def gathers(overrides: list[str], repeats: int) -> None:
+    stepper = bench_step_ab.stepper(overrides, False)
+    stepper(1)
+    model = stepper.model
+    convs = [m for m in model.modules() if isinstance(m, GConv2d) and m.basis == "orbit"]
+
+    def once() -> None:
+        filters = [c.expanded()[0] for c in convs]
+        torch.autograd.backward([w.sum() for w in filters])
+
+    layer = equivariant._Gather.forward
+    ways = {"index_select (the layer)": layer, "advanced indexing": _indexed}
+    ts: dict[str, list[float]] = {k: [] for k in ways}
+    for i in range(repeats + 3):  # alternated call by call: this machine's speed moves within seconds
+        for name, forward in ways.items():
+            equivariant._Gather.forward = staticmethod(forward)
+            t0 = time.perf_counter()
+            once()
+            if i >= 3:
+                ts[name].append(time.perf_counter() - t0)
+    equivariant._Gather.forward = layer
+    print(f"{len(convs)} orbit-basis convolutions; ms per step's gathers with their backward (medians "
+          f"of {repeats}, alternated):")
+    for name, t in ts.items():
+        print(f"  {name:26s} {statistics.median(t) * 1e3:.2f}")
+    ratio = statistics.median(ts["index_select (the layer)"]) / statistics.median(ts["advanced indexing"])
+    print(f"  the layer / advanced indexing: {ratio:.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gathers", action="store_true", help="time the filter gathers only")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--top", type=int, default=14)
+    p.add_argument("overrides", nargs="*", help="train.py overrides of the gflows model")
+    a = p.parse_args()
+    if a.gathers:
+        gathers(a.overrides, a.repeats)
+        return
+    root = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("data.root=")), None)
+    batch = next((int(o.split("=", 1)[1]) for o in a.overrides if o.startswith("trainer.batch_size=")), 16)
+    if root is None:
+        raise SystemExit("give data.root=<the CIFAR-10 folder> among the overrides (Glow trains on it too)")
+    profile(a.overrides, root, batch, a.rounds, a.top)
+
+
+if __name__ == "__main__":
+    main()
