@@ -56,7 +56,6 @@ def test_bound_and_inverse():
     t, x = layer("flip"), images()
     y, ld = t(x)
     assert torch.equal(t.inverse(y)[0], x)
-    u, log_q = t.dequantize(x, t.noise(x))
     d = math.prod(SHAPE)
     torch.manual_seed(5)
     y, ld = t(x)

@@ -204,9 +204,10 @@ def circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
 
 
 class _Gather(torch.autograd.Function):
-    """``weights[index]`` as one ``index_select`` of the flat index (advanced indexing with a 4-d
-    index took 3-15x longer on CPU, 2026-12-06), with the backward pass as one ``index_add_``
-    (autograd's accumulating ``index_put_`` costs several times more on CPU)."""
+    """``weights[index]`` as one ``index_select`` of the flat index (advanced indexing with the
+    filter-shaped index is slower on CPU: ``benchmarks/profile_image_step.py --gathers``), with the
+    backward pass as one ``index_add_`` (autograd's accumulating ``index_put_`` costs several times
+    more on CPU)."""
 
     @staticmethod
     def forward(ctx, weights: Tensor, index: Tensor) -> Tensor:

@@ -228,10 +228,6 @@ class GCoupling(Transform):
     ):
         super().__init__()
         self.group = get_group(group)
-        self.context_channels = int(context_channels)
-        if self.context_channels < 0 or self.context_channels % 4 ** int(squeeze_levels):
-            raise ValueError(f"context_channels must be whole squeezed fields of {4 ** int(squeeze_levels)} "
-                             f"sub-pixels, got {context_channels} with squeeze_levels={squeeze_levels}")
         self.spline_bins, self.spline_bound = int(spline_bins), float(spline_bound)
         if self.spline_bins < 0 or (self.spline_bins and self.spline_bound <= 0):
             raise ValueError(f"need spline_bins >= 0 and spline_bound > 0, got {spline_bins}, {spline_bound}")
@@ -244,6 +240,10 @@ class GCoupling(Transform):
         self.group.check_grid(h, w, "GCoupling")
         self.mask_kind, self.swap, self.levels = mask, bool(swap), int(squeeze_levels)
         self.field_size = field_size = 4**self.levels
+        self.context_channels = int(context_channels)
+        if self.context_channels < 0 or self.context_channels % field_size:
+            raise ValueError(f"context_channels must be whole squeezed fields of {field_size} sub-pixels, "
+                             f"got {context_channels} with squeeze_levels={squeeze_levels}")
         n_in, n_out = self._masks(mask, split, swap, parity, padding_mode)
         n_in += self.context_channels // field_size
         self.n_out = n_out
