@@ -7,12 +7,15 @@ the ratio), then times every dispatched operator of a few steps of each with a
 ``TorchDispatchMode`` that wraps each call in ``perf_counter`` (``torch.profiler`` inflated these
 steps about 3x on this CPU) and prints the costliest. ``--gathers`` instead times the model's orbit
 filter gathers with their backward, as ``index_select`` of the flat index (the layer's) against
-advanced indexing with the filter-shaped index (before 2026-12-06).
+advanced indexing with the filter-shaped index (before 2026-12-06); ``--ema`` times the trainer's
+weight average over the model's parameters, as one ``_foreach_lerp_`` (the trainer's) against two
+in-place kernels per tensor (before 2026-12-06, second session).
 
     python benchmarks/profile_image_step.py -- flow=g_coupling group=flip flow.hidden_channels=128 \\
         flow.block.activation=silu data.root=../shared/data/cifar10-subset data.verify=false \\
         trainer.batch_size=16
     python benchmarks/profile_image_step.py --gathers -- flow=g_coupling group=flip ...
+    python benchmarks/profile_image_step.py --ema -- flow=g_coupling group=flip ...
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gflows.data.cifar10 import load_cifar10
 from gflows.nn import equivariant
 from gflows.nn.equivariant import GConv2d
+from gflows.training.ema import ema_update
 
 
 class _OpTimes(TorchDispatchMode):
@@ -123,9 +127,38 @@ def gathers(overrides: list[str], repeats: int) -> None:
     print(f"  the layer / advanced indexing: {ratio:.2f}")
 
 
+def ema(overrides: list[str], repeats: int, decay: float = 0.99) -> None:
+    stepper = bench_step_ab.stepper(overrides, False)
+    stepper(1)
+    params = [p for p in stepper.model.parameters() if p.requires_grad]
+    avg = [p.detach().clone() for p in params]
+
+    def per_tensor() -> None:  # the trainer's loop before
+        with torch.no_grad():
+            for e, p in zip(avg, params, strict=True):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    ways = {"foreach lerp (the trainer)": lambda: ema_update(avg, params, decay),
+            "mul_ + add_ per tensor": per_tensor}
+    ts: dict[str, list[float]] = {k: [] for k in ways}
+    for i in range(repeats + 3):
+        for name, f in ways.items():
+            t0 = time.perf_counter()
+            f()
+            if i >= 3:
+                ts[name].append(time.perf_counter() - t0)
+    print(f"{len(params)} parameter tensors, {sum(p.numel() for p in params):,} numbers; ms per update "
+          f"(medians of {repeats}, alternated):")
+    for name, t in ts.items():
+        print(f"  {name:28s} {statistics.median(t) * 1e3:.3f}")
+    new, old = (statistics.median(t) for t in ts.values())
+    print(f"  foreach / per tensor: {new / old:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gathers", action="store_true", help="time the filter gathers only")
+    p.add_argument("--ema", action="store_true", help="time the weight average only")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--top", type=int, default=14)
@@ -133,6 +166,9 @@ def main() -> None:
     a = p.parse_args()
     if a.gathers:
         gathers(a.overrides, a.repeats)
+        return
+    if a.ema:
+        ema(a.overrides, a.repeats)
         return
     root = next((o.split("=", 1)[1] for o in a.overrides if o.startswith("data.root=")), None)
     batch = next((int(o.split("=", 1)[1]) for o in a.overrides if o.startswith("trainer.batch_size=")), 16)

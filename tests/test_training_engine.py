@@ -179,6 +179,12 @@ def test_relax_penalty_errors(tmp_path):
         Engine(Relaxed(), config(tmp_path, relax_penalty=-1.0))
 
 
+@pytest.mark.parametrize("decay", [-0.1, 1.5])
+def test_ema_decay_outside_the_unit_interval_is_named(tmp_path, decay):
+    with pytest.raises(ValueError, match=f"trainer.ema_decay must lie in \\[0, 1\\].*got {decay}"):
+        Engine(Toy(), config(tmp_path, ema_decay=decay))
+
+
 class ResidualToy(Toy):
     """A G-residual block fitted to Gaussian data: Lipschitz layers under the engine."""
 

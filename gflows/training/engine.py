@@ -37,6 +37,7 @@ from gflows.training.checkpoint import (
     set_rng_state,
 )
 from gflows.training.distributed import Dist, setup
+from gflows.training.ema import ema_update
 from gflows.training.optim import param_groups
 from gflows.training.records import log_metrics, open_wandb, truncate_metrics
 from gflows.training.schedule import check_schedule, learning_rate
@@ -155,6 +156,9 @@ class Engine:
         self.time_clock = getattr(self.t, "schedule_clock", "steps") == "time"
         self.seconds_before, self._t0 = 0.0, time.time()  # training seconds of earlier invocations
         self.ema: dict[str, Tensor] | None = None
+        if self.t.ema_decay is not None and not 0.0 <= self.t.ema_decay <= 1.0:
+            raise ValueError(f"trainer.ema_decay must lie in [0, 1] (or be null: no EMA), "
+                             f"got {self.t.ema_decay}")
         if not self.t.relax_penalty >= 0:
             raise ValueError(f"trainer.relax_penalty must be >= 0, got {self.t.relax_penalty}")
         self.relaxed = symmetry_breaking_sq_norm(self.model) is not None  # fixed by the architecture
@@ -242,9 +246,8 @@ class Engine:
             else:
                 m.mark_stale()
         if self.ema is not None:
-            with torch.no_grad():
-                for k, p in self.named_params:
-                    self.ema[k].mul_(self.t.ema_decay).add_(p.detach(), alpha=1 - self.t.ema_decay)
+            ema_update([self.ema[k] for k, _ in self.named_params], [p for _, p in self.named_params],
+                       self.t.ema_decay)
         return float(gnorm)
 
     # -- the loop ------------------------------------------------------------------------------
