@@ -9,13 +9,17 @@ steps about 3x on this CPU) and prints the costliest. ``--gathers`` instead time
 filter gathers with their backward, as ``index_select`` of the flat index (the layer's) against
 advanced indexing with the filter-shaped index (before 2026-12-06); ``--ema`` times the trainer's
 weight average over the model's parameters, as one ``_foreach_lerp_`` (the trainer's) against two
-in-place kernels per tensor (before 2026-12-06, second session).
+in-place kernels per tensor (before 2026-12-06, second session); ``--flops`` counts the
+floating-point operations of one training step of each model (``torch.utils.flop_counter``:
+convolutions and matrix products with their backward), a figure of the architecture that does not
+move with this machine's speed.
 
     python benchmarks/profile_image_step.py -- flow=g_coupling group=flip flow.hidden_channels=128 \\
         flow.block.activation=silu data.root=../shared/data/cifar10-subset data.verify=false \\
         trainer.batch_size=16
     python benchmarks/profile_image_step.py --gathers -- flow=g_coupling group=flip ...
     python benchmarks/profile_image_step.py --ema -- flow=g_coupling group=flip ...
+    python benchmarks/profile_image_step.py --flops -- flow=g_coupling group=flip ...
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import bench_cifar  # this folder, first on sys.path when run as a script
 import bench_step_ab
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from gflows.data.cifar10 import load_cifar10
 from gflows.nn import equivariant
@@ -90,6 +95,23 @@ def profile(overrides: list[str], root: str, batch: int, rounds: int, top: int) 
         print(f"\n## {name}: {total * 1e3:.1f} ms of operators per step, {calls} calls")
         for op, s in sorted(ops.seconds.items(), key=lambda kv: -kv[1])[:top]:
             print(f"{s / 3 * 1e3:8.2f} ms {ops.calls[op] / 3:7.1f} calls  {op}")
+
+
+def flops(overrides: list[str], root: str, batch: int) -> None:
+    """GFLOP of one training step of each model, in all and by operator."""
+    steppers = {"gflows": bench_step_ab.stepper(overrides, False), "Glow": glow_stepper(root, batch)}
+    totals = {}
+    for name, f in steppers.items():
+        f(2)  # past the first step's one-off work (ActNorm's data-dependent start)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            f(1)
+        totals[name] = counter.get_total_flops()
+        by_op = counter.get_flop_counts()["Global"]
+        ops = ", ".join(f"{str(op).split('.')[1]} {n / 1e9:.2f}" for op, n in
+                        sorted(by_op.items(), key=lambda kv: -kv[1]))
+        print(f"{name}: {totals[name] / 1e9:.2f} GFLOP per step ({ops})")
+    print(f"gflows / Glow: {totals['gflows'] / totals['Glow']:.2f}")
 
 
 def _indexed(ctx, weights, index):  # the gather before 2026-12-06
@@ -159,6 +181,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gathers", action="store_true", help="time the filter gathers only")
     p.add_argument("--ema", action="store_true", help="time the weight average only")
+    p.add_argument("--flops", action="store_true", help="count one step's FLOPs of each model")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--top", type=int, default=14)
@@ -174,6 +197,9 @@ def main() -> None:
     batch = next((int(o.split("=", 1)[1]) for o in a.overrides if o.startswith("trainer.batch_size=")), 16)
     if root is None:
         raise SystemExit("give data.root=<the CIFAR-10 folder> among the overrides (Glow trains on it too)")
+    if a.flops:
+        flops(a.overrides, root, batch)
+        return
     profile(a.overrides, root, batch, a.rounds, a.top)
 
 

@@ -124,6 +124,17 @@ class Group:
         """Number of elements, which is also the size of a regular field."""
         return self.n * (2 if self.flips else 1)
 
+    def regular_fields(self, channels: int) -> int:
+        """How many regular fields a width of ``channels`` hidden channels holds (at least one): the
+        configs give widths in channels, so that models of different groups compare at equal width.
+
+        >>> Group("d4").regular_fields(128), Group("d4").regular_fields(4)
+        (16, 1)
+        """
+        if int(channels) < 1:
+            raise ValueError(f"a hidden width must be at least 1 channel, got {channels}")
+        return max(1, int(channels) // self.order)
+
     @cached_property
     def gspace(self):
         """The escnn gspace (``escnn.gspaces``) of this group acting on R^2."""

@@ -103,3 +103,19 @@ def test_random_act_moves_each_sample_by_a_grid_element():
     assert len(set(which)) == 8  # all elements drawn
     with pytest.raises(ValueError, match="quarter turns"):
         G.random_act(torch.zeros(2, 1, 4, 6))
+
+
+@pytest.mark.parametrize("name", ["trivial", "flip", "c4", "d4", "c8"])
+@pytest.mark.parametrize("channels", [1, 7, 8, 128])
+def test_regular_fields_fill_the_width_and_never_vanish(name, channels):
+    g = Group(name)
+    fields = g.regular_fields(channels)
+    assert fields >= 1
+    assert fields * g.order <= channels or fields == 1
+    assert (fields + 1) * g.order > channels
+
+
+@pytest.mark.parametrize("channels", [0, -8])
+def test_regular_fields_refuse_an_empty_width(channels):
+    with pytest.raises(ValueError, match=f"at least 1 channel, got {channels}"):
+        Group("d4").regular_fields(channels)

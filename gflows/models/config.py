@@ -71,7 +71,7 @@ def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float, l
     group = get_group(flow["group"])
     block = kw.pop("block", {}) or {}
     return _call(image_model, flow["name"], flow["kind"], group, tuple(shape), alpha=alpha, levels=levels,
-                 hidden_fields=max(1, int(flow["hidden_channels"]) // group.order), **kw, **block)
+                 hidden_fields=group.regular_fields(flow["hidden_channels"]), **kw, **block)
 
 
 def lattice_model_from_config(flow: Mapping, L: int) -> Flow:
@@ -81,5 +81,5 @@ def lattice_model_from_config(flow: Mapping, L: int) -> Flow:
         return _call(realnvp_baseline, flow["name"], L, hidden=int(flow["hidden_channels"]), **kw)
     group = get_group(flow["group"])
     builder = residual_lattice_flow if flow["kind"] == "residual" else lattice_flow
-    return _call(builder, flow["name"], L, hidden_fields=max(1, int(flow["hidden_channels"]) // group.order),
+    return _call(builder, flow["name"], L, hidden_fields=group.regular_fields(flow["hidden_channels"]),
                  group=group, **kw)

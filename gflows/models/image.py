@@ -193,8 +193,7 @@ def image_model(kind: str, group: str | Group, event_shape: Sequence[int] = (3, 
         dequantize = Dequantize(shape, levels)
     elif dequantization == "variational":
         g = get_group(group)
-        fields = max(1, dequant_hidden // g.order)
-        dequantize = VariationalDequantize(g, shape, levels, dequant_blocks, fields,
+        dequantize = VariationalDequantize(g, shape, levels, dequant_blocks, g.regular_fields(dequant_hidden),
                                            squeeze_levels=dequant_squeeze)
     else:
         raise ValueError(f"unknown dequantization {dequantization!r}: expected 'uniform' or 'variational'")
