@@ -28,6 +28,7 @@ import argparse
 import collections
 import statistics
 import time
+from collections.abc import Callable
 
 import bench_cifar  # this folder, first on sys.path when run as a script
 import bench_step_ab
@@ -114,6 +115,19 @@ def flops(overrides: list[str], root: str, batch: int) -> None:
     print(f"gflows / Glow: {totals['gflows'] / totals['Glow']:.2f}")
 
 
+def _alternated(ways: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds of each way, called in turn (this machine's speed moves within seconds,
+    so the ways alternate call by call), after ``warmup`` rounds."""
+    ts: dict[str, list[float]] = {k: [] for k in ways}
+    for i in range(repeats + warmup):
+        for name, f in ways.items():
+            t0 = time.perf_counter()
+            f()
+            if i >= warmup:
+                ts[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+
+
 def _indexed(ctx, weights, index):  # the gather before 2026-12-06
     ctx.save_for_backward(index)
     ctx.n = weights.shape[0]
@@ -131,22 +145,23 @@ def gathers(overrides: list[str], repeats: int) -> None:
         torch.autograd.backward([w.sum() for w in filters])
 
     layer = equivariant._Gather.forward
-    ways = {"index_select (the layer)": layer, "advanced indexing": _indexed}
-    ts: dict[str, list[float]] = {k: [] for k in ways}
-    for i in range(repeats + 3):  # alternated call by call: this machine's speed moves within seconds
-        for name, forward in ways.items():
+
+    def using(forward):
+        def run() -> None:
             equivariant._Gather.forward = staticmethod(forward)
-            t0 = time.perf_counter()
             once()
-            if i >= 3:
-                ts[name].append(time.perf_counter() - t0)
-    equivariant._Gather.forward = layer
+        return run
+
+    try:
+        ms = _alternated({"index_select (the layer)": using(layer), "advanced indexing": using(_indexed)},
+                         repeats)
+    finally:
+        equivariant._Gather.forward = layer
     print(f"{len(convs)} orbit-basis convolutions; ms per step's gathers with their backward (medians "
           f"of {repeats}, alternated):")
-    for name, t in ts.items():
-        print(f"  {name:26s} {statistics.median(t) * 1e3:.2f}")
-    ratio = statistics.median(ts["index_select (the layer)"]) / statistics.median(ts["advanced indexing"])
-    print(f"  the layer / advanced indexing: {ratio:.2f}")
+    for name, t in ms.items():
+        print(f"  {name:26s} {t:.2f}")
+    print(f"  the layer / advanced indexing: {ms['index_select (the layer)'] / ms['advanced indexing']:.2f}")
 
 
 def ema(overrides: list[str], repeats: int, decay: float = 0.99) -> None:
@@ -160,20 +175,13 @@ def ema(overrides: list[str], repeats: int, decay: float = 0.99) -> None:
             for e, p in zip(avg, params, strict=True):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
-    ways = {"foreach lerp (the trainer)": lambda: ema_update(avg, params, decay),
-            "mul_ + add_ per tensor": per_tensor}
-    ts: dict[str, list[float]] = {k: [] for k in ways}
-    for i in range(repeats + 3):
-        for name, f in ways.items():
-            t0 = time.perf_counter()
-            f()
-            if i >= 3:
-                ts[name].append(time.perf_counter() - t0)
+    ms = _alternated({"foreach lerp (the trainer)": lambda: ema_update(avg, params, decay),
+                      "mul_ + add_ per tensor": per_tensor}, repeats)
     print(f"{len(params)} parameter tensors, {sum(p.numel() for p in params):,} numbers; ms per update "
           f"(medians of {repeats}, alternated):")
-    for name, t in ts.items():
-        print(f"  {name:28s} {statistics.median(t) * 1e3:.3f}")
-    new, old = (statistics.median(t) for t in ts.values())
+    for name, t in ms.items():
+        print(f"  {name:28s} {t:.3f}")
+    new, old = ms.values()
     print(f"  foreach / per tensor: {new / old:.2f}")
 
 

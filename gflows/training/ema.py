@@ -30,4 +30,4 @@ def ema_update(ema: Sequence[Tensor], params: Sequence[Tensor], decay: float) ->
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"the EMA decay must lie in [0, 1], got {decay}")
     if ema:
-        torch._foreach_lerp_(list(ema), [p.detach() for p in params], 1.0 - decay)
+        torch._foreach_lerp_(list(ema), list(params), 1.0 - decay)

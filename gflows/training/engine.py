@@ -246,8 +246,7 @@ class Engine:
             else:
                 m.mark_stale()
         if self.ema is not None:
-            ema_update([self.ema[k] for k, _ in self.named_params], [p for _, p in self.named_params],
-                       self.t.ema_decay)
+            ema_update([self.ema[k] for k, _ in self.named_params], self.params, self.t.ema_decay)
         return float(gnorm)
 
     # -- the loop ------------------------------------------------------------------------------
