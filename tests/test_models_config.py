@@ -67,3 +67,10 @@ def test_mistakes_are_named():
         build(flow_config("g_coupling", "flow.kind=maf"))
     with pytest.raises(ValueError, match="unknown setting 'depth' for lattice_flow"):
         build(flow_config("lattice_coupling", "+flow.depth=3"))
+
+
+@pytest.mark.parametrize("name", ["g_coupling", "lattice_g_coupling"])
+def test_an_empty_width_is_named_by_its_key(name):
+    message = "flow.hidden_channels: a hidden width must be at least 1 channel, got 0"
+    with pytest.raises(ValueError, match=message):
+        build(flow_config(name, "flow.hidden_channels=0"))

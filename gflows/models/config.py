@@ -56,6 +56,14 @@ def _call(builder: Callable[..., Flow], name: str, *args, **kwargs) -> Flow:
         raise ValueError(f"flow={name}: unknown setting {key!r} for {builder.__name__}") from None
 
 
+def _hidden_fields(flow: Mapping, group) -> int:
+    """``flow.hidden_channels`` as regular fields of ``group``, a bad width named by its key."""
+    try:
+        return group.regular_fields(flow["hidden_channels"])
+    except ValueError as e:
+        raise ValueError(f"flow.hidden_channels: {e}") from None
+
+
 def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float, levels: int = 256) -> Flow:
     """The image model of ``flow`` (``cfg.flow``) on images of ``shape`` with ``levels`` grey levels
     (8-bit by default) and logit ``alpha``.
@@ -71,7 +79,7 @@ def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float, l
     group = get_group(flow["group"])
     block = kw.pop("block", {}) or {}
     return _call(image_model, flow["name"], flow["kind"], group, tuple(shape), alpha=alpha, levels=levels,
-                 hidden_fields=group.regular_fields(flow["hidden_channels"]), **kw, **block)
+                 hidden_fields=_hidden_fields(flow, group), **kw, **block)
 
 
 def lattice_model_from_config(flow: Mapping, L: int) -> Flow:
@@ -81,5 +89,5 @@ def lattice_model_from_config(flow: Mapping, L: int) -> Flow:
         return _call(realnvp_baseline, flow["name"], L, hidden=int(flow["hidden_channels"]), **kw)
     group = get_group(flow["group"])
     builder = residual_lattice_flow if flow["kind"] == "residual" else lattice_flow
-    return _call(builder, flow["name"], L, hidden_fields=group.regular_fields(flow["hidden_channels"]),
+    return _call(builder, flow["name"], L, hidden_fields=_hidden_fields(flow, group),
                  group=group, **kw)
