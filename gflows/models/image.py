@@ -7,7 +7,8 @@ with ``fc_blocks`` fully-connected G-residual blocks
 elements of the group: after ``s`` squeezes the blocks' networks map between the squeezed tensors'
 true representations (on the coarse grid for subgroups of D4, see :mod:`gflows.transforms.reshape`)
 and ActNorm shares its parameters over the ``4^s`` sub-pixels of each channel. With ``factor_out``
-whole fields leave for the base between scales (:class:`~gflows.transforms.reshape.FactorOut`).
+whole fields, or half of every field's sub-pixels (:class:`~gflows.transforms.reshape.HalvingSqueeze`),
+leave for the base between scales (:class:`~gflows.transforms.reshape.FactorOut`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gflows.transforms.coupling import GCoupling
 from gflows.transforms.dequantization import VariationalDequantize
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.invconv import GInvConv1x1
-from gflows.transforms.reshape import FactorOut, Squeeze
+from gflows.transforms.reshape import FactorOut, HalvingSqueeze, Squeeze
 from gflows.transforms.residual import GFCResidualBlock, GResidualBlock
 
 __all__ = ["FLOW_KINDS", "g_residual_flow", "image_flow", "image_model"]
@@ -67,7 +68,7 @@ def image_flow(
     fc_hidden: int = 128,
     squeeze_first: bool = False,
     invconv: bool = False,
-    factor_out: bool = False,
+    factor_out: bool | str = False,
     split_prior: bool = False,
     **block_kwargs,
 ) -> Compose:
@@ -87,14 +88,19 @@ def image_flow(
             at half the resolution or less (``H`` and ``W`` divisible by ``2^n_scales``).
         invconv: a G-equivariant invertible 1x1 convolution (:class:`GInvConv1x1`, Glow's channel
             mixing) before every block.
-        factor_out: after each scale but the last, half the fields (rounded up; couplings keep at
-            least two) go on and the others are factored out to the base (:class:`FactorOut`, Glow's
-            split), so later scales run on fewer channels. Whole fields, hence equivariant.
-        split_prior: with ``factor_out``, Glow's learned prior of the leaving fields: they are
-            Gaussian with mean and log-scale from a zero-initialised 3x3 G-convolution of the fields
-            that stay (Glow's ``split2d``), i.e. an affine :class:`GCoupling` of the leaving fields on
-            the kept ones, with a one-convolution conditioner, just before the split. Without it the
-            leaving fields meet the base as they are.
+        factor_out: Glow's split (:class:`FactorOut`): after each scale but the last part of the
+            tensor is factored out to the base, so later scales run on fewer channels. ``True`` or
+            ``'fields'``: half the fields (rounded up; couplings keep at least two) go on, whole
+            fields, so on RGB 12, 32 and 128 channels at three scales. ``'half'``: half of every
+            field's sub-pixels go on (:class:`HalvingSqueeze`: two squeezed fields of each field's
+            next squeeze stay), Glow's 12, 24 and 48 channels; a boundary after fields of one channel
+            (scale 0 without ``squeeze_first``) squeezes without a split. Equivariant either way.
+        split_prior: with ``factor_out=True`` or ``'fields'``, Glow's learned prior of the leaving
+            fields: they are Gaussian with mean and log-scale from a zero-initialised 3x3
+            G-convolution of the fields that stay (Glow's ``split2d``), i.e. an affine
+            :class:`GCoupling` of the leaving fields on the kept ones, with a one-convolution
+            conditioner, just before the split. Without it the leaving fields meet the base as they
+            are.
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
@@ -103,26 +109,30 @@ def image_flow(
         raise ValueError(f"fc_blocks are residual blocks: only for kind='residual', not {kind!r}")
     if n_scales < 1:
         raise ValueError(f"n_scales must be >= 1, got {n_scales}")
-    if split_prior and not factor_out:
+    if factor_out not in (False, True, "fields", "half"):
+        raise ValueError(f"unknown factor_out {factor_out!r}: expected false, true, 'fields' or 'half'")
+    if split_prior and factor_out in (False, "half"):
         raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
-                         "set factor_out=True")
+                         "set factor_out=True (whole fields; not with factor_out='half')")
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     # not for the fully-connected blocks
     conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
     plan = _Plan(kind, group, first + n_scales - 1, blocks_per_scale, hidden_fields, actnorm, fc_blocks,
-                 fc_hidden, invconv, factor_out, split_prior, block_kwargs, fc_kwargs)
+                 fc_hidden, invconv, {True: "fields"}.get(factor_out, factor_out), split_prior,
+                 block_kwargs, fc_kwargs)
     layers: list[Transform] = []
     if first:
         layers.append(Squeeze(shape))
         shape = layers[0].out_shape
-    return Compose(layers + _scales(plan, first, shape))
+    return Compose(layers + _scales(plan, first, first, shape))
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """The settings of :func:`image_flow` that every scale uses (``last``: the last scale's level)."""
+    """The settings of :func:`image_flow` that every scale uses (``last``: the last scale's index,
+    counting the first squeeze; ``factor_out``: ``False``, ``'fields'`` or ``'half'``)."""
 
     kind: str
     group: str | Group
@@ -133,14 +143,15 @@ class _Plan:
     fc_blocks: int
     fc_hidden: int
     invconv: bool
-    factor_out: bool
+    factor_out: bool | str
     split_prior: bool
     block_kwargs: dict
     fc_kwargs: dict
 
 
-def _scales(p: _Plan, level: int, shape: tuple[int, ...]) -> list[Transform]:
-    """Layers of scales ``level..p.last`` on ``shape``."""
+def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Transform]:
+    """Layers of scales ``scale..p.last`` on ``shape``, whose fields carry ``level`` squeezes (the
+    scale's index unless :class:`HalvingSqueeze` kept the level)."""
     layers: list[Transform] = []
     field_size = 4**level  # the sub-pixels of one original channel after ``level`` squeezes
     for i in range(p.blocks_per_scale):
@@ -149,25 +160,29 @@ def _scales(p: _Plan, level: int, shape: tuple[int, ...]) -> list[Transform]:
         layers += _block(p.kind, p.group, shape, level, i, p.hidden_fields, p.block_kwargs)
         if p.actnorm:
             layers.append(ActNorm(shape, field_size=field_size))
-    if level == p.last:
+    if scale == p.last:
         for _ in range(p.fc_blocks):
             layers.append(GFCResidualBlock(p.group, shape, p.fc_hidden, squeeze_levels=level, **p.fc_kwargs))
             if p.actnorm:
                 layers.append(ActNorm(shape, field_size=field_size))
         return layers
-    sq = Squeeze(shape)
+    if p.factor_out == "half" and level:
+        sq = HalvingSqueeze(shape, level)
+        kept, inner_level = sq.kept_channels, level
+    else:
+        sq = Squeeze(shape)
+        fields = shape[0] // field_size
+        # couplings split their fields in two: they need two at every scale
+        keep = max(-(-fields // 2), 1 if p.kind in ("residual", "iaf") else 2)
+        kept, inner_level = (keep if p.factor_out == "fields" else fields) * 4 * field_size, level + 1
     layers.append(sq)
-    fields = shape[0] // field_size
-    # couplings split their fields in two: they need two at every scale
-    keep = max(-(-fields // 2), 1 if p.kind in ("residual", "iaf") else 2)
-    if not p.factor_out or keep >= fields:
-        return layers + _scales(p, level + 1, sq.out_shape)
-    inner = _scales(p, level + 1, (keep * 4 * field_size, *sq.out_shape[1:]))
+    if kept >= sq.out_shape[0]:
+        return layers + _scales(p, scale + 1, inner_level, sq.out_shape)
+    inner = _scales(p, scale + 1, inner_level, (kept, *sq.out_shape[1:]))
     # FactorOut needs a shape-preserving map: undo the inner scales' own squeezes (those nested in
     # their FactorOuts already are)
-    undo = [Inverse(t) for t in reversed(inner) if isinstance(t, Squeeze)]
+    undo = [Inverse(t) for t in reversed(inner) if isinstance(t, (Squeeze, HalvingSqueeze))]
     if p.split_prior:
-        kept = keep * 4 * field_size
         coupling_kw = {k: p.block_kwargs[k] for k in ("basis", "relax", "scale_bound") if k in p.block_kwargs}
         layers.append(GCoupling(p.group, sq.out_shape, split=kept, squeeze_levels=level + 1,
                                 kernel_sizes=(3,), **coupling_kw))

@@ -30,7 +30,7 @@ from torch import Tensor
 from gflows.flow import Transform
 from gflows.representations import squeeze, unsqueeze
 
-__all__ = ["FactorOut", "Squeeze", "squeeze", "unsqueeze"]
+__all__ = ["FactorOut", "HalvingSqueeze", "Squeeze", "squeeze", "unsqueeze"]
 
 
 class Squeeze(Transform):
@@ -58,6 +58,81 @@ class Squeeze(Transform):
         if self.checks:
             check_event(z, self.out_shape, "Squeeze inverse input")
         return unsqueeze(z), z.new_zeros(z.shape[0])
+
+
+def _halving_permutation(n_fields: int, levels: int) -> Tensor:
+    """Channel order of :class:`HalvingSqueeze`'s output in its squeezed input's channels."""
+    per_field, outer = 4 ** (levels + 1), 4 ** (levels - 1)
+    # within a field: b * 16 + a_L * 4 + a_{L+1}, b the first L - 1 sub-pixel indices
+    b, a = torch.arange(outer).repeat_interleave(4), torch.arange(4).repeat(outer)
+    corners, inner = b * 16 + a * 5, b * 16 + a * 4 + 3 - a
+    kept = torch.cat([torch.cat([corners, inner]) + f * per_field for f in range(n_fields)])
+    leaving = torch.ones(n_fields * per_field, dtype=torch.bool)
+    leaving[kept] = False
+    return torch.cat([kept, leaving.nonzero().flatten()])
+
+
+class HalvingSqueeze(Transform):
+    r"""A squeeze whose output's first half are squeezed fields again: Glow's split, equivariantly.
+
+    Map: ``x -> P squeeze(x)`` for a fixed permutation ``P`` of the channels. Inverse:
+    ``z -> unsqueeze(P^T z)``. Log-det: 0.
+
+    Input: fields of ``4^L`` channels (one channel squeezed ``L >= 1`` times,
+    :func:`~gflows.representations.squeezed_representation`). After one more squeeze each field's
+    ``4^(L+1)`` channels are the sub-pixels of a ``2^(L+1)``-square block. A grid-exact element acts
+    on a sub-pixel's row bits by complementing them all (a reflection) and swaps row and column bits
+    (a diagonal reflection), so the sub-pixels whose last two row bits agree exactly when their last
+    two column bits do form two blocks that every element of D4 maps onto themselves: the "corners"
+    (both pairs equal) and the "inner" sub-pixels (both pairs unequal), on each of which the group
+    acts as on the ``4^L`` sub-pixels of one level-``L`` field. ``P`` puts, field by field, those two
+    level-``L`` fields first (``2C`` channels, the kept half) and the remaining sub-pixels of every
+    field after them (the leaving half). So the layer commutes with every subgroup of D4 when the
+    first half is read as ``2C / 4^L`` squeezed fields on the coarse grid and the second half as
+    channels that the group permutes (for D4: one regular field per input field), and a
+    :class:`FactorOut` of the first ``2C`` channels halves the channels at every scale as Glow does
+    (12, 24, 48 on RGB), where whole fields cannot (an RGB image has three).
+
+    Args:
+        event_shape: ``(C, H, W)``, ``C`` a multiple of ``4^levels``, ``H`` and ``W`` even.
+        levels: the squeezes the input's fields carry (at least 1: a single channel cannot be halved).
+    """
+
+    def __init__(self, event_shape: Sequence[int], levels: int):
+        super().__init__()
+        c, h, w = (int(s) for s in event_shape)
+        if levels < 1:
+            raise ValueError(f"HalvingSqueeze needs fields squeezed at least once, got levels={levels}: "
+                             "the four sub-pixels of one squeeze are a single orbit of D4")
+        if c % 4**levels:
+            raise ValueError(f"HalvingSqueeze: {c} channels are not fields of 4^{levels} sub-pixels")
+        if h % 2 or w % 2:
+            raise ValueError(f"HalvingSqueeze needs even height and width, got {(h, w)}")
+        self.event_shape, self.levels = (c, h, w), int(levels)
+        perm = _halving_permutation(c // 4**levels, levels)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("unperm", torch.argsort(perm), persistent=False)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.event_shape
+        return (4 * c, h // 2, w // 2)
+
+    @property
+    def kept_channels(self) -> int:
+        """The first half of the output: ``2C`` channels of level-``levels`` fields."""
+        return 2 * self.event_shape[0]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check(x)
+        return squeeze(x)[:, self.perm], x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        from gflows._checks import check_event
+
+        if self.checks:
+            check_event(z, self.out_shape, "HalvingSqueeze inverse input")
+        return unsqueeze(z[:, self.unperm]), z.new_zeros(z.shape[0])
 
 
 class FactorOut(Transform):
