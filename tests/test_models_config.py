@@ -67,6 +67,16 @@ def test_mistakes_are_named():
         build(flow_config("g_coupling", "flow.kind=maf"))
     with pytest.raises(ValueError, match="unknown setting 'depth' for lattice_flow"):
         build(flow_config("lattice_coupling", "+flow.depth=3"))
+    with pytest.raises(ValueError, match="unknown factor_out 'halves': expected false, true, 'fields'"):
+        build(flow_config("g_coupling", "flow.factor_out=halves"))
+
+
+def test_glows_split_by_halves_from_the_command_line():
+    from gflows.transforms.reshape import HalvingSqueeze
+
+    flow = flow_config("g_coupling", "flow.n_scales=2", "flow.blocks_per_scale=1", "flow.hidden_channels=8",
+                       "flow.factor_out=half")
+    assert any(isinstance(m, HalvingSqueeze) for m in build(flow).modules())
 
 
 @pytest.mark.parametrize("name", ["g_coupling", "lattice_g_coupling"])

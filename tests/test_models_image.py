@@ -153,6 +153,61 @@ def test_factor_out_model_is_exact_and_equivariant_with_fewer_channels_later(kin
             assert torch.allclose(ldg, ld, atol=1e-5)
 
 
+HALVING_CASES = [("coupling", group, dtype) for group in ("trivial", "flip", "d4")
+                 for dtype in (torch.float32, torch.float64)] + [("residual", "d4", torch.float64)]
+
+
+@pytest.mark.parametrize("kind, group, dtype", HALVING_CASES)
+def test_halving_split_gives_glows_channels_and_an_exact_invariant_density(kind, group, dtype):
+    """``factor_out='half'``: half of every field's sub-pixels stay at each split (HalvingSqueeze),
+    so the scales run on 12, 24 and 48 channels as Glow's do; invertible, exact log-det, and the
+    log-density invariant under the group to round-off (float32: 1e-4, float64: 1e-10)."""
+    from helpers import autograd_logdet, max_reconstruction_error, perturb
+
+    from gflows.transforms.coupling import GCoupling
+    from gflows.transforms.reshape import FactorOut, HalvingSqueeze
+    from gflows.transforms.residual import GResidualBlock
+
+    torch.manual_seed(0)
+    t = image_flow(kind, group, (3, 8, 8), n_scales=3, blocks_per_scale=1, hidden_fields=1,
+                   kernel_sizes=(3, 3), squeeze_first=True, invconv=True, factor_out="half")
+    blocks = [m.event_shape for m in t.modules() if isinstance(m, (GCoupling, GResidualBlock))]
+    assert blocks == [(12, 4, 4), (24, 2, 2), (48, 1, 1)]
+    assert sum(isinstance(m, HalvingSqueeze) for m in t.modules()) == 2
+    assert sum(isinstance(m, FactorOut) for m in t.modules()) == 2
+    perturb(t, 0.05).eval()
+    t.to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    assert max_reconstruction_error(t, x) <= (1e-5 if dtype == torch.float32 else 1e-9)
+    flow = gflows.Flow(t)
+    with gflows.logdet_mode(t, "exact"):
+        z, ld = t(x)
+        assert z.shape == (2, 48, 2, 2)
+        if dtype == torch.float64:
+            assert torch.allclose(ld, autograd_logdet(t, x), atol=1e-9)
+        lp = flow.log_prob(x)
+        G = gflows.Group(group)
+        for g in G.grid_elements:
+            assert torch.allclose(flow.log_prob(G.act(g, x)), lp, atol=tol * float(lp.abs().max()), rtol=0)
+
+
+def test_halving_split_without_squeeze_first_and_bad_settings():
+    """Fields of one channel cannot be halved: the first squeeze keeps them all, later ones halve."""
+    from gflows.transforms.coupling import GCoupling
+    from gflows.transforms.reshape import FactorOut
+
+    t = image_flow("coupling", "d4", (3, 8, 8), n_scales=3, blocks_per_scale=1, hidden_fields=1,
+                   kernel_sizes=(3, 3), factor_out="half")
+    assert [m.event_shape for m in t.modules() if isinstance(m, GCoupling)] == \
+        [(3, 8, 8), (12, 4, 4), (24, 2, 2)]
+    assert sum(isinstance(m, FactorOut) for m in t.modules()) == 1
+    with pytest.raises(ValueError, match="unknown factor_out 'halves'"):
+        image_flow("coupling", "d4", (3, 8, 8), factor_out="halves")
+    with pytest.raises(ValueError, match="not with factor_out='half'"):
+        image_flow("coupling", "d4", (3, 8, 8), factor_out="half", split_prior=True)
+
+
 @pytest.mark.parametrize("group", ["flip", "d4"])
 def test_split_prior_is_a_learned_conditional_gaussian_and_keeps_the_model_exact(group):
     """Glow's split prior: a zero-initialised coupling of the leaving field on the kept ones before

@@ -70,3 +70,59 @@ def test_factor_out_maps_the_kept_channels_only_and_checks_shapes():
         FactorOut(ActNorm((5, 4, 4)), (5, 4, 4))
     with pytest.raises(ValueError, match="shape"):
         t(torch.randn(3, 4, 4, 4))
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("group", ["flip", "c4", "d4"])
+def test_halving_squeeze_keeps_squeezed_fields_first_and_commutes_with_the_group(group, levels):
+    """The first half of the output carries the level-``levels`` squeezed representation on the
+    coarse grid (two fields per input field), exactly; the group permutes the second half's
+    channels. Volume preserving and exactly invertible."""
+    from gflows.representations import squeeze, squeezed_action
+    from gflows.transforms.reshape import HalvingSqueeze
+
+    G = Group(group)
+    t = HalvingSqueeze((2 * 4**levels, 4, 4), levels)
+    assert t.out_shape == (8 * 4**levels, 2, 2) and t.kept_channels == 4 * 4**levels
+    assert torch.equal(torch.sort(t.perm).values, torch.arange(8 * 4**levels))
+    x = torch.randn(3, 2, 4 * 2**levels, 4 * 2**levels, dtype=torch.float64)
+    y = squeeze(x, levels)
+    z, ld = t(y)
+    assert torch.equal(ld, torch.zeros(3, dtype=torch.float64)) and torch.equal(t.inverse(z)[0], y)
+    k, act = t.kept_channels, squeezed_action(G, levels)
+    for g in G.grid_elements:
+        zg, _ = t(squeeze(G.act(g, x), levels))
+        assert torch.equal(zg[:, :k], act(g, z[:, :k]))
+        moved = G.act(g, z[:, k:])  # coarse grid moved; the channels must be a permutation of these
+        match = [[j for j in range(moved.shape[1]) if torch.equal(zg[:, k + i], moved[:, j])]
+                 for i in range(moved.shape[1])]
+        assert sorted(m[0] for m in match) == list(range(moved.shape[1]))
+
+
+def test_halving_squeeze_layout_and_bad_settings():
+    """Of each 4 x 4 block the corners, then the inner 2 x 2, stay (field by field); the eight edge
+    sub-pixels leave."""
+    from gflows.representations import squeeze
+    from gflows.transforms.reshape import HalvingSqueeze
+
+    rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    x = (100 * (rows % 4) + cols % 4).view(1, 1, 8, 8).repeat(1, 2, 1, 1)  # position in its 4x4 block
+    t = HalvingSqueeze((8, 4, 4), 1)
+    z, _ = t(squeeze(x))
+    r, c = z[0, :, 0, 0] // 100, z[0, :, 0, 0] % 100  # the same at every coarse pixel
+    assert torch.equal(z, z[:, :, :1, :1].expand_as(z))
+    outer, inner = (r % 3 == 0) & (c % 3 == 0), (r % 3 != 0) & (c % 3 != 0)
+    assert outer[[*range(4), *range(8, 12)]].all() and inner[[*range(4, 8), *range(12, 16)]].all()
+    assert not (outer | inner)[16:].any()
+    assert sorted(zip(r[:4].tolist(), c[:4].tolist(), strict=True)) == [(0, 0), (0, 3), (3, 0), (3, 3)]
+    with pytest.raises(ValueError, match="squeezed at least once"):
+        HalvingSqueeze((4, 4, 4), 0)
+    with pytest.raises(ValueError, match="fields of 4"):
+        HalvingSqueeze((6, 4, 4), 1)
+    with pytest.raises(ValueError, match="even"):
+        HalvingSqueeze((4, 3, 4), 1)
+    for xb, err, word in bad_inputs((8, 4, 4)):
+        with pytest.raises(err, match=word):
+            t(xb)
+    with pytest.raises(ValueError, match="event shape"):
+        t.inverse(torch.zeros(1, 8, 4, 4))

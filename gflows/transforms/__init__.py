@@ -7,7 +7,7 @@ from gflows.transforms.dequantization import VariationalDequantize
 from gflows.transforms.elementwise import ActNorm, Dequantize, Logit
 from gflows.transforms.fourier import MomentumScale
 from gflows.transforms.invconv import GInvConv1x1
-from gflows.transforms.reshape import FactorOut, Squeeze
+from gflows.transforms.reshape import FactorOut, HalvingSqueeze, Squeeze
 from gflows.transforms.residual import (
     ConvergenceError,
     GResidualBlock,
@@ -24,6 +24,7 @@ __all__ = [
     "ConvergenceError",
     "Dequantize",
     "FactorOut",
+    "HalvingSqueeze",
     "GResidualBlock",
     "Logit",
     "MomentumScale",
