@@ -153,15 +153,17 @@ def test_factor_out_model_is_exact_and_equivariant_with_fewer_channels_later(kin
             assert torch.allclose(ldg, ld, atol=1e-5)
 
 
-HALVING_CASES = [("coupling", group, dtype) for group in ("trivial", "flip", "d4")
-                 for dtype in (torch.float32, torch.float64)] + [("residual", "d4", torch.float64)]
+HALVING_CASES = [("coupling", group, dtype, False) for group in ("trivial", "flip", "d4")
+                 for dtype in (torch.float32, torch.float64)]
+HALVING_CASES += [("residual", "d4", torch.float64, False), ("coupling", "d4", torch.float64, True)]
 
 
-@pytest.mark.parametrize("kind, group, dtype", HALVING_CASES)
-def test_halving_split_gives_glows_channels_and_an_exact_invariant_density(kind, group, dtype):
+@pytest.mark.parametrize("kind, group, dtype, prior", HALVING_CASES)
+def test_halving_split_gives_glows_channels_and_an_exact_invariant_density(kind, group, dtype, prior):
     """``factor_out='half'``: half of every field's sub-pixels stay at each split (HalvingSqueeze),
     so the scales run on 12, 24 and 48 channels as Glow's do; invertible, exact log-det, and the
-    log-density invariant under the group to round-off (float32: 1e-4, float64: 1e-10)."""
+    log-density invariant under the group to round-off (float32: 1e-4, float64: 1e-10); with
+    ``split_prior`` a ``mask='halving'`` coupling before each split as well."""
     from helpers import autograd_logdet, max_reconstruction_error, perturb
 
     from gflows.transforms.coupling import GCoupling
@@ -170,9 +172,12 @@ def test_halving_split_gives_glows_channels_and_an_exact_invariant_density(kind,
 
     torch.manual_seed(0)
     t = image_flow(kind, group, (3, 8, 8), n_scales=3, blocks_per_scale=1, hidden_fields=1,
-                   kernel_sizes=(3, 3), squeeze_first=True, invconv=True, factor_out="half")
+                   kernel_sizes=(3, 3), squeeze_first=True, invconv=True, factor_out="half",
+                   split_prior=prior)
     blocks = [m.event_shape for m in t.modules() if isinstance(m, (GCoupling, GResidualBlock))]
-    assert blocks == [(12, 4, 4), (24, 2, 2), (48, 1, 1)]
+    assert blocks == ([(12, 4, 4), (12, 4, 4), (24, 2, 2), (24, 2, 2), (48, 1, 1)] if prior else
+                      [(12, 4, 4), (24, 2, 2), (48, 1, 1)])
+    assert sum(getattr(m, "mask_kind", "") == "halving" for m in t.modules()) == 2 * prior
     assert sum(isinstance(m, HalvingSqueeze) for m in t.modules()) == 2
     assert sum(isinstance(m, FactorOut) for m in t.modules()) == 2
     perturb(t, 0.05).eval()
@@ -204,8 +209,6 @@ def test_halving_split_without_squeeze_first_and_bad_settings():
     assert sum(isinstance(m, FactorOut) for m in t.modules()) == 1
     with pytest.raises(ValueError, match="unknown factor_out 'halves'"):
         image_flow("coupling", "d4", (3, 8, 8), factor_out="halves")
-    with pytest.raises(ValueError, match="not with factor_out='half'"):
-        image_flow("coupling", "d4", (3, 8, 8), factor_out="half", split_prior=True)
 
 
 @pytest.mark.parametrize("group", ["flip", "d4"])

@@ -33,6 +33,8 @@ CONFIGS = {
     "mirrored_squeezed": dict(shape=(8, 4, 4), kw=dict(mask="mirrored", squeeze_levels=1)),
     "mirrored_squeezed2": dict(shape=(16, 1, 1), kw=dict(mask="mirrored", squeeze_levels=2, parity=1)),
     "mirrored_spline": dict(shape=(4, 2, 2), kw=dict(mask="mirrored", squeeze_levels=1, spline_bins=3)),
+    "halving": dict(shape=(8, 4, 4), kw=dict(mask="halving", squeeze_levels=1)),
+    "halving_squeezed2": dict(shape=(32, 2, 2), kw=dict(mask="halving", squeeze_levels=2, parity=1)),
 }
 
 
@@ -63,7 +65,8 @@ def test_reconstruction_and_exact_logdet(group, name):
 
 @pytest.mark.parametrize("name", ["affine", "additive", "sign", "squeezed", "squeezed2", "spline",
                                   "spline_squeezed", "orbit", "orbit_squeezed2", "mirrored", "mirrored_odd",
-                                  "mirrored_squeezed", "mirrored_squeezed2", "mirrored_spline"])
+                                  "mirrored_squeezed", "mirrored_squeezed2", "mirrored_spline", "halving",
+                                  "halving_squeezed2"])
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_equivariance_every_grid_element(group, name, dtype):
@@ -152,6 +155,21 @@ def test_mirrored_mask_moves_one_side_and_refuses_a_grid_it_cannot_split():
         GCoupling("d4", (1, 2, 2), mask="mirrored")
     with pytest.raises(ValueError, match="whole fields"):
         GCoupling("d4", (6, 2, 2), mask="mirrored", squeeze_levels=1)
+
+
+def test_halving_mask_moves_the_leaving_pixels_and_refuses_an_unsqueezed_input():
+    """Glow's split prior for HalvingSqueeze: the pixels it keeps condition the ones it lets leave."""
+    from gflows.representations import squeeze
+    from gflows.transforms.reshape import HalvingSqueeze
+
+    t = assert_moves_only_masked_entries("d4", "halving")
+    kept = HalvingSqueeze((8, 4, 4), 1).perm[:16]
+    moved = squeeze(t.mask_b)[0, :, 0, 0].bool()  # one coarse site of the next squeeze
+    assert not moved[kept].any() and int(moved.sum()) == 16
+    with pytest.raises(ValueError, match="squeezed at least once"):
+        GCoupling("d4", (2, 4, 4), mask="halving")
+    with pytest.raises(ValueError, match="even grid"):
+        GCoupling("d4", (8, 3, 3), mask="halving", squeeze_levels=1)
 
 
 @pytest.mark.parametrize("group", GROUPS)

@@ -103,7 +103,7 @@ def test_halving_squeeze_layout_and_bad_settings():
     """Of each 4 x 4 block the corners, then the inner 2 x 2, stay (field by field); the eight edge
     sub-pixels leave."""
     from gflows.representations import squeeze
-    from gflows.transforms.reshape import HalvingSqueeze
+    from gflows.transforms.reshape import HalvingSqueeze, halving_mask
 
     rows, cols = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
     x = (100 * (rows % 4) + cols % 4).view(1, 1, 8, 8).repeat(1, 2, 1, 1)  # position in its 4x4 block
@@ -115,6 +115,11 @@ def test_halving_squeeze_layout_and_bad_settings():
     assert outer[[*range(4), *range(8, 12)]].all() and inner[[*range(4, 8), *range(12, 16)]].all()
     assert not (outer | inner)[16:].any()
     assert sorted(zip(r[:4].tolist(), c[:4].tolist(), strict=True)) == [(0, 0), (0, 3), (3, 0), (3, 3)]
+    for levels in (1, 2):  # halving_mask marks, on the image, the pixels whose sub-pixels stay
+        mask = halving_mask(16, 16, levels)
+        assert all(torch.equal(Group("d4").act(g, mask), mask) for g in Group("d4").grid_elements)
+        kept = squeeze(mask, levels + 1)[0, :, 0, 0].nonzero().flatten()
+        assert torch.equal(kept, HalvingSqueeze((4**levels, 4, 4), levels).perm[:2 * 4**levels].sort().values)
     with pytest.raises(ValueError, match="squeezed at least once"):
         HalvingSqueeze((4, 4, 4), 0)
     with pytest.raises(ValueError, match="fields of 4"):

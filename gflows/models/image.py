@@ -95,12 +95,12 @@ def image_flow(
             field's sub-pixels go on (:class:`HalvingSqueeze`: two squeezed fields of each field's
             next squeeze stay), Glow's 12, 24 and 48 channels; a boundary after fields of one channel
             (scale 0 without ``squeeze_first``) squeezes without a split. Equivariant either way.
-        split_prior: with ``factor_out=True`` or ``'fields'``, Glow's learned prior of the leaving
-            fields: they are Gaussian with mean and log-scale from a zero-initialised 3x3
-            G-convolution of the fields that stay (Glow's ``split2d``), i.e. an affine
-            :class:`GCoupling` of the leaving fields on the kept ones, with a one-convolution
-            conditioner, just before the split. Without it the leaving fields meet the base as they
-            are.
+        split_prior: with ``factor_out``, Glow's learned prior of the leaving part: it is Gaussian
+            with mean and log-scale from a zero-initialised 3x3 G-convolution of the part that stays
+            (Glow's ``split2d``), i.e. an affine :class:`GCoupling` of the leaving part on the kept
+            one, with a one-convolution conditioner, just before the split (with ``'half'``: of the
+            leaving pixels on the kept ones, ``mask='halving'``, before the :class:`HalvingSqueeze`).
+            Without it the leaving part meets the base as it is.
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
@@ -111,9 +111,9 @@ def image_flow(
         raise ValueError(f"n_scales must be >= 1, got {n_scales}")
     if factor_out not in (False, True, "fields", "half"):
         raise ValueError(f"unknown factor_out {factor_out!r}: expected false, true, 'fields' or 'half'")
-    if split_prior and factor_out in (False, "half"):
+    if split_prior and not factor_out:
         raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
-                         "set factor_out=True (whole fields; not with factor_out='half')")
+                         "set factor_out=True or 'half'")
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     # not for the fully-connected blocks
@@ -183,9 +183,13 @@ def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Tr
     # their FactorOuts already are)
     undo = [Inverse(t) for t in reversed(inner) if isinstance(t, (Squeeze, HalvingSqueeze))]
     if p.split_prior:
-        coupling_kw = {k: p.block_kwargs[k] for k in ("basis", "relax", "scale_bound") if k in p.block_kwargs}
-        layers.append(GCoupling(p.group, sq.out_shape, split=kept, squeeze_levels=level + 1,
-                                kernel_sizes=(3,), **coupling_kw))
+        kw = {k: p.block_kwargs[k] for k in ("basis", "relax", "scale_bound") if k in p.block_kwargs}
+        if isinstance(sq, HalvingSqueeze):  # the leaving pixels given the kept ones, before the squeeze
+            layers.insert(-1, GCoupling(p.group, shape, mask="halving", squeeze_levels=level,
+                                        kernel_sizes=(3,), **kw))
+        else:
+            layers.append(GCoupling(p.group, sq.out_shape, split=kept, squeeze_levels=level + 1,
+                                    kernel_sizes=(3,), **kw))
     return layers + [FactorOut(Compose(inner + undo), sq.out_shape)]
 
 

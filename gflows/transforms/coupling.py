@@ -33,6 +33,12 @@ group (Dinh et al. 2017; for lattices Albergo et al. 2019 and Kanwar et al. 2020
   Neighbours across a centre line share a parity. On a squeezed input (``squeeze_levels = L``) the
   pattern is laid on the un-squeezed grid and squeezed with the image, so that it splits the ``4^L``
   sub-pixel channels of each coarse site too and works down to a ``1 x 1`` coarse grid.
+* ``mask='halving'``: on an input squeezed ``L >= 1`` times, the pixels that
+  :class:`~gflows.transforms.reshape.HalvingSqueeze` keeps (:func:`~gflows.transforms.reshape.halving_mask`,
+  laid on the un-squeezed grid and squeezed as ``'mirrored'`` is) condition the ones it lets leave
+  (``parity=1``: the other way round). Exact for every grid element. Before a ``HalvingSqueeze`` and
+  a :class:`~gflows.transforms.reshape.FactorOut`, with a one-convolution conditioner, it is Glow's
+  learned prior of the leaving half given the kept one (``split2d``).
 * ``squeeze_levels = L``: the input is a ``L``-times squeezed image, on which the group also
   permutes the ``4^L`` sub-pixel channels of every original channel (see :mod:`.reshape`). The
   split then keeps each original channel's sub-pixels in one half, and the conditioner maps between
@@ -78,6 +84,7 @@ from gflows.groups import Group, GroupElement, get_group
 from gflows.nn.squeezed import squeezed_net
 from gflows.representations import squeeze
 from gflows.transforms.conditioner import Conditioner, conditioner_net
+from gflows.transforms.reshape import halving_mask
 from gflows.transforms.spline import RQSpline
 
 __all__ = ["AffineMap", "GCoupling", "SplineMap", "checkerboard", "mirrored_checkerboard",
@@ -187,7 +194,7 @@ class GCoupling(Transform):
     Args:
         group: symmetry group, e.g. ``'d4'``.
         event_shape: ``(C, H, W)``.
-        mask: ``'channel'``, ``'checkerboard'`` or ``'mirrored'``.
+        mask: ``'channel'``, ``'checkerboard'``, ``'mirrored'`` or ``'halving'``.
         split: with ``mask='channel'``, the number of conditioning channels (default ``C // 2``,
             rounded to whole squeezed fields); ``swap=True`` conditions the first part on the second.
         parity: with a spatial mask, which sublattice conditions the other.
@@ -274,18 +281,26 @@ class GCoupling(Transform):
             self.register_buffer("mask_b", 1 - checkerboard(h, w, parity))
             self._register_masks()
             return c, c
-        if mask == "mirrored":
+        if mask in ("mirrored", "halving"):
             fields = _fields(c, field_size)
-            fine = mirrored_checkerboard(h * 2**levels, w * 2**levels, parity)
-            if fine.min() == fine.max():
-                raise ValueError(f"a mirrored checkerboard of a {h * 2**levels} x {w * 2**levels} "
-                                 "image puts every pixel on one side: it needs at least 3 x 3 pixels")
+            if mask == "mirrored":
+                fine = mirrored_checkerboard(h * 2**levels, w * 2**levels, parity)
+                if fine.min() == fine.max():
+                    raise ValueError(f"a mirrored checkerboard of a {h * 2**levels} x {w * 2**levels} "
+                                     "image puts every pixel on one side: it needs at least 3 x 3 pixels")
+            else:
+                if levels < 1 or h % 2 or w % 2:
+                    raise ValueError("mask='halving' needs an input squeezed at least once (squeeze_levels "
+                                     f">= 1) on an even grid, got squeeze_levels={levels} on {h} x {w}")
+                fine = halving_mask(h * 2**levels, w * 2**levels, levels)
+                fine = fine if parity == 0 else 1 - fine
             for _ in range(levels):
                 fine = squeeze(fine)
             self.register_buffer("mask_b", 1 - fine.repeat(1, fields, 1, 1))
             self._register_masks()
             return fields, fields
-        raise ValueError(f"unknown mask {mask!r}: expected 'channel', 'checkerboard' or 'mirrored'")
+        raise ValueError(f"unknown mask {mask!r}: expected 'channel', 'checkerboard', 'mirrored' or "
+                         "'halving'")
 
     def _register_masks(self) -> None:
         # the checkerboard's complement and boolean form, made once: every small operator recorded on

@@ -30,7 +30,7 @@ from torch import Tensor
 from gflows.flow import Transform
 from gflows.representations import squeeze, unsqueeze
 
-__all__ = ["FactorOut", "HalvingSqueeze", "Squeeze", "squeeze", "unsqueeze"]
+__all__ = ["FactorOut", "HalvingSqueeze", "Squeeze", "halving_mask", "squeeze", "unsqueeze"]
 
 
 class Squeeze(Transform):
@@ -58,6 +58,19 @@ class Squeeze(Transform):
         if self.checks:
             check_event(z, self.out_shape, "Squeeze inverse input")
         return unsqueeze(z), z.new_zeros(z.shape[0])
+
+
+def halving_mask(h: int, w: int, levels: int) -> Tensor:
+    """``[1, 1, h, w]`` mask of the pixels whose sub-pixels :class:`HalvingSqueeze` keeps when its input
+    carries ``levels`` squeezes: 1 where the row's bits ``levels - 1`` and ``levels`` (from the
+    least significant) differ exactly when the column's do (the corners and the centre of every
+    ``2^(levels+1)``-square block). Every element of D4 about the centre maps it onto itself when
+    ``h`` and ``w`` are multiples of ``2^(levels+1)``."""
+    def differ(n: int) -> Tensor:
+        i = torch.arange(n)
+        return ((i >> (levels - 1)) ^ (i >> levels)) & 1
+
+    return (differ(h)[:, None] == differ(w)[None, :]).float()[None, None]
 
 
 def _halving_permutation(n_fields: int, levels: int) -> Tensor:
@@ -89,7 +102,8 @@ class HalvingSqueeze(Transform):
     level-``L`` fields first (``2C`` channels, the kept half) and the remaining sub-pixels of every
     field after them (the leaving half). So the layer commutes with every subgroup of D4 when the
     first half is read as ``2C / 4^L`` squeezed fields on the coarse grid and the second half as
-    channels that the group permutes (for D4: one regular field per input field), and a
+    channels that the group permutes (for D4: one regular field per input field; the kept pixels of
+    the input image: :func:`halving_mask`), and a
     :class:`FactorOut` of the first ``2C`` channels halves the channels at every scale as Glow does
     (12, 24, 48 on RGB), where whole fields cannot (an RGB image has three).
 
