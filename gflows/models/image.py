@@ -70,6 +70,7 @@ def image_flow(
     invconv: bool = False,
     factor_out: bool | str = False,
     split_prior: bool = False,
+    scale_kernel_sizes: Sequence[Sequence[int]] | None = None,
     **block_kwargs,
 ) -> Compose:
     """A multiscale transform of ``kind`` in :data:`FLOW_KINDS` (see the module docstring).
@@ -101,6 +102,10 @@ def image_flow(
             one, with a one-convolution conditioner, just before the split (with ``'half'``: of the
             leaving pixels on the kept ones, ``mask='halving'``, before the :class:`HalvingSqueeze`).
             Without it the leaving part meets the base as it is.
+        scale_kernel_sizes: the blocks' ``kernel_sizes`` scale by scale (one sequence per scale,
+            the finest first), overriding ``block_kwargs``' one for all: for example 3x3-1x1-3x3
+            conditioners at the finest scale and 3x3-1x1-1x1 at the coarser ones, whose many channels
+            make a 3x3 output convolution the costliest part of the step.
         **block_kwargs: passed to every block.
     """
     if kind not in FLOW_KINDS:
@@ -114,6 +119,11 @@ def image_flow(
     if split_prior and not factor_out:
         raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
                          "set factor_out=True or 'half'")
+    if scale_kernel_sizes is not None:
+        scale_kernel_sizes = tuple(tuple(int(k) for k in ks) for ks in scale_kernel_sizes)
+        if len(scale_kernel_sizes) != n_scales or not all(scale_kernel_sizes):
+            raise ValueError(f"scale_kernel_sizes needs one non-empty list of kernel sizes per scale "
+                             f"({n_scales}), got {list(scale_kernel_sizes)}")
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     # not for the fully-connected blocks
@@ -121,7 +131,7 @@ def image_flow(
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
     plan = _Plan(kind, group, first + n_scales - 1, blocks_per_scale, hidden_fields, actnorm, fc_blocks,
                  fc_hidden, invconv, {True: "fields"}.get(factor_out, factor_out), split_prior,
-                 block_kwargs, fc_kwargs)
+                 block_kwargs, fc_kwargs, scale_kernel_sizes, first)
     layers: list[Transform] = []
     if first:
         layers.append(Squeeze(shape))
@@ -147,6 +157,8 @@ class _Plan:
     split_prior: bool
     block_kwargs: dict
     fc_kwargs: dict
+    scale_kernel_sizes: tuple[tuple[int, ...], ...] | None
+    first: int
 
 
 def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Transform]:
@@ -154,10 +166,13 @@ def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Tr
     scale's index unless :class:`HalvingSqueeze` kept the level)."""
     layers: list[Transform] = []
     field_size = 4**level  # the sub-pixels of one original channel after ``level`` squeezes
+    block_kwargs = p.block_kwargs
+    if p.scale_kernel_sizes is not None:
+        block_kwargs = {**block_kwargs, "kernel_sizes": p.scale_kernel_sizes[scale - p.first]}
     for i in range(p.blocks_per_scale):
         if p.invconv:
             layers.append(GInvConv1x1(p.group, shape, squeeze_levels=level))
-        layers += _block(p.kind, p.group, shape, level, i, p.hidden_fields, p.block_kwargs)
+        layers += _block(p.kind, p.group, shape, level, i, p.hidden_fields, block_kwargs)
         if p.actnorm:
             layers.append(ActNorm(shape, field_size=field_size))
     if scale == p.last:
