@@ -71,12 +71,15 @@ def test_mistakes_are_named():
         build(flow_config("g_coupling", "flow.factor_out=halves"))
 
 
-def test_glows_split_by_halves_from_the_command_line():
+def test_glows_split_by_halves_and_kernels_per_scale_from_the_command_line():
+    from gflows.nn.equivariant import GConv2d
     from gflows.transforms.reshape import HalvingSqueeze
 
-    flow = flow_config("g_coupling", "flow.n_scales=2", "flow.blocks_per_scale=1", "flow.hidden_channels=8",
-                       "flow.factor_out=half")
+    small = ("flow.n_scales=2", "flow.blocks_per_scale=1", "flow.hidden_channels=8")
+    flow = flow_config("g_coupling", *small, "flow.factor_out=half")
     assert any(isinstance(m, HalvingSqueeze) for m in build(flow).modules())
+    flow = flow_config("g_coupling", *small, "flow.scale_kernel_sizes=[[3,1,3],[3,1]]")
+    assert [m.kernel_size for m in build(flow).modules() if isinstance(m, GConv2d)] == [3, 1, 3, 3, 1]
 
 
 @pytest.mark.parametrize("name", ["g_coupling", "lattice_g_coupling"])

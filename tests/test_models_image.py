@@ -153,6 +153,36 @@ def test_factor_out_model_is_exact_and_equivariant_with_fewer_channels_later(kin
             assert torch.allclose(ldg, ld, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["coupling", "residual"])
+def test_scale_kernel_sizes_set_each_scales_convolutions(kind):
+    """``scale_kernel_sizes``: the blocks of each scale get their own kernel sizes (overriding
+    ``kernel_sizes``), and the model stays exact and equivariant."""
+    from helpers import max_reconstruction_error, perturb, squeezed_act
+
+    from gflows.nn.equivariant import GConv2d
+    from gflows.transforms.coupling import GCoupling
+    from gflows.transforms.residual import GResidualBlock
+
+    torch.manual_seed(0)
+    t = image_flow(kind, "d4", (3, 8, 8), n_scales=2, blocks_per_scale=1, hidden_fields=1,
+                   squeeze_first=True, kernel_sizes=(3, 3, 3), scale_kernel_sizes=[[3, 1, 3], [1, 1]])
+    blocks = [m for m in t.modules() if isinstance(m, (GCoupling, GResidualBlock))]
+    kernels = [[c.kernel_size for c in b.modules() if isinstance(c, GConv2d)] for b in blocks]
+    assert kernels == [[3, 1, 3], [1, 1]]
+    perturb(t, 0.05).eval()
+    t.double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert max_reconstruction_error(t, x) <= 1e-9
+    G, act = gflows.Group("d4"), squeezed_act(gflows.Group("d4"), 2)
+    with gflows.logdet_mode(t, "exact"):
+        z, ld = t(x)
+        for g in G.grid_elements:
+            zg, ldg = t(G.act(g, x))
+            assert float((zg - act(g, z)).abs().max()) <= 1e-10 and torch.allclose(ldg, ld, atol=1e-10)
+    with pytest.raises(ValueError, match="one non-empty list of kernel sizes per scale"):
+        image_flow(kind, "d4", (3, 8, 8), n_scales=2, squeeze_first=True, scale_kernel_sizes=[[3]])
+
+
 HALVING_CASES = [("coupling", group, dtype, False) for group in ("trivial", "flip", "d4")
                  for dtype in (torch.float32, torch.float64)]
 HALVING_CASES += [("residual", "d4", torch.float64, False), ("coupling", "d4", torch.float64, True)]
