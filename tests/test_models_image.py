@@ -89,9 +89,24 @@ def test_residual_model_with_final_fc_blocks(scales):
         image_flow("coupling", "d4", (3, 4, 4), fc_blocks=1)
 
 
+def assert_equivariant_exactly(t, group, x, levels, atol, ld_atol):
+    """With exact log-dets, ``t(g x) = g t(x)`` (the output squeezed ``levels`` times) and the
+    log-det is invariant, for every grid element of ``group``."""
+    from helpers import squeezed_act
+
+    G = gflows.Group(group)
+    act = squeezed_act(G, levels)
+    with gflows.logdet_mode(t, "exact"):
+        z, ld = t(x)
+        for g in G.grid_elements:
+            zg, ldg = t(G.act(g, x))
+            assert float((zg - act(g, z)).abs().max()) <= atol
+            assert torch.allclose(ldg, ld, atol=ld_atol)
+
+
 @pytest.mark.parametrize("kind", ["coupling", "residual"])
 def test_squeeze_first_invconv_model_runs_every_block_at_half_resolution_or_less(kind):
-    from helpers import max_reconstruction_error, perturb, squeezed_act
+    from helpers import max_reconstruction_error, perturb
 
     from gflows.nn.equivariant import GConv2d
     from gflows.transforms.invconv import GInvConv1x1
@@ -109,13 +124,7 @@ def test_squeeze_first_invconv_model_runs_every_block_at_half_resolution_or_less
     z, ld = t(x)
     assert z.shape == (2, 48, 2, 2) and set(sizes) == {4, 2}
     assert max_reconstruction_error(t, x) <= 1e-5
-    G, act = gflows.Group("d4"), squeezed_act(gflows.Group("d4"), 2)
-    with gflows.logdet_mode(t, "exact"):
-        _, ld = t(x)
-        for g in G.grid_elements:
-            zg, ldg = t(G.act(g, x))
-            assert float((zg - act(g, z)).abs().max()) <= 1e-5
-            assert torch.allclose(ldg, ld, atol=1e-4)
+    assert_equivariant_exactly(t, "d4", x, 2, 1e-5, 1e-4)
     with pytest.raises(ValueError, match="n_scales"):
         image_flow(kind, "d4", (3, 8, 8), n_scales=0)
 
@@ -157,7 +166,7 @@ def test_factor_out_model_is_exact_and_equivariant_with_fewer_channels_later(kin
 def test_scale_kernel_sizes_set_each_scales_convolutions(kind):
     """``scale_kernel_sizes``: the blocks of each scale get their own kernel sizes (overriding
     ``kernel_sizes``), and the model stays exact and equivariant."""
-    from helpers import max_reconstruction_error, perturb, squeezed_act
+    from helpers import max_reconstruction_error, perturb
 
     from gflows.nn.equivariant import GConv2d
     from gflows.transforms.coupling import GCoupling
@@ -173,12 +182,7 @@ def test_scale_kernel_sizes_set_each_scales_convolutions(kind):
     t.double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert max_reconstruction_error(t, x) <= 1e-9
-    G, act = gflows.Group("d4"), squeezed_act(gflows.Group("d4"), 2)
-    with gflows.logdet_mode(t, "exact"):
-        z, ld = t(x)
-        for g in G.grid_elements:
-            zg, ldg = t(G.act(g, x))
-            assert float((zg - act(g, z)).abs().max()) <= 1e-10 and torch.allclose(ldg, ld, atol=1e-10)
+    assert_equivariant_exactly(t, "d4", x, 2, 1e-10, 1e-10)
     with pytest.raises(ValueError, match="one non-empty list of kernel sizes per scale"):
         image_flow(kind, "d4", (3, 8, 8), n_scales=2, squeeze_first=True, scale_kernel_sizes=[[3]])
 
