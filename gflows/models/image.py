@@ -102,28 +102,12 @@ def image_flow(
             one, with a one-convolution conditioner, just before the split (with ``'half'``: of the
             leaving pixels on the kept ones, ``mask='halving'``, before the :class:`HalvingSqueeze`).
             Without it the leaving part meets the base as it is.
-        scale_kernel_sizes: the blocks' ``kernel_sizes`` scale by scale (one sequence per scale,
-            the finest first), overriding ``block_kwargs``' one for all: for example 3x3-1x1-3x3
-            conditioners at the finest scale and 3x3-1x1-1x1 at the coarser ones, whose many channels
-            make a 3x3 output convolution the costliest part of the step.
+        scale_kernel_sizes: the blocks' ``kernel_sizes`` per scale, the finest first, overriding
+            ``block_kwargs``' (e.g. 1x1 last convolutions at the coarse scales, where 3x3 ones over
+            their many channels cost most).
         **block_kwargs: passed to every block.
     """
-    if kind not in FLOW_KINDS:
-        raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
-    if fc_blocks and kind != "residual":
-        raise ValueError(f"fc_blocks are residual blocks: only for kind='residual', not {kind!r}")
-    if n_scales < 1:
-        raise ValueError(f"n_scales must be >= 1, got {n_scales}")
-    if factor_out not in (False, True, "fields", "half"):
-        raise ValueError(f"unknown factor_out {factor_out!r}: expected false, true, 'fields' or 'half'")
-    if split_prior and not factor_out:
-        raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
-                         "set factor_out=True or 'half'")
-    if scale_kernel_sizes is not None:
-        scale_kernel_sizes = tuple(tuple(int(k) for k in ks) for ks in scale_kernel_sizes)
-        if len(scale_kernel_sizes) != n_scales or not all(scale_kernel_sizes):
-            raise ValueError(f"scale_kernel_sizes needs one non-empty list of kernel sizes per scale "
-                             f"({n_scales}), got {list(scale_kernel_sizes)}")
+    scale_kernel_sizes = _checked(kind, n_scales, fc_blocks, factor_out, split_prior, scale_kernel_sizes)
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     # not for the fully-connected blocks
@@ -137,6 +121,29 @@ def image_flow(
         layers.append(Squeeze(shape))
         shape = layers[0].out_shape
     return Compose(layers + _scales(plan, first, first, shape))
+
+
+def _checked(kind: str, n_scales: int, fc_blocks: int, factor_out: bool | str, split_prior: bool,
+             scale_kernel_sizes: Sequence[Sequence[int]] | None) -> tuple[tuple[int, ...], ...] | None:
+    """:func:`image_flow`'s settings checked, each mistake named; ``scale_kernel_sizes`` as tuples."""
+    if kind not in FLOW_KINDS:
+        raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
+    if fc_blocks and kind != "residual":
+        raise ValueError(f"fc_blocks are residual blocks: only for kind='residual', not {kind!r}")
+    if n_scales < 1:
+        raise ValueError(f"n_scales must be >= 1, got {n_scales}")
+    if factor_out not in (False, True, "fields", "half"):
+        raise ValueError(f"unknown factor_out {factor_out!r}: expected false, true, 'fields' or 'half'")
+    if split_prior and not factor_out:
+        raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
+                         "set factor_out=True or 'half'")
+    if scale_kernel_sizes is None:
+        return None
+    sizes = tuple(tuple(int(k) for k in ks) for ks in scale_kernel_sizes)
+    if len(sizes) != n_scales or not all(sizes):
+        raise ValueError(f"scale_kernel_sizes needs one non-empty list of kernel sizes per scale "
+                         f"({n_scales}), got {[list(ks) for ks in sizes]}")
+    return sizes
 
 
 @dataclass(frozen=True)
