@@ -203,7 +203,7 @@ def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Tr
     inner = _scales(p, scale + 1, inner_level, (kept, *sq.out_shape[1:]))
     # FactorOut needs a shape-preserving map: undo the inner scales' own squeezes (those nested in
     # their FactorOuts already are)
-    undo = [Inverse(t) for t in reversed(inner) if isinstance(t, (Squeeze, HalvingSqueeze))]
+    undo = [Inverse(t) for t in reversed(inner) if isinstance(t, Squeeze)]  # HalvingSqueeze too
     if p.split_prior:
         kw = {k: p.block_kwargs[k] for k in ("basis", "relax", "scale_bound") if k in p.block_kwargs}
         if isinstance(sq, HalvingSqueeze):  # the leaving pixels given the kept ones, before the squeeze

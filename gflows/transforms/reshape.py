@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gflows._checks import check_event
 from gflows.flow import Transform
 from gflows.representations import squeeze, unsqueeze
 
@@ -52,11 +53,13 @@ class Squeeze(Transform):
         self.check(x)
         return squeeze(x), x.new_zeros(x.shape[0])
 
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        from gflows._checks import check_event
-
+    def check_out(self, z: Tensor) -> None:
+        """Validate an inverse input ``z`` against :attr:`out_shape`."""
         if self.checks:
-            check_event(z, self.out_shape, "Squeeze inverse input")
+            check_event(z, self.out_shape, f"{type(self).__name__} inverse input")
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.check_out(z)
         return unsqueeze(z), z.new_zeros(z.shape[0])
 
 
@@ -85,7 +88,7 @@ def _halving_permutation(n_fields: int, levels: int) -> Tensor:
     return torch.cat([kept, leaving.nonzero().flatten()])
 
 
-class HalvingSqueeze(Transform):
+class HalvingSqueeze(Squeeze):
     r"""A squeeze whose output's first half are squeezed fields again: Glow's split, equivariantly.
 
     Map: ``x -> P squeeze(x)`` for a fixed permutation ``P`` of the channels. Inverse:
@@ -113,24 +116,17 @@ class HalvingSqueeze(Transform):
     """
 
     def __init__(self, event_shape: Sequence[int], levels: int):
-        super().__init__()
-        c, h, w = (int(s) for s in event_shape)
+        super().__init__(event_shape)
+        c = self.event_shape[0]
         if levels < 1:
             raise ValueError(f"HalvingSqueeze needs fields squeezed at least once, got levels={levels}: "
                              "the four sub-pixels of one squeeze are a single orbit of D4")
         if c % 4**levels:
             raise ValueError(f"HalvingSqueeze: {c} channels are not fields of 4^{levels} sub-pixels")
-        if h % 2 or w % 2:
-            raise ValueError(f"HalvingSqueeze needs even height and width, got {(h, w)}")
-        self.event_shape, self.levels = (c, h, w), int(levels)
+        self.levels = int(levels)
         perm = _halving_permutation(c // 4**levels, levels)
         self.register_buffer("perm", perm, persistent=False)
         self.register_buffer("unperm", torch.argsort(perm), persistent=False)
-
-    @property
-    def out_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.event_shape
-        return (4 * c, h // 2, w // 2)
 
     @property
     def kept_channels(self) -> int:
@@ -138,14 +134,11 @@ class HalvingSqueeze(Transform):
         return 2 * self.event_shape[0]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self.check(x)
-        return squeeze(x)[:, self.perm], x.new_zeros(x.shape[0])
+        z, ladj = super().forward(x, context)
+        return z[:, self.perm], ladj
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        from gflows._checks import check_event
-
-        if self.checks:
-            check_event(z, self.out_shape, "HalvingSqueeze inverse input")
+        self.check_out(z)
         return unsqueeze(z[:, self.unperm]), z.new_zeros(z.shape[0])
 
 
