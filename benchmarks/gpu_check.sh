@@ -6,6 +6,7 @@
 # The CIFAR parts need the subset: DATA (default ../shared/data/cifar10-subset, else
 # .gpu-data/cifar10-subset, a copy the device tool can carry: cp -r ../shared/data/cifar10-subset .gpu-data/).
 set -uo pipefail
+set -f  # no globbing: Hydra's list values ([[3,1,3],...]) look like glob patterns
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 DEVICE=${DEVICE:-cuda}
@@ -39,24 +40,26 @@ if [ ! -d "$DATA/cifar-10-batches-py" ]; then
   echo "no CIFAR-10 subset at $DATA: the image checks are skipped (see the header for DATA)"
   exit 0
 fi
-IMG="data=cifar10 data.root=$DATA data.verify=false data.download=false group=flip flow.hidden_channels=128"
+IMG="data=cifar10 data.root=$DATA data.verify=false data.download=false group=d4 flow.hidden_channels=128"
 IMG="$IMG flow.n_scales=3 flow.blocks_per_scale=4 trainer.batch_size=$BATCH trainer.eval_batch_size=256"
 FLAGSHIP="flow=g_residual flow.squeeze_first=true flow.invconv=true flow.fc_blocks=0 flow.block.basis=auto"
 FLAGSHIP="$FLAGSHIP flow.block.memory_saving=false flow.block.lipschitz_kwargs.train_iters=1"
+# the best coupling model (README): SiLU conditioners, 1x1 output convolutions at the coarse scales
+COUPLING="flow=g_coupling flow.block.activation=silu flow.scale_kernel_sizes=[[3,1,3],[3,1,1],[3,1,1]]"
 
 # 2. One batch's density on the device against the CPU, same weights.
 stamp "log p on $DEVICE against the CPU"
-CI=true timeout 120 $PY benchmarks/bench_cifar.py check --device $DEVICE --group flip --hidden 128 \
+CI=true timeout 120 $PY benchmarks/bench_cifar.py check --device $DEVICE --group d4 --hidden 128 \
   --scales 3 --blocks 4 --data "$DATA" 2>&1 | grep -E "against|rror"
 
 # 3. Seconds per step and images per second: the flagship, the best coupling model, normflows' Glow
 #    and residual flow, interleaved on the device.
 stamp "training steps on $DEVICE"
-CI=true timeout 180 $PY benchmarks/bench_cifar.py steps --device $DEVICE --group flip --hidden 128 \
+CI=true timeout 180 $PY benchmarks/bench_cifar.py steps --device $DEVICE --group d4 --hidden 128 \
   --scales 3 --blocks 4 --batch $BATCH --steps $TSTEPS --data "$DATA" 2>&1 | tail -7
 
 # 4. The flagship and the best coupling model trained a few hundred steps through train.py.
-for spec in "g_residual|$FLAGSHIP" "g_coupling|flow=g_coupling"; do
+for spec in "g_residual|$FLAGSHIP" "g_coupling|$COUPLING"; do
   name=${spec%%|*}; flow=${spec#*|}
   stamp "train.py $name, $ISTEPS steps"
   $RUN timeout 150 $PY train.py $IMG $flow trainer.steps=$ISTEPS trainer.ckpt_every=$ISTEPS \
