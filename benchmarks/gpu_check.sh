@@ -56,7 +56,7 @@ CI=true timeout 120 $PY benchmarks/bench_cifar.py check --device $DEVICE --group
 #    and residual flow, interleaved on the device.
 stamp "training steps on $DEVICE"
 CI=true timeout 180 $PY benchmarks/bench_cifar.py steps --device $DEVICE --group d4 --hidden 128 \
-  --scales 3 --blocks 4 --batch $BATCH --steps $TSTEPS --data "$DATA" 2>&1 | tail -7
+  --scales 3 --blocks 4 --batch $BATCH --steps $TSTEPS --data "$DATA" 2>&1 | grep -E "^# $DEVICE|s/step|rror"
 
 # 4. The flagship and the best coupling model trained a few hundred steps through train.py.
 for spec in "g_residual|$FLAGSHIP" "g_coupling|$COUPLING"; do
@@ -69,7 +69,7 @@ done
 
 # 5. The data-parallel path: torchrun with one process (NCCL on a GPU, gloo on the CPU).
 stamp "torchrun, 1 process"
-$RUN timeout 120 torchrun --standalone --nproc_per_node=1 train.py $IMG flow=g_coupling \
+$RUN timeout 120 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train.py $IMG flow=g_coupling \
   trainer.steps=$((ISTEPS / 4 + 1)) trainer.eval_at_end=false $COMMON run_dir="$OUT/torchrun" 2>&1 \
   | grep -E "backend|step|rror" | tail -3
 
