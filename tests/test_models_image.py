@@ -183,6 +183,34 @@ def test_scale_kernel_sizes_set_each_scales_convolutions(kind):
         image_flow(kind, "d4", (3, 8, 8), n_scales=2, squeeze_first=True, scale_kernel_sizes=[[3]])
 
 
+@pytest.mark.parametrize("kind", ["coupling", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_per_scale_as_one_count_per_scale(kind, dtype):
+    """``blocks_per_scale`` as a list: each scale gets its own number of blocks (none at all for a
+    zero), and the model stays exact and equivariant; bad counts are named."""
+    from helpers import max_reconstruction_error, perturb
+
+    from gflows.transforms.coupling import GCoupling
+    from gflows.transforms.reshape import Squeeze
+    from gflows.transforms.residual import GResidualBlock
+
+    torch.manual_seed(0)
+    t = image_flow(kind, "d4", (3, 8, 8), n_scales=3, blocks_per_scale=[1, 0, 2], hidden_fields=1)
+    kinds = (GCoupling, GResidualBlock, Squeeze)
+    layout = [type(m).__name__ for m in t.modules() if isinstance(m, kinds)]
+    block = "GCoupling" if kind == "coupling" else "GResidualBlock"
+    assert layout == [block, "Squeeze", "Squeeze", block, block]
+    perturb(t, 0.05).eval()
+    t.to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    tol, ld_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-10)
+    assert max_reconstruction_error(t, x) <= tol
+    assert_equivariant_exactly(t, "d4", x, 2, tol, ld_tol)
+    for bad in ([1, 2], [0, 0, 0], [1, -1, 1], 0):
+        with pytest.raises(ValueError, match="blocks_per_scale must be"):
+            image_flow(kind, "d4", (3, 8, 8), n_scales=3, blocks_per_scale=bad)
+
+
 HALVING_CASES = [("coupling", group, dtype, False) for group in ("trivial", "flip", "d4")
                  for dtype in (torch.float32, torch.float64)]
 HALVING_CASES += [("residual", "d4", torch.float64, False), ("coupling", "d4", torch.float64, True)]

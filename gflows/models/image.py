@@ -61,7 +61,7 @@ def image_flow(
     group: str | Group,
     event_shape: Sequence[int],
     n_scales: int = 1,
-    blocks_per_scale: int = 2,
+    blocks_per_scale: int | Sequence[int] = 2,
     hidden_fields: int = 8,
     actnorm: bool = True,
     fc_blocks: int = 0,
@@ -80,7 +80,8 @@ def image_flow(
         group: symmetry group; ``'trivial'`` gives the ordinary model through the same code.
         event_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2^(n_scales - 1)``.
         n_scales: number of scales (``n_scales - 1`` squeezes).
-        blocks_per_scale: blocks per scale.
+        blocks_per_scale: blocks per scale, or one count per scale, the finest first (e.g. more
+            blocks at the coarse scales, where they cost least).
         hidden_fields: regular fields per hidden layer of each block's network.
         actnorm: ActNorm after each block.
         fc_blocks: fully-connected G-residual blocks after the last scale (``kind='residual'`` only),
@@ -108,12 +109,13 @@ def image_flow(
         **block_kwargs: passed to every block.
     """
     scale_kernel_sizes = _checked(kind, n_scales, fc_blocks, factor_out, split_prior, scale_kernel_sizes)
+    blocks = _per_scale_blocks(blocks_per_scale, n_scales)
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     # not for the fully-connected blocks
     conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
-    plan = _Plan(kind, group, first + n_scales - 1, blocks_per_scale, hidden_fields, actnorm, fc_blocks,
+    plan = _Plan(kind, group, first + n_scales - 1, blocks, hidden_fields, actnorm, fc_blocks,
                  fc_hidden, invconv, {True: "fields"}.get(factor_out, factor_out), split_prior,
                  block_kwargs, fc_kwargs, scale_kernel_sizes, first)
     layers: list[Transform] = []
@@ -146,6 +148,18 @@ def _checked(kind: str, n_scales: int, fc_blocks: int, factor_out: bool | str, s
     return sizes
 
 
+def _per_scale_blocks(blocks_per_scale: int | Sequence[int], n_scales: int) -> tuple[int, ...]:
+    """The blocks of each scale, the finest first, from one count or one per scale."""
+    if isinstance(blocks_per_scale, int):
+        counts = (blocks_per_scale,) * n_scales
+    else:
+        counts = tuple(int(b) for b in blocks_per_scale)
+    if len(counts) != n_scales or min(counts) < 0 or not sum(counts):
+        raise ValueError(f"blocks_per_scale must be one count >= 1 or {n_scales} counts >= 0 (one per "
+                         f"scale, not all zero), got {blocks_per_scale!r}")
+    return counts
+
+
 @dataclass(frozen=True)
 class _Plan:
     """The settings of :func:`image_flow` that every scale uses (``last``: the last scale's index,
@@ -154,7 +168,7 @@ class _Plan:
     kind: str
     group: str | Group
     last: int
-    blocks_per_scale: int
+    blocks_per_scale: tuple[int, ...]
     hidden_fields: int
     actnorm: bool
     fc_blocks: int
@@ -176,7 +190,7 @@ def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Tr
     block_kwargs = p.block_kwargs
     if p.scale_kernel_sizes is not None:
         block_kwargs = {**block_kwargs, "kernel_sizes": p.scale_kernel_sizes[scale - p.first]}
-    for i in range(p.blocks_per_scale):
+    for i in range(p.blocks_per_scale[scale - p.first]):
         if p.invconv:
             layers.append(GInvConv1x1(p.group, shape, squeeze_levels=level))
         layers += _block(p.kind, p.group, shape, level, i, p.hidden_fields, block_kwargs)
