@@ -357,9 +357,13 @@ STEP_VARIANTS = {
         "flow.block.lipschitz_kwargs.train_iters=1", "flow.block.n_exact_terms=1",
         "flow.block.activation=lipswish"],
     "g_coupling": ["flow=g_coupling"],
-    # the README's best coupling model: SiLU conditioners, 1x1 output convolutions at the coarse scales
+    # SiLU conditioners, 1x1 output convolutions at the coarse scales
     "g_coupling (silu, 1x1 coarse outputs)": ["flow=g_coupling", "flow.block.activation=silu",
                                               "flow.scale_kernel_sizes=[[3,1,3],[3,1,1],[3,1,1]]"],
+    # the README's best coupling model: the same with 3, 6 and 6 blocks at the three scales
+    "g_coupling (silu, 1x1 coarse outputs, 3-6-6)": [
+        "flow=g_coupling", "flow.block.activation=silu", "flow.scale_kernel_sizes=[[3,1,3],[3,1,1],[3,1,1]]",
+        "flow.blocks_per_scale=[3,6,6]"],
     # Glow's split with its learned prior: one of the three fields leaves after the first scale
     "g_coupling (factor_out, split_prior)": ["flow=g_coupling", "flow.factor_out=true",
                                              "flow.split_prior=true"],

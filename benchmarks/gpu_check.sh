@@ -44,8 +44,10 @@ IMG="data=cifar10 data.root=$DATA data.verify=false data.download=false group=d4
 IMG="$IMG flow.n_scales=3 flow.blocks_per_scale=4 trainer.batch_size=$BATCH trainer.eval_batch_size=256"
 FLAGSHIP="flow=g_residual flow.squeeze_first=true flow.invconv=true flow.fc_blocks=0 flow.block.basis=auto"
 FLAGSHIP="$FLAGSHIP flow.block.memory_saving=false flow.block.lipschitz_kwargs.train_iters=1"
-# the best coupling model (README): SiLU conditioners, 1x1 output convolutions at the coarse scales
+# the best coupling model (README): SiLU conditioners, 1x1 output convolutions at the coarse scales,
+# 3, 6 and 6 blocks at the three scales
 COUPLING="flow=g_coupling flow.block.activation=silu flow.scale_kernel_sizes=[[3,1,3],[3,1,1],[3,1,1]]"
+COUPLING="$COUPLING flow.blocks_per_scale=[3,6,6]"
 
 # 2. One batch's density on the device against the CPU, same weights.
 stamp "log p on $DEVICE against the CPU"
