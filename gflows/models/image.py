@@ -80,8 +80,7 @@ def image_flow(
         group: symmetry group; ``'trivial'`` gives the ordinary model through the same code.
         event_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2^(n_scales - 1)``.
         n_scales: number of scales (``n_scales - 1`` squeezes).
-        blocks_per_scale: blocks per scale, or one count per scale, the finest first (e.g. more
-            blocks at the coarse scales, where they cost least).
+        blocks_per_scale: blocks per scale, or one count per scale, the finest first (e.g. more coarse).
         hidden_fields: regular fields per hidden layer of each block's network.
         actnorm: ActNorm after each block.
         fc_blocks: fully-connected G-residual blocks after the last scale (``kind='residual'`` only),
@@ -109,12 +108,11 @@ def image_flow(
         **block_kwargs: passed to every block.
     """
     scale_kernel_sizes = _checked(kind, n_scales, fc_blocks, factor_out, split_prior, scale_kernel_sizes)
-    blocks = _per_scale_blocks(blocks_per_scale, n_scales)
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
-    # not for the fully-connected blocks
-    conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")
+    conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")  # not for the fc blocks
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
+    blocks = _per_scale_blocks(blocks_per_scale, n_scales)
     plan = _Plan(kind, group, first + n_scales - 1, blocks, hidden_fields, actnorm, fc_blocks,
                  fc_hidden, invconv, {True: "fields"}.get(factor_out, factor_out), split_prior,
                  block_kwargs, fc_kwargs, scale_kernel_sizes, first)
