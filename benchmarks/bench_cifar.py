@@ -336,6 +336,9 @@ def residual(a) -> None:
     print(f"{label + ': test evaluation':80s} {nr['eval_s_per_1000']:8.2f} s per 1,000 images")
 
 
+# SiLU conditioners, 1x1 output convolutions at the coarse scales
+_COUPLING_1X1 = ["flow=g_coupling", "flow.block.activation=silu",
+                 "flow.scale_kernel_sizes=[[3,1,3],[3,1,1],[3,1,1]]"]
 STEP_VARIANTS = {
     # the flagship of the 15-minute protocol (RESULTS.md): escnn's basis, memory saving, 5 iterations
     # (the config's defaults until 2026-12-05)
@@ -357,13 +360,9 @@ STEP_VARIANTS = {
         "flow.block.lipschitz_kwargs.train_iters=1", "flow.block.n_exact_terms=1",
         "flow.block.activation=lipswish"],
     "g_coupling": ["flow=g_coupling"],
-    # SiLU conditioners, 1x1 output convolutions at the coarse scales
-    "g_coupling (silu, 1x1 coarse outputs)": ["flow=g_coupling", "flow.block.activation=silu",
-                                              "flow.scale_kernel_sizes=[[3,1,3],[3,1,1],[3,1,1]]"],
+    "g_coupling (silu, 1x1 coarse outputs)": _COUPLING_1X1,
     # the README's best coupling model: the same with 3, 6 and 6 blocks at the three scales
-    "g_coupling (silu, 1x1 coarse outputs, 3-6-6)": [
-        "flow=g_coupling", "flow.block.activation=silu", "flow.scale_kernel_sizes=[[3,1,3],[3,1,1],[3,1,1]]",
-        "flow.blocks_per_scale=[3,6,6]"],
+    "g_coupling (silu, 1x1 coarse outputs, 3-6-6)": [*_COUPLING_1X1, "flow.blocks_per_scale=[3,6,6]"],
     # Glow's split with its learned prior: one of the three fields leaves after the first scale
     "g_coupling (factor_out, split_prior)": ["flow=g_coupling", "flow.factor_out=true",
                                              "flow.split_prior=true"],

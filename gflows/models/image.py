@@ -107,12 +107,12 @@ def image_flow(
             their many channels cost most).
         **block_kwargs: passed to every block.
     """
-    scale_kernel_sizes = _checked(kind, n_scales, fc_blocks, factor_out, split_prior, scale_kernel_sizes)
+    blocks, scale_kernel_sizes = _checked(kind, n_scales, blocks_per_scale, fc_blocks, factor_out,
+                                          split_prior, scale_kernel_sizes)
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")  # not for the fc blocks
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
-    blocks = _per_scale_blocks(blocks_per_scale, n_scales)
     plan = _Plan(kind, group, first + n_scales - 1, blocks, hidden_fields, actnorm, fc_blocks,
                  fc_hidden, invconv, {True: "fields"}.get(factor_out, factor_out), split_prior,
                  block_kwargs, fc_kwargs, scale_kernel_sizes, first)
@@ -123,9 +123,11 @@ def image_flow(
     return Compose(layers + _scales(plan, first, first, shape))
 
 
-def _checked(kind: str, n_scales: int, fc_blocks: int, factor_out: bool | str, split_prior: bool,
-             scale_kernel_sizes: Sequence[Sequence[int]] | None) -> tuple[tuple[int, ...], ...] | None:
-    """:func:`image_flow`'s settings checked, each mistake named; ``scale_kernel_sizes`` as tuples."""
+def _checked(kind: str, n_scales: int, blocks_per_scale: int | Sequence[int], fc_blocks: int,
+             factor_out: bool | str, split_prior: bool, scale_kernel_sizes: Sequence[Sequence[int]] | None,
+             ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...] | None]:
+    """:func:`image_flow`'s settings checked, each mistake named; the blocks of each scale and
+    ``scale_kernel_sizes`` as tuples."""
     if kind not in FLOW_KINDS:
         raise ValueError(f"unknown flow kind {kind!r}: expected one of {FLOW_KINDS}")
     if fc_blocks and kind != "residual":
@@ -137,25 +139,20 @@ def _checked(kind: str, n_scales: int, fc_blocks: int, factor_out: bool | str, s
     if split_prior and not factor_out:
         raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
                          "set factor_out=True or 'half'")
+    if isinstance(blocks_per_scale, int):
+        blocks = (blocks_per_scale,) * n_scales
+    else:
+        blocks = tuple(int(b) for b in blocks_per_scale)
+    if len(blocks) != n_scales or min(blocks) < 0 or not sum(blocks):
+        raise ValueError(f"blocks_per_scale must be one count >= 1 or {n_scales} counts >= 0 (one per "
+                         f"scale, not all zero), got {blocks_per_scale!r}")
     if scale_kernel_sizes is None:
-        return None
+        return blocks, None
     sizes = tuple(tuple(int(k) for k in ks) for ks in scale_kernel_sizes)
     if len(sizes) != n_scales or not all(sizes):
         raise ValueError(f"scale_kernel_sizes needs one non-empty list of kernel sizes per scale "
                          f"({n_scales}), got {[list(ks) for ks in sizes]}")
-    return sizes
-
-
-def _per_scale_blocks(blocks_per_scale: int | Sequence[int], n_scales: int) -> tuple[int, ...]:
-    """The blocks of each scale, the finest first, from one count or one per scale."""
-    if isinstance(blocks_per_scale, int):
-        counts = (blocks_per_scale,) * n_scales
-    else:
-        counts = tuple(int(b) for b in blocks_per_scale)
-    if len(counts) != n_scales or min(counts) < 0 or not sum(counts):
-        raise ValueError(f"blocks_per_scale must be one count >= 1 or {n_scales} counts >= 0 (one per "
-                         f"scale, not all zero), got {blocks_per_scale!r}")
-    return counts
+    return blocks, sizes
 
 
 @dataclass(frozen=True)
