@@ -8,11 +8,14 @@ each one's cold compile time. ``--paths`` adds the butterfly's two computations 
 one by one, and the grouped dense blocks; the layer picks by the rows, ``FACTOR_SPAN``), the mixing
 alone in both directions. ``--ref DIR`` adds the layer of another checkout (``DIR`` a git worktree:
 its ``gflows/transforms/butterfly.py``, same weights), timed in the same loop; with ``--images`` it
-also times both on image batches ``[B, C, H, W]`` (channel mixing, as in the Glow-type models), and
-with ``--train`` both in a training step (forward with log-det and backward).
+also times both on image batches ``[B, C, H, W]`` (channel mixing, as in the Glow-type models),
+with ``--vectors`` on vector batches of several sizes, the two layers alone, and with ``--train``
+both in a training step (forward with log-det and backward). Every loop takes its ways in reverse
+order every other repeat: timed in a fixed order, two copies of the same layer differed by
+1.15-1.34x (2026-12-07), the one timed after nflows' LU and the dense solve the slower.
 
     python benchmarks/bench_butterfly.py [--rows 64] [--repeats 7] [--compiled] [--paths] [--ref DIR]
-        [--images] [--train]
+        [--images] [--vectors] [--train]
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def reference_class(checkout: str) -> type:
     return module.Butterfly
 
 
+VECTOR_SHAPES = [(64, 512), (256, 512), (1024, 512), (4096, 512), (64, 1024), (256, 2048)]
 IMAGE_SHAPES = [(16, 12, 16, 16), (16, 48, 8, 8), (16, 192, 4, 4), (16, 512, 4, 4), (4, 512, 2, 2)]
 TRAIN_SHAPES = [(64, 512), (16, 48, 8, 8), (16, 512, 4, 4), (4096, 512)]
 
@@ -62,12 +66,13 @@ def _train_step(m, x: torch.Tensor) -> None:
     m.weight.grad = None
 
 
-def against_ref(ref_class: type, repeats: int, train: bool) -> None:
-    """This checkout's layer against the reference's, interleaved (median ms): on image batches,
-    forward with log-det plus inverse; or (``train``) in a training step, forward with log-det then
-    backward of ``sum(y^2) - log det`` to the weights."""
-    shapes, step = (TRAIN_SHAPES, _train_step) if train else (IMAGE_SHAPES, torch.no_grad()(_apply_both))
-    print(f"{'training step' if train else 'image batch':>20} {'rows':>6} {'layer ms':>9} {'ref ms':>9} "
+def against_ref(ref_class: type, repeats: int, train: bool, shapes: list[tuple[int, ...]] = IMAGE_SHAPES,
+                title: str = "image batch") -> None:
+    """This checkout's layer against the reference's, alone and interleaved, each first in turn
+    (median ms): on ``shapes``, forward with log-det plus inverse; or (``train``) in a training
+    step, forward with log-det then backward of ``sum(y^2) - log det`` to the weights."""
+    shapes, step = (TRAIN_SHAPES, _train_step) if train else (shapes, torch.no_grad()(_apply_both))
+    print(f"{'training step' if train else title:>20} {'rows':>6} {'layer ms':>9} {'ref ms':>9} "
           f"{'ref/layer':>10}")
     for shape in shapes:
         layer = Butterfly(shape[1:])
@@ -76,7 +81,7 @@ def against_ref(ref_class: type, repeats: int, train: bool) -> None:
         x = torch.randn(*shape)
         times: dict[str, list[float]] = {"layer": [], "ref": []}
         for i in range(repeats + 3):
-            for k, m in (("layer", layer), ("ref", ref)):
+            for k, m in (("layer", layer), ("ref", ref))[:: 1 if i % 2 else -1]:
                 t0 = time.perf_counter()
                 step(m, x)
                 if i >= 3:
@@ -97,6 +102,8 @@ def main() -> None:
     p.add_argument("--ref", help="a checkout whose butterfly layer is timed beside this one's")
     p.add_argument("--images", action="store_true", help="with --ref: image batches as well")
     p.add_argument("--train", action="store_true", help="with --ref: training steps (with backward) as well")
+    p.add_argument("--vectors", action="store_true",
+                   help="with --ref: vector batches (rows x n) as well, the two layers alone")
     a = p.parse_args()
     ref_class = reference_class(a.ref) if a.ref else None
     torch.manual_seed(0)
@@ -137,8 +144,10 @@ def main() -> None:
                 if k.endswith("_c"):
                     print(f"# n {n}: {k} cold compile {time.perf_counter() - t0:.1f} s")
             times = {k: [] for k in fns}
-            for _ in range(a.repeats):
-                for k, f in fns.items():
+            for r in range(a.repeats):
+                # every other repeat in reverse: the one timed right after another pays for the
+                # caches it left (the fixed order favoured the first by up to 1.4x, 2026-12-07)
+                for k, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
                     t0 = time.perf_counter()
                     f()
                     times[k].append(time.perf_counter() - t0)
@@ -152,6 +161,8 @@ def main() -> None:
             if a.compiled:
                 line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
             print(line)
+    if ref_class is not None and a.vectors:
+        against_ref(ref_class, a.repeats, False, VECTOR_SHAPES, "vector batch")
     for train, wanted in ((False, a.images), (True, a.train)):
         if ref_class is not None and wanted:
             against_ref(ref_class, a.repeats, train)

@@ -83,11 +83,17 @@ def test_bad_input():
             b(x)
 
 
-@pytest.mark.parametrize("n", [4, 12, 64, 256, 1024])
+@pytest.mark.parametrize("n", [4, 12, 64, 256, 300, 1024])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_factor_and_block_paths_agree(n, inverse):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_factor_and_block_paths_agree(monkeypatch, n, inverse, in_place):
     """Few rows go through the factors one by one, more through grouped dense blocks
-    (``FACTOR_SPAN``): the same map and the same weight gradients, to float64 round-off."""
+    (``FACTOR_SPAN``; two ranges read few columns in place, ``IN_PLACE_ENTRIES``, and many after a
+    copy): the same map and the same weight gradients, to float64 round-off."""
+    import gflows.transforms.butterfly as module
+
+    if not in_place:
+        monkeypatch.setattr(module, "IN_PLACE_ENTRIES", 0)
     torch.manual_seed(n)
     b = perturb(Butterfly((n,)).double(), 0.2)
     x = torch.randn(5, n, dtype=torch.float64)

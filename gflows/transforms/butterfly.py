@@ -23,7 +23,8 @@ splitting the range's bits into an upper and a lower half makes each block the b
 of two smaller such products. Every range of a direction is built by one gather, one product over
 the gathered factors and one broadcast product per range. The layer applies the ``ceil(m / 6)``
 ranges as batched matrix products: two passes over the data at ``n = 512`` instead of nine, the
-same matrix to round-off. Building the blocks costs the same whatever the batch, so for few
+same matrix to round-off; with two ranges (``n <= 4096``) and few columns each product reads the
+data in place, with no copy between them. Building the blocks costs the same whatever the batch, so for few
 columns (fewer than ``n /`` :data:`FACTOR_SPAN`) the factors are applied to the data directly,
 one by one, each as ``y = A * x + B * swap(x)`` (three kernels; ``A`` and ``B`` gathered from the
 weights for all factors at once). benchmarks/RESULTS.md has the timings of both.
@@ -49,6 +50,10 @@ __all__ = ["Butterfly"]
 
 #: most index bits whose factors are multiplied into one dense block (64 x 64)
 GROUP_BITS = 6
+#: with two ranges, up to this many entries of data are read in place by the products (1.04-1.09x
+#: at n = 512 and 1,024 with 64 rows); with more a contiguous copy first is as fast or faster
+#: (0.87-1.05x at 512 x 256, 0.89-0.95x at 512 x 1,024 and 2,048 x 256; RESULTS.md, 2026-12-07)
+IN_PLACE_ENTRIES = 2**16
 #: the factors are applied one by one for fewer than ``n / FACTOR_SPAN`` columns (batch x pixels):
 #: building the blocks costs about as much as that many columns' passes (module docstring)
 FACTOR_SPAN = 64
@@ -177,6 +182,24 @@ def _apply_factors(x: Tensor, coef: Tensor, factors: Iterable[int]) -> Tensor:
     return x
 
 
+def _two_ranges(mats: Sequence[Tensor], x: Tensor, inverse: bool) -> Tensor:
+    """Columns ``x [n, R]`` through the dense blocks of two ranges (``n <= 2^(2 GROUP_BITS)``): the
+    upper range's blocks ``[1, L, G, G]`` act on rows ``l + L g``, the lower range's ``[G, 1, L, L]``
+    on rows ``L g + l``. Each is one ``bmm`` that reads the columns in place, as ``[L, G, R]`` with
+    rows ``L R`` apart or as ``[G, L, R]``; the upper range's output comes out ``[L, G, R]``, which
+    the lower range reads in place as well (forward), or which is copied back into rows once
+    (inverse, whose upper range is applied last)."""
+    n, cols = x.shape
+    upper, lower = (mats[1], mats[0]) if inverse else mats
+    g, low = upper.shape[2], lower.shape[2]
+    upper, lower = upper.view(low, g, g), lower.view(g, low, low)
+    if inverse:
+        x = torch.bmm(lower, x.view(g, low, cols))
+        return torch.bmm(upper, x.transpose(0, 1)).transpose(0, 1).reshape(n, cols)
+    x = torch.bmm(upper, x.view(g, low, cols).transpose(0, 1))
+    return torch.bmm(lower, x.transpose(0, 1)).view(n, cols)
+
+
 class Butterfly(Transform):
     """Butterfly mixing of the first axis of the event (channels of images, or a flat vector).
 
@@ -278,11 +301,13 @@ class Butterfly(Transform):
             mats = _block_matrices(prod, m, groups, inverse)
             if len(mats) == 1:  # one dense matrix: BLAS reads transposed vectors' columns in place
                 mixed = mats[0].view(n, n) @ mixed
+            elif len(mats) == 2 and n * cols <= IN_PLACE_ENTRIES:
+                mixed = _two_ranges(mats, mixed.contiguous(), inverse)
             else:
-                # A range's blocks act on [G, R] slices of the columns, whose rows are contiguous; with
-                # at most two ranges each matmul reads its operand in place (the bits outside the
-                # range are all above or all below it). The columns are copied first: matmuls on
-                # transposed vectors' columns cost 2x the copy (4,096 rows, n = 512).
+                # A middle range's blocks act on [G, R] slices of the columns that have bits of the
+                # index both above and below the range, so no single bmm reads them in place; this
+                # general matmul serves n > 4096, and many columns. The columns are copied first:
+                # matmuls on transposed vectors' columns cost 2x the copy (4,096 rows, n = 512).
                 mixed = mixed.contiguous()
                 for mat in mats:
                     h, low, g = mat.shape[:3]
