@@ -511,7 +511,7 @@ class GConv2d(nn.Module):
 
     def _equivariant_filter(self) -> tuple[Tensor, Tensor | None]:
         if self.basis == "orbit":
-            bias = None if self.orbit_bias is None else self.orbit_bias[self.bias_index]
+            bias = None if self.orbit_bias is None else _Gather.apply(self.orbit_bias, self.bias_index)
             return _Gather.apply(self.orbit_weights, self.orbit_index), bias
         if self.dense_basis is None:
             return self.r2conv.expand_parameters()

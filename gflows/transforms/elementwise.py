@@ -47,8 +47,12 @@ class ActNorm(Transform):
         self.log_scale = nn.Parameter(torch.zeros(c // field_size))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
+    def _fields(self, x: Tensor) -> Tensor:
+        # [B, fields, field_size, ...]: one (b, s) per field broadcasts, with no repeated copy of them
+        return x.view(x.shape[0], -1, self.field_size, *x.shape[2:])
+
     def _expand(self, p: Tensor) -> Tensor:
-        return p.repeat_interleave(self.field_size).view(-1, *([1] * (len(self.event_shape) - 1)))
+        return p.view(-1, *([1] * len(self.event_shape)))
 
     @torch.no_grad()
     def _initialise(self, x: Tensor) -> None:
@@ -65,13 +69,13 @@ class ActNorm(Transform):
         self.check(x)
         if self.training and not bool(self.initialised):
             self._initialise(x)
-        y = (x + self._expand(self.bias)) * torch.exp(self._expand(self.log_scale))
-        return y, self._logdet(x)
+        y = (self._fields(x) + self._expand(self.bias)) * self._expand(torch.exp(self.log_scale))
+        return y.reshape(x.shape), self._logdet(x)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(z)
-        x = z * torch.exp(-self._expand(self.log_scale)) - self._expand(self.bias)
-        return x, -self._logdet(z)
+        x = self._fields(z) * self._expand(torch.exp(-self.log_scale)) - self._expand(self.bias)
+        return x.reshape(z.shape), -self._logdet(z)
 
 
 class Logit(Transform):
