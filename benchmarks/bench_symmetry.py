@@ -309,12 +309,14 @@ def main() -> None:
               **{g: matched_fields(a.data, g, trivial_params, **model) for g in groups}}
     if a.d4_fields:
         widths["d4"] = a.d4_fields
+    flow = {"phi4": "lattice coupling flow", "cifar": "coupling flow"}.get(
+        a.data, f"{a.flow} flow ({a.activation})")  # only the digits' flow is chosen by --flow
     counts = ", ".join(f"{g} {n_params(build(a.data, g, w, **model))} ({w} "
                        f"{'channels' if g == 'trivial' else 'fields'})" for g, w in widths.items())
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, no GPU; {title}: {len(val)} validation, {len(test)} test; "
           f"at most {a.steps} steps of batch {a.batch} (patience {a.patience} x {a.eval_every}), Adam "
-          f"{a.lr}, cosine, {a.flow} flow ({a.activation}); parameters: {counts}; {a.workers} workers of "
+          f"{a.lr}, cosine, {flow}; parameters: {counts}; {a.workers} workers of "
           "one thread", flush=True)
     variants = {n: (g, widths[g], aug, a.relax if relaxed else [0.0])
                 for n, (g, aug, relaxed) in chosen.items()}

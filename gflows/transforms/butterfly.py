@@ -24,8 +24,8 @@ of two smaller such products. Every range of a direction is built by one gather,
 the gathered factors and one broadcast product per range. The layer applies the ``ceil(m / 6)``
 ranges as batched matrix products: two passes over the data at ``n = 512`` instead of nine, the
 same matrix to round-off; with two ranges (``n <= 4096``) and few columns each product reads the
-data in place, with no copy between them. Building the blocks costs the same whatever the batch, so for few
-columns (fewer than ``n /`` :data:`FACTOR_SPAN`) the factors are applied to the data directly,
+data in place, with no copy between them. Building the blocks costs the same whatever the batch,
+so for few columns (fewer than ``n /`` :data:`FACTOR_SPAN`) the factors are applied to the data directly,
 one by one, each as ``y = A * x + B * swap(x)`` (three kernels; ``A`` and ``B`` gathered from the
 weights for all factors at once). benchmarks/RESULTS.md has the timings of both.
 
