@@ -66,14 +66,13 @@ def _train_step(m, x: torch.Tensor) -> None:
     m.weight.grad = None
 
 
-def against_ref(ref_class: type, repeats: int, train: bool, shapes: list[tuple[int, ...]] = IMAGE_SHAPES,
-                title: str = "image batch") -> None:
+def against_ref(ref_class: type, repeats: int, shapes: list[tuple[int, ...]], title: str,
+                train: bool = False) -> None:
     """This checkout's layer against the reference's, alone and interleaved, each first in turn
     (median ms): on ``shapes``, forward with log-det plus inverse; or (``train``) in a training
     step, forward with log-det then backward of ``sum(y^2) - log det`` to the weights."""
-    shapes, step = (TRAIN_SHAPES, _train_step) if train else (shapes, torch.no_grad()(_apply_both))
-    print(f"{'training step' if train else title:>20} {'rows':>6} {'layer ms':>9} {'ref ms':>9} "
-          f"{'ref/layer':>10}")
+    step = _train_step if train else torch.no_grad()(_apply_both)
+    print(f"{title:>20} {'rows':>6} {'layer ms':>9} {'ref ms':>9} {'ref/layer':>10}")
     for shape in shapes:
         layer = Butterfly(shape[1:])
         ref = ref_class(shape[1:])
@@ -146,7 +145,7 @@ def main() -> None:
             times = {k: [] for k in fns}
             for r in range(a.repeats):
                 # every other repeat in reverse: the one timed right after another pays for the
-                # caches it left (the fixed order favoured the first by up to 1.4x, 2026-12-07)
+                # caches it left (the fixed order favoured the first by up to 1.34x, 2026-12-07)
                 for k, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
                     t0 = time.perf_counter()
                     f()
@@ -161,11 +160,11 @@ def main() -> None:
             if a.compiled:
                 line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
             print(line)
-    if ref_class is not None and a.vectors:
-        against_ref(ref_class, a.repeats, False, VECTOR_SHAPES, "vector batch")
-    for train, wanted in ((False, a.images), (True, a.train)):
+    for wanted, shapes, title in ((a.vectors, VECTOR_SHAPES, "vector batch"),
+                                  (a.images, IMAGE_SHAPES, "image batch"),
+                                  (a.train, TRAIN_SHAPES, "training step")):
         if ref_class is not None and wanted:
-            against_ref(ref_class, a.repeats, train)
+            against_ref(ref_class, a.repeats, shapes, title, train=shapes is TRAIN_SHAPES)
     logn = [math.log(n) for n in a.sizes]
     for k, v in res.items() if len(a.sizes) > 1 else ():
         ly = [math.log(t) for t in v]

@@ -80,7 +80,7 @@ def image_flow(
         group: symmetry group; ``'trivial'`` gives the ordinary model through the same code.
         event_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2^(n_scales - 1)``.
         n_scales: number of scales (``n_scales - 1`` squeezes).
-        blocks_per_scale: blocks per scale, or one count per scale, the finest first (e.g. more coarse).
+        blocks_per_scale: blocks per scale, or one count per scale, the finest first (``[3, 6, 6]``).
         hidden_fields: regular fields per hidden layer of each block's network.
         actnorm: ActNorm after each block.
         fc_blocks: fully-connected G-residual blocks after the last scale (``kind='residual'`` only),
