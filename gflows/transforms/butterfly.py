@@ -50,9 +50,9 @@ __all__ = ["Butterfly"]
 
 #: most index bits whose factors are multiplied into one dense block (64 x 64)
 GROUP_BITS = 6
-#: with two ranges, up to this many entries of data are read in place by the products (1.04-1.09x
+#: with two ranges, up to this many entries of data are read in place by the products (1.02-1.08x
 #: at n = 512 and 1,024 with 64 rows); with more a contiguous copy first is as fast or faster
-#: (0.87-1.05x at 512 x 256, 0.89-0.95x at 512 x 1,024 and 2,048 x 256; RESULTS.md, 2026-12-07)
+#: (in place 0.89-0.95x at 512 x 1,024 and 2,048 x 256; RESULTS.md, 2026-12-07)
 IN_PLACE_ENTRIES = 2**16
 #: the factors are applied one by one for fewer than ``n / FACTOR_SPAN`` columns (batch x pixels):
 #: building the blocks costs about as much as that many columns' passes (module docstring)
