@@ -29,6 +29,7 @@ import statistics
 import time
 
 import torch
+from bench_checks import in_turn  # this folder, first on sys.path when run as a script
 from nflows.transforms.lu import LULinear
 
 from gflows.flow import Compiled
@@ -80,7 +81,7 @@ def against_ref(ref_class: type, repeats: int, shapes: list[tuple[int, ...]], ti
         x = torch.randn(*shape)
         times: dict[str, list[float]] = {"layer": [], "ref": []}
         for i in range(repeats + 3):
-            for k, m in (("layer", layer), ("ref", ref))[:: 1 if i % 2 else -1]:
+            for k, m in in_turn((("ref", ref), ("layer", layer)), i):
                 t0 = time.perf_counter()
                 step(m, x)
                 if i >= 3:
@@ -144,9 +145,7 @@ def main() -> None:
                     print(f"# n {n}: {k} cold compile {time.perf_counter() - t0:.1f} s")
             times = {k: [] for k in fns}
             for r in range(a.repeats):
-                # every other repeat in reverse: the one timed right after another pays for the
-                # caches it left (the fixed order favoured the first by up to 1.34x, 2026-12-07)
-                for k, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
+                for k, f in in_turn(list(fns.items()), r):
                     t0 = time.perf_counter()
                     f()
                     times[k].append(time.perf_counter() - t0)

@@ -11,10 +11,14 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 
 from gflows._checks import check_finite
+
+T = TypeVar("T")
 
 
 def median_us(f, repeats: int = 50, warmup: int = 3) -> float:
@@ -27,6 +31,13 @@ def median_us(f, repeats: int = 50, warmup: int = 3) -> float:
         f()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e6
+
+
+def in_turn(items: Sequence[T], round_: int) -> list[T]:
+    """``items`` in order on even rounds and reversed on odd ones, for interleaved timing loops: the
+    one timed right after another pays for the caches that one left, and a fixed order favoured the
+    first-timed of two copies of the same butterfly layer by up to 1.34x (RESULTS.md, 2026-12-07)."""
+    return list(items) if round_ % 2 == 0 else list(reversed(items))
 
 
 def main() -> None:

@@ -5,8 +5,9 @@ spectral-norm refresh that the next forward does). gflows refreshes by power ite
 tolerance by default; normflows' LipschitzCNN does 5 iterations per forward, so the
 "5 power its/step" rows (``lipschitz_kwargs={"train_iters": 5}``, the image configs' default) run
 gflows at the same budget for a like-for-like comparison.
-All models run interleaved in one process, round by round, on the same inputs; the script prints
-median seconds per step and the ratios.
+All models run interleaved in one process, round by round, on the same inputs, in reverse order every
+other round (before 2026-12-07 the order was fixed, gflows' blocks first); the script prints median
+seconds per step and the ratios.
 
     python benchmarks/bench_residual_block.py [--batch 16] [--size 32] [--hidden 64] [--rounds 15]
         [--basis auto|escnn]   # the gflows filters: one weight per orbit (the default) or escnn's basis
@@ -21,6 +22,7 @@ import statistics
 import time
 
 import torch
+from bench_checks import in_turn  # this folder, first on sys.path when run as a script
 
 from gflows.nn.lipschitz import LipschitzGConv2d, operator_norm
 from gflows.transforms.residual import GResidualBlock
@@ -110,7 +112,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(a.rounds):
         torch.manual_seed(r)  # same roulette draws for the gflows blocks within a round
-        for k, s in steps.items():
+        for k, s in in_turn(list(steps.items()), r):
             t0 = time.perf_counter()
             s(x)
             times[k].append(time.perf_counter() - t0)

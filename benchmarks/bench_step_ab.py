@@ -2,8 +2,8 @@
 
 Builds the run of ``train.py``'s overrides twice (``--a`` and ``--b`` add overrides to each), each
 with the engine's own step (loss, backward, clipping, fused Adam, Lipschitz refresh, EMA), and
-alternates blocks of steps between the two, so that a change in the machine's speed moves both.
-``--a-plain-layout`` keeps model A's residual branches in the plain (NCHW) layout where they would
+alternates blocks of steps between the two, so that a change in the machine's speed moves both
+(A first in even rounds, B in odd ones; before 2026-12-07 A always went first). ``--a-plain-layout`` keeps model A's residual branches in the plain (NCHW) layout where they would
 run channels-last (``GConvNet.prefers_channels_last``). Prints each block's seconds per step and
 the ratio of the medians. Also the residual branch alone (``--layout``): one block's training work
 (g, two vector-Jacobian products of the series, the surrogate's Jacobian-vector product, backward)
@@ -141,8 +141,8 @@ def main() -> None:
         model_b(5)
     times_a, times_b = [], []
     for r in range(a.rounds):
-        times_a.append(model_a(a.steps))
-        times_b.append(model_b(a.steps))
+        for model, times in bench_checks.in_turn(((model_a, times_a), (model_b, times_b)), r):
+            times.append(model(a.steps))
         done = (r + 1) * a.steps
         if a.losses and done % a.losses == 0:
             ma, mb = statistics.mean(loss_a[-a.losses:]), statistics.mean(loss_b[-a.losses:])

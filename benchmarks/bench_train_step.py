@@ -7,7 +7,8 @@ also prints how far apart their logged curves are (loss, batch ESS, gradient nor
 change only rearranges the same arithmetic, round-off where it reorders it. The other checkout
 (``--ref``, for example a ``git worktree`` of an older commit) runs with its own ``gflows``
 (``train.py``'s folder comes first on ``sys.path``) in the same interpreter and environment.
-Rounds alternate the two, so a change in the machine's speed moves both.
+Rounds alternate the two, so a change in the machine's speed moves both, this checkout first in even
+rounds and the other in odd ones.
 
     git worktree add /tmp/ref 36f5b53
     python benchmarks/bench_train_step.py --ref /tmp/ref --rounds 3 -- data=phi4 flow=lattice_coupling
@@ -27,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_checks import in_turn  # this folder, first on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"this checkout": [], f"ref {a.ref}": []}
     curves = []
     for i in range(a.rounds):
-        for (name, ts), checkout in zip(times.items(), (ROOT, a.ref), strict=True):
+        for (name, ts), checkout in in_turn(list(zip(times.items(), (ROOT, a.ref), strict=True)), i):
             seconds, rows = run(checkout, a.overrides, a.steps, a.skip)
             ts.append(seconds)
             curves.append(rows)
