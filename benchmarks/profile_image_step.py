@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from gflows.data.cifar10 import load_cifar10
-from gflows.nn import equivariant
+from gflows.nn import gather as gather_module
 from gflows.nn.equivariant import GConv2d
 from gflows.training.ema import ema_update
 
@@ -144,11 +144,11 @@ def gathers(overrides: list[str], repeats: int) -> None:
         filters = [c.expanded()[0] for c in convs]
         torch.autograd.backward([w.sum() for w in filters])
 
-    layer = equivariant._Gather.forward
+    layer = gather_module._Gather.forward
 
     def using(forward):
         def run() -> None:
-            equivariant._Gather.forward = staticmethod(forward)
+            gather_module._Gather.forward = staticmethod(forward)
             once()
         return run
 
@@ -156,7 +156,7 @@ def gathers(overrides: list[str], repeats: int) -> None:
         ms = _alternated({"index_select (the layer)": using(layer), "advanced indexing": using(_indexed)},
                          repeats)
     finally:
-        equivariant._Gather.forward = layer
+        gather_module._Gather.forward = layer
     print(f"{len(convs)} orbit-basis convolutions; ms per step's gathers with their backward (medians "
           f"of {repeats}, alternated):")
     for name, t in ms.items():

@@ -279,15 +279,6 @@ def test_orbit_basis_settings():
     assert GConv2d("c4", (1, "scalar"), (1, "regular"), 3, basis="auto").basis == "orbit"
 
 
-def test_orbit_gather_gradient():
-    """The filter's hand-written backward (one index_add_) against finite differences."""
-    from gflows.nn.equivariant import _Gather
-
-    index = torch.randint(0, 7, (3, 2, 3, 3))
-    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: _Gather.apply(v, index), (w,))
-
-
 @pytest.mark.parametrize("group", ["c4", "d4"])
 def test_relax_zero_is_the_strict_layer_and_the_error_grows_with_relax(group):
     """relax=0 has the strict layer's parameters and outputs bit for bit; with a fixed free part the

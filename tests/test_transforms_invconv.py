@@ -63,3 +63,30 @@ def test_bad_input_and_settings():
         GInvConv1x1("d4", (6, 2, 2), squeeze_levels=1)
     with pytest.raises(ValueError, match="grid onto itself"):
         GInvConv1x1("c8", (8, 2, 2), squeeze_levels=1)
+
+
+@pytest.mark.parametrize("levels", [0, 1, 2])
+@pytest.mark.parametrize("group", ["trivial", "flip", "d4"])
+def test_matrix_is_the_orbit_indexing(group, levels):
+    """The one flat gather gives W[(f, a), (g, b)] = delta + weights[f, g, orbit[a, b]], values and
+    gradients, as the orbit index read directly does (float64)."""
+    t = layer(group, levels).double()
+    c = SHAPES[levels][0]
+    a = t.weights[:, :, t.orbit].permute(0, 2, 1, 3).reshape(c, c)
+    direct = torch.eye(c, dtype=torch.float64) + a
+    assert torch.equal(t.weight(), direct)
+    probe = torch.randn(c, c, dtype=torch.float64)
+    (g_layer,) = torch.autograd.grad((t.weight() * probe).sum(), t.weights)
+    (g_direct,) = torch.autograd.grad((direct * probe).sum(), t.weights)
+    assert torch.allclose(g_layer, g_direct, rtol=0, atol=1e-12)
+
+
+def test_layer_pickled_before_the_flat_index_loads():
+    import pickle
+
+    t = layer("d4", 1)
+    x = torch.randn(2, *SHAPES[1])
+    z = t(x)[0]
+    del t._buffers["_index"]  # as pickled before the index existed
+    t2 = pickle.loads(pickle.dumps(t))
+    assert torch.equal(t2(x)[0], z)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.groups import Group, escnn_float32, get_group
+from gflows.nn.gather import gather
 from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linearise, linearise_layers
 from gflows.representations import field_type, orbit_labels, permutation
 
@@ -201,24 +202,6 @@ def circular_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     """``F.conv2d`` of ``x`` padded periodically by half the (odd, square) kernel: a convolution
     on the torus, with a cheaper backward pass (:class:`_CircularConv`)."""
     return _CircularConv.apply(x, weight, bias, weight.shape[-1] // 2)[0]
-
-
-class _Gather(torch.autograd.Function):
-    """``weights[index]`` as one ``index_select`` of the flat index (advanced indexing with the
-    filter-shaped index is slower on CPU: ``benchmarks/profile_image_step.py --gathers``), with the
-    backward pass as one ``index_add_`` (autograd's accumulating ``index_put_`` costs several times
-    more on CPU)."""
-
-    @staticmethod
-    def forward(ctx, weights: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.n = weights.shape[0]
-        return weights.index_select(0, index.reshape(-1)).view(index.shape)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.n).index_add_(0, index.reshape(-1), grad.reshape(-1)), None
 
 
 def _orbit_mean(values: Tensor, index: Tensor) -> Tensor:
@@ -511,8 +494,8 @@ class GConv2d(nn.Module):
 
     def _equivariant_filter(self) -> tuple[Tensor, Tensor | None]:
         if self.basis == "orbit":
-            bias = None if self.orbit_bias is None else _Gather.apply(self.orbit_bias, self.bias_index)
-            return _Gather.apply(self.orbit_weights, self.orbit_index), bias
+            bias = None if self.orbit_bias is None else gather(self.orbit_bias, self.bias_index)
+            return gather(self.orbit_weights, self.orbit_index), bias
         if self.dense_basis is None:
             return self.r2conv.expand_parameters()
         conv = self.r2conv

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gflows.flow import Transform
 from gflows.groups import Group, get_group
+from gflows.nn.gather import gather
 from gflows.representations import orbit_labels, permutation, squeezed_representation
 
 __all__ = ["GInvConv1x1", "pair_orbits"]
@@ -70,12 +71,27 @@ class GInvConv1x1(Transform):
         orbit = pair_orbits(self.group, int(squeeze_levels))
         self.register_buffer("orbit", orbit.clone(), persistent=False)
         self.weights = nn.Parameter(torch.zeros(self.fields, self.fields, int(orbit.max()) + 1))
+        self._register_index()
+
+    def _register_index(self) -> None:
+        # A[(f, a), (g, b)] = weights[f, g, orbit[a, b]], as one flat index into the weights
+        fields, orbits, n = self.fields, self.weights.shape[2], self.field_size
+        f = torch.arange(fields, device=self.orbit.device).view(fields, 1, 1, 1)
+        g = torch.arange(fields, device=self.orbit.device).view(1, 1, fields, 1)
+        index = (f * fields + g) * orbits + self.orbit.view(1, n, 1, n)
+        c = self.event_shape[0]
+        self.register_buffer("_index", index.reshape(c, c), persistent=False)
+
+    def __setstate__(self, state: dict) -> None:
+        # layers pickled before the matrix was one gather
+        super().__setstate__(state)
+        if "_index" not in self._buffers:
+            self._register_index()
 
     def weight(self) -> Tensor:
         """The matrix ``W = I + A`` (``[C, C]``)."""
-        c = self.event_shape[0]
-        a = self.weights[:, :, self.orbit].permute(0, 2, 1, 3).reshape(c, c)
-        return torch.eye(c, dtype=a.dtype, device=a.device) + a
+        a = gather(self.weights.reshape(-1), self._index)
+        return torch.eye(a.shape[0], dtype=a.dtype, device=a.device) + a
 
     def _mix(self, m, x: Tensor, sign: float) -> tuple[Tensor, Tensor]:
         w = self.weight()
