@@ -3,7 +3,8 @@
 Builds the run of ``train.py``'s overrides twice (``--a`` and ``--b`` add overrides to each), each
 with the engine's own step (loss, backward, clipping, fused Adam, Lipschitz refresh, EMA), and
 alternates blocks of steps between the two, so that a change in the machine's speed moves both
-(A first in even rounds, B in odd ones; before 2026-12-07 A always went first). ``--a-plain-layout`` keeps model A's residual branches in the plain (NCHW) layout where they would
+(A first in even rounds, B in odd ones; before 2026-12-07 A always went first).
+``--a-plain-layout`` keeps model A's residual branches in the plain (NCHW) layout where they would
 run channels-last (``GConvNet.prefers_channels_last``). Prints each block's seconds per step and
 the ratio of the medians. Also the residual branch alone (``--layout``): one block's training work
 (g, two vector-Jacobian products of the series, the surrogate's Jacobian-vector product, backward)
