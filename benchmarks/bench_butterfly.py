@@ -145,7 +145,7 @@ def main() -> None:
                     print(f"# n {n}: {k} cold compile {time.perf_counter() - t0:.1f} s")
             times = {k: [] for k in fns}
             for r in range(a.repeats):
-                for k, f in in_turn(list(fns.items()), r):
+                for k, f in in_turn(fns.items(), r):
                     t0 = time.perf_counter()
                     f()
                     times[k].append(time.perf_counter() - t0)
@@ -159,11 +159,11 @@ def main() -> None:
             if a.compiled:
                 line += f" {med['lu'] / med['butterfly_c']:10.2f} {med['lu_c'] / med['butterfly_c']:12.2f}"
             print(line)
-    for wanted, shapes, title in ((a.vectors, VECTOR_SHAPES, "vector batch"),
-                                  (a.images, IMAGE_SHAPES, "image batch"),
-                                  (a.train, TRAIN_SHAPES, "training step")):
+    for wanted, shapes, title, train in ((a.vectors, VECTOR_SHAPES, "vector batch", False),
+                                         (a.images, IMAGE_SHAPES, "image batch", False),
+                                         (a.train, TRAIN_SHAPES, "training step", True)):
         if ref_class is not None and wanted:
-            against_ref(ref_class, a.repeats, shapes, title, train=shapes is TRAIN_SHAPES)
+            against_ref(ref_class, a.repeats, shapes, title, train)
     logn = [math.log(n) for n in a.sizes]
     for k, v in res.items() if len(a.sizes) > 1 else ():
         ly = [math.log(t) for t in v]

@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import TypeVar
 
 import torch
@@ -33,11 +33,12 @@ def median_us(f, repeats: int = 50, warmup: int = 3) -> float:
     return statistics.median(times) * 1e6
 
 
-def in_turn(items: Sequence[T], round_: int) -> list[T]:
+def in_turn(items: Iterable[T], round_: int) -> list[T]:
     """``items`` in order on even rounds and reversed on odd ones, for interleaved timing loops: the
     one timed right after another pays for the caches that one left, and a fixed order favoured the
     first-timed of two copies of the same butterfly layer by up to 1.34x (RESULTS.md, 2026-12-07)."""
-    return list(items) if round_ % 2 == 0 else list(reversed(items))
+    items = list(items)
+    return items if round_ % 2 == 0 else items[::-1]
 
 
 def main() -> None:

@@ -112,7 +112,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(a.rounds):
         torch.manual_seed(r)  # same roulette draws for the gflows blocks within a round
-        for k, s in in_turn(list(steps.items()), r):
+        for k, s in in_turn(steps.items(), r):
             t0 = time.perf_counter()
             s(x)
             times[k].append(time.perf_counter() - t0)

@@ -72,7 +72,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"this checkout": [], f"ref {a.ref}": []}
     curves = []
     for i in range(a.rounds):
-        for (name, ts), checkout in in_turn(list(zip(times.items(), (ROOT, a.ref), strict=True)), i):
+        for (name, ts), checkout in in_turn(zip(times.items(), (ROOT, a.ref), strict=True), i):
             seconds, rows = run(checkout, a.overrides, a.steps, a.skip)
             ts.append(seconds)
             curves.append(rows)
