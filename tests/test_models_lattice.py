@@ -34,8 +34,10 @@ def test_d4_flow_is_exactly_equivariant_about_a_site(k, flip):
     board = checkerboard(6, 6)
     assert torch.equal(g(board), board)  # keeps the sublattices: a symmetry of every coupling
     z = flow.transform(x)[0]
-    assert torch.allclose(flow.transform(g(x))[0], g(z), atol=1e-5)
-    assert torch.allclose(flow.log_prob(g(x)), flow.log_prob(x), atol=1e-4)
+    # float32 round-off grows with the outputs and the log-densities (the initial flow, built from
+    # escnn's numerically computed basis, differs from machine to machine): relative bounds
+    assert torch.allclose(flow.transform(g(x))[0], g(z), atol=1e-5 * max(1.0, float(z.abs().max())))
+    assert torch.allclose(flow.log_prob(g(x)), flow.log_prob(x), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k, flip", SITE_D4[1::2])
@@ -51,15 +53,21 @@ def test_spline_coupling_flow_is_exactly_equivariant_about_a_site(k, flip):
     flow.double()
     assert torch.allclose(flow.transform(g(x.double()))[0], g(flow.transform(x.double())[0]), atol=1e-12)
     flow.float()
-    z = flow.transform(x)[0]
-    assert torch.allclose(flow.transform(g(x))[0], g(z), atol=5e-5)
-    assert torch.allclose(flow.log_prob(g(x)), flow.log_prob(x), atol=1e-4)
-    even = torch.roll(x, (1, 1), (2, 3))
-    assert torch.allclose(flow.log_prob(even), flow.log_prob(x), atol=1e-4)
-    assert not torch.allclose(flow.log_prob(-x), flow.log_prob(x), atol=1e-3)
-    # float32 round-off relative to the largest value along the stack (|z| ~ 20 here)
-    assert torch.allclose(flow.transform.inverse(z)[0], x, atol=1e-5 * float(z.abs().max()))
-    flow.double()
+    with torch.no_grad():
+        z = flow.transform(x)[0]
+        # float32 round-off relative to the outputs and log-densities (|z| up to ~70 at random inits)
+        assert torch.allclose(flow.transform(g(x))[0], g(z), atol=1e-5 * max(1.0, float(z.abs().max())))
+        assert torch.allclose(flow.log_prob(g(x)), flow.log_prob(x), atol=1e-4, rtol=1e-5)
+        even = torch.roll(x, (1, 1), (2, 3))
+        assert torch.allclose(flow.log_prob(even), flow.log_prob(x), atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(flow.log_prob(-x), flow.log_prob(x), atol=1e-3)
+        # The inverse amplifies z's float32 rounding by up to e^3 per coupling, so x is recovered only
+        # as well as the exact (float64) inverse of the rounded z recovers it: within 20x of that
+        # (worst seen 9.4x over 1,000 random flows) plus 1e-5 relative to |z|.
+        error = float((flow.transform.inverse(z)[0] - x).abs().max())
+        flow.double()
+        conditioning = float((flow.transform.inverse(z.double())[0] - x.double()).abs().max())
+        assert error <= 20 * conditioning + 1e-5 * float(z.abs().max())
     assert torch.allclose(flow.transform.inverse(flow.transform(x.double())[0])[0], x.double(), atol=1e-12)
     with pytest.raises(ValueError, match="sign-symmetric"):
         lattice_flow(6, n_layers=4, spline_layers=2)
