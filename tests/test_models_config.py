@@ -82,6 +82,22 @@ def test_glows_split_by_halves_and_kernels_per_scale_from_the_command_line():
     assert [m.kernel_size for m in build(flow).modules() if isinstance(m, GConv2d)] == [3, 1, 3, 3, 1]
 
 
+def test_one_width_per_scale_from_the_command_line():
+    from gflows.nn.equivariant import GConv2d
+
+    small = ("flow.n_scales=2", "flow.blocks_per_scale=1", "flow.block.kernel_sizes=[3,3]", "group=d4")
+    flow = flow_config("g_coupling", *small, "flow.hidden_channels=[8,24]")
+    # each block's hidden layer, then its output: 1 and 3 regular D4 fields of 8 channels
+    hidden = [m.out_channels for m in build(flow).modules() if isinstance(m, GConv2d)][::2]
+    assert hidden == [8, 24]
+    with pytest.raises(ValueError, match=r"flow.hidden_channels: a hidden width must be at least 1 channel"):
+        build(flow_config("g_coupling", *small, "flow.hidden_channels=[8,0]"))
+    with pytest.raises(ValueError, match="hidden_fields must be one count >= 1 or 2 counts"):
+        build(flow_config("g_coupling", *small, "flow.hidden_channels=[8,8,8]"))
+    with pytest.raises(ValueError, match=r"a lattice flow has one width, got \[8, 16\]"):
+        build(flow_config("lattice_g_coupling", "flow.hidden_channels=[8,16]"))
+
+
 @pytest.mark.parametrize("name", ["g_coupling", "lattice_g_coupling"])
 def test_an_empty_width_is_named_by_its_key(name):
     message = "flow.hidden_channels: a hidden width must be at least 1 channel, got 0"

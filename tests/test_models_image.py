@@ -211,6 +211,33 @@ def test_blocks_per_scale_as_one_count_per_scale(kind, dtype):
             image_flow(kind, "d4", (3, 8, 8), n_scales=3, blocks_per_scale=bad)
 
 
+@pytest.mark.parametrize("kind", ["coupling", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hidden_fields_as_one_count_per_scale(kind, dtype):
+    """``hidden_fields`` as a list: each scale's blocks get their own width, and the model stays
+    exact and equivariant; bad widths are named."""
+    from helpers import max_reconstruction_error, perturb
+
+    from gflows.nn.equivariant import GConv2d
+    from gflows.transforms.coupling import GCoupling
+    from gflows.transforms.residual import GResidualBlock
+
+    torch.manual_seed(0)
+    t = image_flow(kind, "d4", (3, 8, 8), n_scales=2, blocks_per_scale=1, hidden_fields=[1, 3])
+    blocks = [m for m in t.modules() if isinstance(m, (GCoupling, GResidualBlock))]
+    first_convs = [next(m for m in b.modules() if isinstance(m, GConv2d)) for b in blocks]
+    assert [c.out_channels for c in first_convs] == [8, 24]  # regular D4 fields of 8 channels
+    perturb(t, 0.05).eval()
+    t.to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    tol, ld_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-10)
+    assert max_reconstruction_error(t, x) <= tol
+    assert_equivariant_exactly(t, "d4", x, 1, tol, ld_tol)
+    for bad in ([1], [1, 0], [2, 2, 2], 0):
+        with pytest.raises(ValueError, match="hidden_fields must be"):
+            image_flow(kind, "d4", (3, 8, 8), n_scales=2, hidden_fields=bad)
+
+
 HALVING_CASES = [("coupling", group, dtype, False) for group in ("trivial", "flip", "d4")
                  for dtype in (torch.float32, torch.float64)]
 HALVING_CASES += [("residual", "d4", torch.float64, False), ("coupling", "d4", torch.float64, True)]

@@ -56,10 +56,14 @@ def _call(builder: Callable[..., Flow], name: str, *args, **kwargs) -> Flow:
         raise ValueError(f"flow={name}: unknown setting {key!r} for {builder.__name__}") from None
 
 
-def _hidden_fields(flow: Mapping, group) -> int:
-    """``flow.hidden_channels`` as regular fields of ``group``, a bad width named by its key."""
+def _hidden_fields(flow: Mapping, group) -> int | tuple[int, ...]:
+    """``flow.hidden_channels`` (one width, or one per scale for image models) as regular fields of
+    ``group``, a bad width named by its key."""
+    width = _plain(flow["hidden_channels"])
     try:
-        return group.regular_fields(flow["hidden_channels"])
+        if isinstance(width, tuple):
+            return tuple(group.regular_fields(w) for w in width)
+        return group.regular_fields(width)
     except ValueError as e:
         raise ValueError(f"flow.hidden_channels: {e}") from None
 
@@ -85,6 +89,9 @@ def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float, l
 def lattice_model_from_config(flow: Mapping, L: int) -> Flow:
     """The lattice sampler of ``flow`` (``cfg.flow``) on ``L x L`` sites."""
     kw = _settings(flow, "lattice")
+    if isinstance(_plain(flow["hidden_channels"]), tuple):
+        raise ValueError(f"flow.hidden_channels: a lattice flow has one width, got "
+                         f"{list(_plain(flow['hidden_channels']))} (one per scale is for image models)")
     if flow["kind"] == "realnvp":
         return _call(realnvp_baseline, flow["name"], L, hidden=int(flow["hidden_channels"]), **kw)
     group = get_group(flow["group"])

@@ -62,7 +62,7 @@ def image_flow(
     event_shape: Sequence[int],
     n_scales: int = 1,
     blocks_per_scale: int | Sequence[int] = 2,
-    hidden_fields: int = 8,
+    hidden_fields: int | Sequence[int] = 8,
     actnorm: bool = True,
     fc_blocks: int = 0,
     fc_hidden: int = 128,
@@ -81,7 +81,8 @@ def image_flow(
         event_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2^(n_scales - 1)``.
         n_scales: number of scales (``n_scales - 1`` squeezes).
         blocks_per_scale: blocks per scale, or one count per scale, the finest first (``[3, 6, 6]``).
-        hidden_fields: regular fields per hidden layer of each block's network.
+        hidden_fields: regular fields per hidden layer of each block's network, or one count per
+            scale, the finest first (``[16, 24, 32]``: wider where the blocks run on fewer pixels).
         actnorm: ActNorm after each block.
         fc_blocks: fully-connected G-residual blocks after the last scale (``kind='residual'`` only),
             with ``fc_hidden`` hidden units and the log-det / Lipschitz options of ``block_kwargs``.
@@ -109,11 +110,12 @@ def image_flow(
     """
     blocks, scale_kernel_sizes = _checked(kind, n_scales, blocks_per_scale, fc_blocks, factor_out,
                                           split_prior, scale_kernel_sizes)
+    widths = _per_scale(hidden_fields, n_scales, "hidden_fields", 1)
     shape = tuple(int(s) for s in event_shape)
     first = int(bool(squeeze_first))
     conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")  # not for the fc blocks
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
-    plan = _Plan(kind, group, first + n_scales - 1, blocks, hidden_fields, actnorm, fc_blocks,
+    plan = _Plan(kind, group, first + n_scales - 1, blocks, widths, actnorm, fc_blocks,
                  fc_hidden, invconv, {True: "fields"}.get(factor_out, factor_out), split_prior,
                  block_kwargs, fc_kwargs, scale_kernel_sizes, first)
     layers: list[Transform] = []
@@ -139,11 +141,8 @@ def _checked(kind: str, n_scales: int, blocks_per_scale: int | Sequence[int], fc
     if split_prior and not factor_out:
         raise ValueError("split_prior is the prior of the fields that factor_out lets leave: "
                          "set factor_out=True or 'half'")
-    if isinstance(blocks_per_scale, int):
-        blocks = (blocks_per_scale,) * n_scales
-    else:
-        blocks = tuple(int(b) for b in blocks_per_scale)
-    if len(blocks) != n_scales or min(blocks) < 0 or not sum(blocks):
+    blocks = _per_scale(blocks_per_scale, n_scales, "blocks_per_scale", 0)
+    if not sum(blocks):
         raise ValueError(f"blocks_per_scale must be one count >= 1 or {n_scales} counts >= 0 (one per "
                          f"scale, not all zero), got {blocks_per_scale!r}")
     if scale_kernel_sizes is None:
@@ -155,6 +154,15 @@ def _checked(kind: str, n_scales: int, blocks_per_scale: int | Sequence[int], fc
     return blocks, sizes
 
 
+def _per_scale(value: int | Sequence[int], n_scales: int, name: str, least: int) -> tuple[int, ...]:
+    """One count for every scale, or one per scale (the finest first), each at least ``least``."""
+    counts = (int(value),) * n_scales if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(counts) != n_scales or min(counts) < least:
+        raise ValueError(f"{name} must be one count >= {max(least, 1)} or {n_scales} counts >= {least} "
+                         f"(one per scale, the finest first), got {value!r}")
+    return counts
+
+
 @dataclass(frozen=True)
 class _Plan:
     """The settings of :func:`image_flow` that every scale uses (``last``: the last scale's index,
@@ -164,7 +172,7 @@ class _Plan:
     group: str | Group
     last: int
     blocks_per_scale: tuple[int, ...]
-    hidden_fields: int
+    hidden_fields: tuple[int, ...]
     actnorm: bool
     fc_blocks: int
     fc_hidden: int
@@ -188,7 +196,7 @@ def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Tr
     for i in range(p.blocks_per_scale[scale - p.first]):
         if p.invconv:
             layers.append(GInvConv1x1(p.group, shape, squeeze_levels=level))
-        layers += _block(p.kind, p.group, shape, level, i, p.hidden_fields, block_kwargs)
+        layers += _block(p.kind, p.group, shape, level, i, p.hidden_fields[scale - p.first], block_kwargs)
         if p.actnorm:
             layers.append(ActNorm(shape, field_size=field_size))
     if scale == p.last:
