@@ -95,17 +95,22 @@ class VariationalDequantize(Dequantize):
         u = torch.rand(x.shape, dtype=x.dtype, device=x.device)
         return torch.special.logit(u, eps=torch.finfo(x.dtype).eps)
 
-    def dequantize(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
-        """``(u, log q(u | x))`` for the noise ``e`` (see the module docstring)."""
+    def noise_logits(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """``(v, log|det dh/de|)``: the couplings' map ``v = h(e; x)`` of the noise, before the sigmoid."""
         self.check_levels(x)
         context = x * (2 / (self.levels - 1)) - 1 if self.levels > 1 else torch.zeros_like(x)
-        log_q = _log_sigmoid_slope(e).flatten(1).sum(1)
         v, context = squeeze(e, self.squeeze_levels), squeeze(context, self.squeeze_levels)
+        log_det = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
         for coupling in self.couplings:
             v, ld = coupling(v, context)
-            log_q = log_q - ld
-        v = unsqueeze(v, self.squeeze_levels)
-        return torch.sigmoid(v), log_q - _log_sigmoid_slope(v).flatten(1).sum(1)
+            log_det = log_det + ld
+        return unsqueeze(v, self.squeeze_levels), log_det
+
+    def dequantize(self, x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+        """``(u, log q(u | x))`` for the noise ``e`` (see the module docstring)."""
+        v, log_det = self.noise_logits(x, e)
+        log_q = _log_sigmoid_slope(e).flatten(1).sum(1) - log_det - _log_sigmoid_slope(v).flatten(1).sum(1)
+        return torch.sigmoid(v), log_q
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self.check(x)
