@@ -434,8 +434,10 @@ def test_reverse_kl_trains_a_residual_flow_on_a_gaussian():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert before < 0.9
-    assert ess() >= 0.99
+    # over 12 seeds: 0.45-0.68 before, 0.975-0.998 after 200 steps (Adam at a constant 1e-2 keeps
+    # the last steps noisy), so 0.97 holds at any seed and still needs the training
+    assert before < 0.8
+    assert ess() >= 0.97
 
 
 def test_sign_symmetric_block_is_odd():

@@ -81,8 +81,7 @@ def image_flow(
         event_shape: ``(C, H, W)``; ``H`` and ``W`` divisible by ``2^(n_scales - 1)``.
         n_scales: number of scales (``n_scales - 1`` squeezes).
         blocks_per_scale: blocks per scale, or one count per scale, the finest first (``[3, 6, 6]``).
-        hidden_fields: regular fields per hidden layer of each block's network, or one count per
-            scale, the finest first (``[16, 24, 32]``: wider where the blocks run on fewer pixels).
+        hidden_fields: regular fields per hidden layer of each block's network, or one count per scale.
         actnorm: ActNorm after each block.
         fc_blocks: fully-connected G-residual blocks after the last scale (``kind='residual'`` only),
             with ``fc_hidden`` hidden units and the log-det / Lipschitz options of ``block_kwargs``.
@@ -110,11 +109,10 @@ def image_flow(
     """
     blocks, scale_kernel_sizes = _checked(kind, n_scales, blocks_per_scale, fc_blocks, factor_out,
                                           split_prior, scale_kernel_sizes)
-    widths = _per_scale(hidden_fields, n_scales, "hidden_fields", 1)
-    shape = tuple(int(s) for s in event_shape)
-    first = int(bool(squeeze_first))
+    shape, first = tuple(int(s) for s in event_shape), int(bool(squeeze_first))
     conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")  # not for the fc blocks
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
+    widths = _per_scale(hidden_fields, n_scales, "hidden_fields", 1)
     plan = _Plan(kind, group, first + n_scales - 1, blocks, widths, actnorm, fc_blocks,
                  fc_hidden, invconv, {True: "fields"}.get(factor_out, factor_out), split_prior,
                  block_kwargs, fc_kwargs, scale_kernel_sizes, first)
