@@ -121,12 +121,13 @@ def test_mixed_flow_passes_the_battery(group):
     t = mixed_transform(group)
     G = gflows.Group(group)
     x = torch.randn(2, 4, 4, 4)
-    assert max_reconstruction_error(t, x) <= 1e-5
     # float32 round-off relative to the outputs (which reach ~50 here): four layers of it measure
     # 0.2-2.3e-6 relative for c4 / d4, varying with the threads' summation order, so the bound is
-    # 1e-5 (~80 ulp); float64, at 1e-15 relative, checks that the equivariance is exact
+    # 1e-5 (~80 ulp); float64, at 1e-15 relative, checks that the equivariance is exact. The round
+    # trip's error reached 5.9e-7 of the outputs over 15 seeds.
     with torch.no_grad():
         scale = float(t(x)[0].abs().max())
+    assert max_reconstruction_error(t, x) <= 3e-6 * max(1.0, scale)
     assert max_equivariance_error(t, G, x) <= 1e-5 * scale
     assert max_equivariance_error(t.double(), G, x.double()) <= 1e-13 * scale
     t.float()
