@@ -99,7 +99,9 @@ def test_stack_folds_lipswish_scale_into_the_next_filter(group, dtype, lipschitz
     grads = torch.autograd.grad(y.square().sum(), list(net.parameters()))
     grads_ref = torch.autograd.grad(y_ref.square().sum(), list(unfolded.parameters()))
     for g, g_ref in zip(grads, grads_ref, strict=True):
-        assert torch.allclose(g, g_ref, rtol=10 * tol, atol=10 * tol)
+        # relative to each gradient's largest entry (up to ~1e4 with these weights): entries that
+        # cancel to near zero carry the round-off of the large ones
+        assert (g - g_ref).abs().max() <= 10 * tol * max(1.0, float(g_ref.abs().max()))
     plain = GConvNet(group, 2, 2, 2, (3, 1, 3), activation=lambda n, f: torch.nn.Tanh())
     assert all(c.input_scale == 1.0 for c in plain.layers if isinstance(c, GConv2d))
 
