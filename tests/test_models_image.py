@@ -183,12 +183,24 @@ def test_scale_kernel_sizes_set_each_scales_convolutions(kind):
         image_flow(kind, "d4", (3, 8, 8), n_scales=2, squeeze_first=True, scale_kernel_sizes=[[3]])
 
 
+def assert_exact_and_d4_equivariant(t, dtype, levels):
+    """A perturbed 3 x 8 x 8 model of D4 inverts and is equivariant (outputs squeezed ``levels``
+    times) to round-off: float32 1e-5 (log-dets 1e-4), float64 1e-10."""
+    from helpers import max_reconstruction_error, perturb
+
+    perturb(t, 0.05).eval()
+    t.to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    tol, ld_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-10)
+    assert max_reconstruction_error(t, x) <= tol
+    assert_equivariant_exactly(t, "d4", x, levels, tol, ld_tol)
+
+
 @pytest.mark.parametrize("kind", ["coupling", "residual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_blocks_per_scale_as_one_count_per_scale(kind, dtype):
     """``blocks_per_scale`` as a list: each scale gets its own number of blocks (none at all for a
     zero), and the model stays exact and equivariant; bad counts are named."""
-    from helpers import max_reconstruction_error, perturb
 
     from gflows.transforms.coupling import GCoupling
     from gflows.transforms.reshape import Squeeze
@@ -200,12 +212,7 @@ def test_blocks_per_scale_as_one_count_per_scale(kind, dtype):
     layout = [type(m).__name__ for m in t.modules() if isinstance(m, kinds)]
     block = "GCoupling" if kind == "coupling" else "GResidualBlock"
     assert layout == [block, "Squeeze", "Squeeze", block, block]
-    perturb(t, 0.05).eval()
-    t.to(dtype)
-    x = torch.randn(2, 3, 8, 8, dtype=dtype)
-    tol, ld_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-10)
-    assert max_reconstruction_error(t, x) <= tol
-    assert_equivariant_exactly(t, "d4", x, 2, tol, ld_tol)
+    assert_exact_and_d4_equivariant(t, dtype, levels=2)
     for bad in ([1, 2], [0, 0, 0], [1, -1, 1], 0):
         with pytest.raises(ValueError, match="blocks_per_scale must be"):
             image_flow(kind, "d4", (3, 8, 8), n_scales=3, blocks_per_scale=bad)
@@ -216,7 +223,6 @@ def test_blocks_per_scale_as_one_count_per_scale(kind, dtype):
 def test_hidden_fields_as_one_count_per_scale(kind, dtype):
     """``hidden_fields`` as a list: each scale's blocks get their own width, and the model stays
     exact and equivariant; bad widths are named."""
-    from helpers import max_reconstruction_error, perturb
 
     from gflows.nn.equivariant import GConv2d
     from gflows.transforms.coupling import GCoupling
@@ -227,12 +233,7 @@ def test_hidden_fields_as_one_count_per_scale(kind, dtype):
     blocks = [m for m in t.modules() if isinstance(m, (GCoupling, GResidualBlock))]
     first_convs = [next(m for m in b.modules() if isinstance(m, GConv2d)) for b in blocks]
     assert [c.out_channels for c in first_convs] == [8, 24]  # regular D4 fields of 8 channels
-    perturb(t, 0.05).eval()
-    t.to(dtype)
-    x = torch.randn(2, 3, 8, 8, dtype=dtype)
-    tol, ld_tol = (1e-5, 1e-4) if dtype == torch.float32 else (1e-10, 1e-10)
-    assert max_reconstruction_error(t, x) <= tol
-    assert_equivariant_exactly(t, "d4", x, 1, tol, ld_tol)
+    assert_exact_and_d4_equivariant(t, dtype, levels=1)
     for bad in ([1], [1, 0], [2, 2, 2], 0):
         with pytest.raises(ValueError, match="hidden_fields must be"):
             image_flow(kind, "d4", (3, 8, 8), n_scales=2, hidden_fields=bad)
