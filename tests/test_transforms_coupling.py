@@ -49,7 +49,9 @@ def layer(group, name):
 def test_reconstruction_and_exact_logdet(group, name):
     t = layer(group, name)
     x = torch.randn(3, *CONFIGS[name]["shape"])
-    assert max_reconstruction_error(t, x) <= 1e-5
+    # float32 round trips relative to the outputs: over 16 seeds at most 7e-7 of them for affine
+    # maps, 3.7e-6 for splines (their inverse solves a quadratic); float64 at most 3e-14
+    assert max_reconstruction_error(t, x) <= 1.5e-5 * output_scale(t, x)
     z, ld = t(x)
     assert torch.allclose(ld, autograd_logdet(t, x), atol=1e-4)
     # the spline's inverse solves a quadratic per site: in float32 its log-derivative differs by
@@ -60,6 +62,7 @@ def test_reconstruction_and_exact_logdet(group, name):
     t64, x64 = t.double(), x.double()
     z64, ld64 = t64(x64)
     assert torch.allclose(t64.inverse(z64)[1], -ld64, rtol=0, atol=1e-10)
+    assert max_reconstruction_error(t64, x64) <= 1e-12
     assert ld.abs().max() > 1e-3 or name == "additive"  # the perturbed layer is not the identity
 
 
