@@ -89,9 +89,10 @@ def image_model_from_config(flow: Mapping, shape: Sequence[int], alpha: float, l
 def lattice_model_from_config(flow: Mapping, L: int) -> Flow:
     """The lattice sampler of ``flow`` (``cfg.flow``) on ``L x L`` sites."""
     kw = _settings(flow, "lattice")
-    if isinstance(_plain(flow["hidden_channels"]), tuple):
-        raise ValueError(f"flow.hidden_channels: a lattice flow has one width, got "
-                         f"{list(_plain(flow['hidden_channels']))} (one per scale is for image models)")
+    width = _plain(flow["hidden_channels"])
+    if isinstance(width, tuple):
+        raise ValueError(f"flow.hidden_channels: a lattice flow has one width, got {list(width)} "
+                         "(one per scale is for image models)")
     if flow["kind"] == "realnvp":
         return _call(realnvp_baseline, flow["name"], L, hidden=int(flow["hidden_channels"]), **kw)
     group = get_group(flow["group"])
