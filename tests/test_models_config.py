@@ -103,3 +103,16 @@ def test_an_empty_width_is_named_by_its_key(name):
     message = "flow.hidden_channels: a hidden width must be at least 1 channel, got 0"
     with pytest.raises(ValueError, match=message):
         build(flow_config(name, "flow.hidden_channels=0"))
+
+
+def test_probe_fraction_from_the_command_line():
+    """Every residual block of an image model, convolutional and fully connected, takes the log-det
+    series' probe fraction; an out-of-range one is named before training."""
+    from gflows.transforms.residual import ResidualTransform
+
+    small = (*SMALL["image"], "flow.fc_blocks=1")
+    model = build(flow_config("g_residual", *small, "flow.block.probe_fraction=0.5"))
+    blocks = [m for m in model.modules() if isinstance(m, ResidualTransform)]
+    assert len(blocks) == 2 and all(b.probe_fraction == 0.5 for b in blocks)
+    with pytest.raises(ValueError, match=r"probe_fraction must lie in \(0, 1\], got 0"):
+        build(flow_config("g_residual", *small, "flow.block.probe_fraction=0"))

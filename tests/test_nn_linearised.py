@@ -47,7 +47,9 @@ def test_vjp_and_jvp_are_the_jacobians(group, case, dtype):
     the Jacobian-vector product (both exact maps: to round-off)."""
     torch.manual_seed(0)
     net = stack(group, dtype=dtype, **case)
-    assert_gives_its_jacobian(net, torch.randn(3, 2, 6, 6, dtype=dtype, requires_grad=True))
+    x = torch.randn(3, 2, 6, 6, dtype=dtype, requires_grad=True)
+    assert_gives_its_jacobian(net, x)
+    assert_restricts_to_rows(net, x)
 
 
 def assert_gives_its_jacobian(net, x):
@@ -63,6 +65,30 @@ def assert_gives_its_jacobian(net, x):
     (vjp,) = torch.autograd.grad(y, x, u, create_graph=True)
     (reference,) = torch.autograd.grad(vjp, u, t)
     assert rel(jac.jvp(t), reference) <= TOL[x.dtype]
+
+
+def assert_restricts_to_rows(net, x):
+    """``jac.rows(index)`` applies the Jacobian's blocks of the entries ``index`` alone: its products
+    are the full products' rows (to round-off), and its differentiable ``jvp`` has the gradients of
+    the full one with the other entries' vectors zero (the sparse probes of a residual block)."""
+    y, jac = linearise(net, x)
+    index = torch.tensor([2, 0])
+    sub = jac.rows(index)
+    w, t = torch.randn_like(y), torch.randn_like(x)
+    assert rel(sub.vjp(w[index]), jac.vjp(w)[index]) <= TOL[x.dtype]
+    assert rel(sub.jvp(t[index]), jac.jvp(t)[index]) <= TOL[x.dtype]
+    if sub.rows is not None:  # and again, within the entries kept
+        ws = w[index]
+        assert rel(sub.rows(torch.tensor([1])).vjp(ws[1:]), sub.vjp(ws)[1:]) <= TOL[x.dtype]
+    mask = torch.zeros(x.shape[0], *[1] * (x.dim() - 1), dtype=x.dtype)
+    mask[index] = 1
+    u = torch.randn_like(y)
+    params = [p for p in net.parameters() if p.requires_grad]
+    ours = torch.autograd.grad((u[index] * sub.jvp(t[index])).sum(), [x, *params], materialize_grads=True,
+                               retain_graph=True)
+    full = torch.autograd.grad((u * mask * jac.jvp(t * mask)).sum(), [x, *params], materialize_grads=True)
+    for a, b in zip(ours, full, strict=True):
+        assert float((a - b).abs().max()) <= TOL[x.dtype] * (1 + float(b.abs().max()))
 
 
 def assert_surrogate_gradients(net, x, u, v):
@@ -158,6 +184,7 @@ def test_group_averaged_dense_stack_gives_its_jacobian(group, levels, dtype):
     assert net.linearisable
     x = torch.randn(3, *shape, dtype=dtype, requires_grad=True)
     assert_gives_its_jacobian(net, x)
+    assert_restricts_to_rows(net, x)
     if dtype == torch.float64:
         assert_surrogate_gradients(net, x, torch.randn_like(x), torch.randn_like(x))
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from gflows.groups import Group, escnn_float32, get_group
 from gflows.nn.gather import gather
-from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linearise, linearise_layers
+from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linear, linearise, linearise_layers
 from gflows.representations import field_type, orbit_labels, permutation
 
 __all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "Tanh", "circular_conv2d", "circular_pad",
@@ -548,7 +548,7 @@ class GConv2d(nn.Module):
     def linearise(self, x: Tensor) -> tuple[Tensor, Linearised]:
         """:meth:`forward`, and its Jacobian in ``x`` (the layer is linear: ``J t = conv(t, W)``)."""
         w, b = self.applied()
-        return self.conv(x, w, b), Linearised(self.adjoint(w.detach()), lambda t: self.conv(t, w))
+        return self.conv(x, w, b), linear(self.adjoint(w.detach()), lambda t: self.conv(t, w))
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.applied()
@@ -631,20 +631,36 @@ class LipSwish(nn.Module):
         backend's fused ``silu_backward`` applies it in one pass (autograd's product takes five);
         with one (``jvp``) the derivative is built differentiably from the forward pass's sigmoid."""
         y, bx, s = self._swish(x)
-        scale = 1 / self.LIPSCHITZ if self.scaled else None
-        bx_const = bx.detach()
+        return y, _swish_jacobian(bx, s, 1 / self.LIPSCHITZ if self.scaled else None)
 
-        def vjp(v: Tensor) -> Tensor:
-            u = torch.ops.aten.silu_backward(v.reshape(bx_const.shape), bx_const).reshape(v.shape)
-            return u if scale is None else u * scale
 
-        def jvp(t: Tensor) -> Tensor:
-            d = s * (1 + bx * (1 - s))
-            if scale is not None:
-                d = d * scale
-            return (t.reshape(d.shape) * d).reshape(t.shape)
+def _swish_jacobian(bx: Tensor, s: Tensor, scale: float | None) -> Linearised:
+    """LipSwish's Jacobian from its forward pass's ``beta x`` and ``sigmoid(beta x)`` (fields on an
+    axis of their own), times ``scale``; its rows index those."""
+    bx_const = bx.detach()
 
-        return y, Linearised(vjp, jvp)
+    def vjp(v: Tensor) -> Tensor:
+        u = torch.ops.aten.silu_backward(v.reshape(bx_const.shape), bx_const).reshape(v.shape)
+        return u if scale is None else u * scale
+
+    def jvp(t: Tensor) -> Tensor:
+        d = s * (1 + bx * (1 - s))
+        if scale is not None:
+            d = d * scale
+        return (t.reshape(d.shape) * d).reshape(t.shape)
+
+    def rows(index: Tensor) -> Linearised:
+        return _swish_jacobian(bx.index_select(0, index), s.index_select(0, index), scale)
+
+    return Linearised(vjp, jvp, rows)
+
+
+def _tanh_jacobian(y: Tensor) -> Linearised:
+    """tanh's Jacobian from its output ``y`` (with its graph, for ``jvp``); its rows index ``y``."""
+    y_const = y.detach()
+    return Linearised(lambda v: torch.ops.aten.tanh_backward(v, y_const),
+                      lambda t: torch.ops.aten.tanh_backward(t, y),
+                      lambda index: _tanh_jacobian(y.index_select(0, index)))
 
 
 class Tanh(nn.Tanh):
@@ -663,15 +679,7 @@ class Tanh(nn.Tanh):
         one, whose derivative autograd knows (one recorded operator where ``t * (1 - y * y)`` takes
         three, and fewer products in the backward pass)."""
         y = torch.tanh(x)
-        y_const = y.detach()
-
-        def vjp(v: Tensor) -> Tensor:
-            return torch.ops.aten.tanh_backward(v, y_const)
-
-        def jvp(t: Tensor) -> Tensor:
-            return torch.ops.aten.tanh_backward(t, y)
-
-        return y, Linearised(vjp, jvp)
+        return y, _tanh_jacobian(y)
 
 
 class GConvNet(nn.Module):
@@ -821,7 +829,12 @@ class GroupAveraged(nn.Module):
         y, jac = linearise(self.net, self._stacked(x))
         if jac is None:
             raise TypeError(f"{type(self.net).__name__} cannot give its Jacobian")
-        return self._averaged(y), conjugated(jac, self._stacked, self._averaged)
+        b, copies = x.shape[0], len(self.group.grid_elements)
+
+        def rows_of(index: Tensor) -> Tensor:  # entry i's copies sit at i, i + b, i + 2b, ...
+            return torch.cat([index + k * b for k in range(copies)])
+
+        return self._averaged(y), conjugated(jac, self._stacked, self._averaged, rows_of)
 
 
 def symmetry_breaking_sq_norm(module: nn.Module) -> Tensor | None:

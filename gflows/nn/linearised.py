@@ -15,6 +15,10 @@ grid) give it from ``module.linearise(x)`` next to their output, as two maps:
   ``v`` is the Neumann-series surrogate of the log-det gradient. Its graph is the forward chain of
   the layers' linear maps, where autograd's ``u^T J`` would record a vector-Jacobian product
   (backward operators) and then differentiate it a second time.
+
+A Jacobian of a map that treats batch entries independently is block-diagonal over the batch; where
+every layer can say so (``rows``), the blocks of a few entries are applied on their own, at the cost
+of those entries only: a log-det series that probes a random part of the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-__all__ = ["Linearised", "Sequential", "chain", "conjugated", "is_linearisable", "linearise",
+__all__ = ["Linearised", "Sequential", "chain", "conjugated", "is_linearisable", "linear", "linearise",
            "linearise_layers"]
 
 # reshapes of the entries: their Jacobian is a relabelling, applied by reshaping back and forth
@@ -40,6 +44,20 @@ class Linearised(NamedTuple):
     vjp: Callable[[Tensor], Tensor]
     #: ``t -> J t``, differentiable in the input and the parameters of the map
     jvp: Callable[[Tensor], Tensor]
+    #: ``index -> `` the Jacobian at the batch entries ``index`` only (a 1-D integer tensor), applied to
+    #: vectors of ``len(index)`` entries; ``None`` where the map cannot restrict itself
+    rows: Callable[[Tensor], Linearised] | None = None
+
+
+def linear(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor]) -> Linearised:
+    """The Jacobian of a map that is linear in each batch entry with the same matrix for every
+    entry (a convolution, a dense layer, a reshape of the entries): its rows are itself."""
+
+    def rows(index: Tensor) -> Linearised:
+        return jac
+
+    jac = Linearised(vjp, jvp, rows)
+    return jac
 
 
 def chain(parts: Sequence[Linearised]) -> Linearised:
@@ -56,15 +74,25 @@ def chain(parts: Sequence[Linearised]) -> Linearised:
             t = part.jvp(t)
         return t
 
-    return Linearised(vjp, jvp)
+    if any(part.rows is None for part in parts):
+        return Linearised(vjp, jvp)
+    return Linearised(vjp, jvp, lambda index: chain([part.rows(index) for part in parts]))
 
 
-def conjugated(jac: Linearised, into: Callable[[Tensor], Tensor],
-               out: Callable[[Tensor], Tensor]) -> Linearised:
+def conjugated(jac: Linearised, into: Callable[[Tensor], Tensor], out: Callable[[Tensor], Tensor],
+               rows_of: Callable[[Tensor], Tensor] | None = None) -> Linearised:
     """The Jacobian ``out J into`` of a map run between two linear maps, where ``out`` is a multiple of
     ``into``'s transpose (a permutation and its inverse, or stacking copies and averaging them):
-    its transpose ``into^T J^T out^T`` then has the same form, ``out J^T into``."""
-    return Linearised(lambda w: out(jac.vjp(into(w))), lambda t: out(jac.jvp(into(t))))
+    its transpose ``into^T J^T out^T`` then has the same form, ``out J^T into``. ``rows_of``: the
+    rows of ``J`` that batch entries ``index`` take (``into`` of ``len(index)`` entries gives them in
+    that order); then the rows of the product are those of ``J`` between the same maps (once: the
+    restricted product does not restrict itself again)."""
+    rows = None
+    if rows_of is not None and jac.rows is not None:
+        def rows(index: Tensor) -> Linearised:
+            return conjugated(jac.rows(rows_of(index)), into, out)
+
+    return Linearised(lambda w: out(jac.vjp(into(w))), lambda t: out(jac.jvp(into(t))), rows)
 
 
 def is_linearisable(module: nn.Module) -> bool:
@@ -85,7 +113,7 @@ def linearise(module: nn.Module, x: Tensor) -> tuple[Tensor, Linearised | None]:
         return module(x), None
     if isinstance(module, _RESHAPES):
         y = module(x)
-        return y, Linearised(lambda w: w.reshape(x.shape), lambda t: t.reshape(y.shape))
+        return y, linear(lambda w: w.reshape(-1, *x.shape[1:]), lambda t: t.reshape(-1, *y.shape[1:]))
     return module.linearise(x)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from gflows.groups import Group
 from gflows.nn.equivariant import GConv2d
-from gflows.nn.linearised import Linearised
+from gflows.nn.linearised import Linearised, linear
 
 __all__ = ["LipschitzGConv2d", "LipschitzLinear", "SpectralNormalised", "lipschitz_layers", "operator_norm",
            "update_lipschitz"]
@@ -308,7 +308,7 @@ class LipschitzLinear(SpectralNormalised, nn.Linear):
         """:meth:`forward`, and its Jacobian in ``x`` (the layer is linear: ``J t = W t``)."""
         w, b = self.normalised()
         w_const = w.detach()
-        return F.linear(x, w, b), Linearised(lambda v: v @ w_const, lambda t: F.linear(t, w))
+        return F.linear(x, w, b), linear(lambda v: v @ w_const, lambda t: F.linear(t, w))
 
 
 def update_lipschitz(module: nn.Module, certify: bool | None = None, lazy: bool = False) -> None:

@@ -46,7 +46,7 @@ class AtFineGrid(nn.Module):
         if jac is None or not isinstance(out, Tensor):
             raise TypeError(f"{type(self.net).__name__} cannot give its Jacobian")
         return squeeze(out, self.levels), conjugated(jac, lambda t: unsqueeze(t, self.levels),
-                                                     lambda t: squeeze(t, self.levels))
+                                                     lambda t: squeeze(t, self.levels), rows_of=lambda i: i)
 
 
 def squeezed_net(group, levels: int, make: Callable[[int], nn.Module]) -> nn.Module:

@@ -24,6 +24,13 @@ Log-det:  :math:`\log\det(I + J_g) = \sum_{k\ge1} (-1)^{k+1} \operatorname{tr}(J
   gradients as autograd's :math:`(J^\top u)^\top v`, without a second-order pass over backward
   operators.
 
+  With ``probe_fraction`` ``q < 1`` a training pass probes only a random ``m = round(q B)`` of the
+  ``B`` batch entries, with probes scaled by :math:`\sqrt{B/m}`, and the rest with ``v = 0``: still a
+  Hutchinson probe of every entry (:math:`E[v v^\top] = I` over the draw), so each entry's estimate
+  and gradient stay unbiased, with more variance, and the series' products and the surrogate's
+  graph cost ``m`` entries instead of ``B`` (where ``g``'s Jacobian can restrict itself to rows,
+  :attr:`~gflows.nn.linearised.Linearised.rows`; every entry otherwise). Evaluation probes all.
+
 Group action: if :math:`g` is G-equivariant, :math:`f(h\cdot x) = h\cdot f(x)` and, since ``h`` acts by
 a permutation, :math:`\log|\det J_f(h \cdot x)| = \log|\det J_f(x)|`. :class:`GResidualBlock` builds
 :math:`g` from escnn steerable convolutions (``scalar -> regular -> regular -> scalar``), each
@@ -105,6 +112,8 @@ class ResidualTransform(Transform):
         n_exact_terms_eval: the same at evaluation (``module.eval()``), lowering the variance.
         geom_p: success probability of the geometric number of extra terms.
         neumann_grad: Neumann-series gradients instead of back-propagating through the series.
+        probe_fraction: the part of the batch a training pass probes (see the module docstring);
+            1 probes every entry.
         memory_saving: compute the log-det gradients in the forward pass and free the power series'
             graph (``g``'s own graph is kept, as in Chen et al.'s code); needs
             a loss that weighs every sample's log-det equally (a mean or sum of log-likelihoods).
@@ -124,6 +133,7 @@ class ResidualTransform(Transform):
         geom_p: float = 0.5,
         neumann_grad: bool = True,
         memory_saving: bool = False,
+        probe_fraction: float = 1.0,
         atol: float | None = None,
         rtol: float | None = None,
         max_iters: int = 500,
@@ -133,12 +143,15 @@ class ResidualTransform(Transform):
             raise ValueError(f"unknown logdet mode {logdet!r}: expected one of {LOGDET_MODES}")
         if not 0 < geom_p < 1:
             raise ValueError(f"geom_p must lie in (0, 1), got {geom_p}")
+        if not 0 < probe_fraction <= 1:
+            raise ValueError(f"probe_fraction must lie in (0, 1], got {probe_fraction}")
         self.g = g
         self.event_shape = tuple(int(s) for s in event_shape)
         self.logdet = logdet
         self.n_exact_terms, self.n_exact_terms_eval = int(n_exact_terms), int(n_exact_terms_eval)
         self.geom_p = float(geom_p)
         self.neumann_grad, self.memory_saving = bool(neumann_grad), bool(memory_saving)
+        self.probe_fraction = float(probe_fraction)
         self.atol = None if atol is None else float(atol)
         self.rtol = None if rtol is None else float(rtol)
         self.max_iters = int(max_iters)
@@ -166,13 +179,26 @@ class ResidualTransform(Transform):
         weights = [(1 - self.geom_p) ** -max(k - n_exact, 0) for k in range(0, n + 1)]
         return n, weights
 
-    def _probe(self, x: Tensor) -> Tensor:
-        """Hutchinson probe with E[v v^T] = I."""
+    def _probe(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Hutchinson probe with E[v v^T] = I, of the entries ``rows`` only (the others' are 0): those
+        scaled by ``sqrt(B / len(rows))``."""
         # drawn contiguous: randn_like keeps a permuted input's strides (a squeeze's, an invertible
         # 1x1 convolution's), on which CPU sampling runs about 9x slower; then in a channels-last
         # input's layout (the same numbers in either layout), which the Jacobian's products keep
-        v = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        shape = x.shape if rows is None else (len(rows), *x.shape[1:])
+        v = torch.randn(shape, dtype=x.dtype, device=x.device)
+        if rows is not None:
+            v = v * math.sqrt(x.shape[0] / len(rows))
         return v.contiguous(memory_format=torch.channels_last) if self._runs_channels_last(x) else v
+
+    def _probed_rows(self, x: Tensor, jac: Linearised | None) -> Tensor | None:
+        """The batch entries a training pass probes, ``probe_fraction`` of them at random, or
+        ``None`` for all (evaluation, or a Jacobian that cannot restrict itself to rows)."""
+        if self.probe_fraction >= 1 or not self.training or jac is None or jac.rows is None:
+            return None
+        b = x.shape[0]
+        m = max(1, round(self.probe_fraction * b))
+        return None if m >= b else torch.randperm(b, device=x.device)[:m].sort().values
 
     def _series(
         self, gx: Tensor, x: Tensor, create_graph: bool, jac: Linearised | None = None
@@ -181,10 +207,13 @@ class ResidualTransform(Transform):
         ``jac``: ``g``'s own Jacobian at ``x`` (:func:`~gflows.nn.linearised.linearise`), for the
         terms that need no graph and for the surrogate ``u^T J v``."""
         n, weights = self._roulette()
-        v = self._probe(x)
-        w, estimate = v, x.new_zeros(x.shape[0])
+        graph = create_graph and not self.neumann_grad
+        rows = None if graph else self._probed_rows(x, jac)
+        if rows is not None:
+            jac = jac.rows(rows)
+        v = self._probe(x, rows)
+        w, estimate = v, v.new_zeros(v.shape[0])
         neumann = v if self.neumann_grad and create_graph else None
-        graph = create_graph and neumann is None
         for k in range(1, n + 1):
             if jac is not None and not graph:
                 w = jac.vjp(w)
@@ -193,13 +222,21 @@ class ResidualTransform(Transform):
             estimate = estimate + (-1) ** (k + 1) / k * weights[k] * _flat_dot(w, v)
             if neumann is not None:
                 neumann = neumann + (-1) ** k * weights[k] * w
-        if neumann is None:
-            return estimate, None
-        # the surrogate u^T J v with u the Neumann sum: its gradient is the log-det's (Chen et al.)
-        if jac is not None:
-            return estimate.detach(), _flat_dot(neumann.detach(), jac.jvp(v))
-        (vjp,) = torch.autograd.grad(gx, x, neumann.detach(), retain_graph=True, create_graph=True)
-        return estimate.detach(), _flat_dot(vjp, v)
+        surrogate = None
+        if neumann is not None:
+            estimate = estimate.detach()
+            # the surrogate u^T J v with u the Neumann sum: its gradient is the log-det's (Chen et al.)
+            if jac is not None:
+                surrogate = _flat_dot(neumann.detach(), jac.jvp(v))
+            else:
+                (vjp,) = torch.autograd.grad(gx, x, neumann.detach(), retain_graph=True, create_graph=True)
+                surrogate = _flat_dot(vjp, v)
+        if rows is None:
+            return estimate, surrogate
+        # the entries probed with v = 0: their terms are 0
+        zeros = x.new_zeros(x.shape[0])
+        return (zeros.index_copy(0, rows, estimate),
+                None if surrogate is None else zeros.index_copy(0, rows, surrogate))
 
     def _exact(self, gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
         jac = _batch_jacobian(gx, x, create_graph)
