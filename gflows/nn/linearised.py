@@ -52,11 +52,7 @@ class Linearised(NamedTuple):
 def linear(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor]) -> Linearised:
     """The Jacobian of a map that is linear in each batch entry with the same matrix for every
     entry (a convolution, a dense layer, a reshape of the entries): its rows are itself."""
-
-    def rows(index: Tensor) -> Linearised:
-        return jac
-
-    jac = Linearised(vjp, jvp, rows)
+    jac = Linearised(vjp, jvp, lambda index: jac)
     return jac
 
 
