@@ -94,7 +94,7 @@ def lattice_model_from_config(flow: Mapping, L: int) -> Flow:
         raise ValueError(f"flow.hidden_channels: a lattice flow has one width, got {list(width)} "
                          "(one per scale is for image models)")
     if flow["kind"] == "realnvp":
-        return _call(realnvp_baseline, flow["name"], L, hidden=int(flow["hidden_channels"]), **kw)
+        return _call(realnvp_baseline, flow["name"], L, hidden=int(width), **kw)
     group = get_group(flow["group"])
     builder = residual_lattice_flow if flow["kind"] == "residual" else lattice_flow
     return _call(builder, flow["name"], L, hidden_fields=_hidden_fields(flow, group),
