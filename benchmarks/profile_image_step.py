@@ -17,6 +17,7 @@ move with this machine's speed.
     python benchmarks/profile_image_step.py -- flow=g_coupling group=flip flow.hidden_channels=128 \\
         flow.block.activation=silu data.root=../shared/data/cifar10-subset data.verify=false \\
         trainer.batch_size=16
+    python benchmarks/profile_image_step.py --shapes -- flow=g_residual group=d4 ...
     python benchmarks/profile_image_step.py --gathers -- flow=g_coupling group=flip ...
     python benchmarks/profile_image_step.py --ema -- flow=g_coupling group=flip ...
     python benchmarks/profile_image_step.py --flops -- flow=g_coupling group=flip ...
@@ -41,18 +42,26 @@ from gflows.nn import gather as gather_module
 from gflows.nn.equivariant import GConv2d
 from gflows.training.ema import ema_update
 
+# operators whose calls ``--shapes`` tells apart by their operands' shapes
+_DENSE = ("aten.convolution.default", "aten.convolution_backward.default", "aten.mm.default",
+          "aten.bmm.default")
+
 
 class _OpTimes(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, shapes: bool = False) -> None:
         super().__init__()
+        self.shapes = shapes
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.calls: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        self.seconds[str(func)] += time.perf_counter() - t0
-        self.calls[str(func)] += 1
+        key = str(func)
+        if self.shapes and key in _DENSE:
+            key += " " + " x ".join(str(tuple(t.shape)) for t in args[:3] if isinstance(t, torch.Tensor))
+        self.seconds[key] += time.perf_counter() - t0
+        self.calls[key] += 1
         return out
 
 
@@ -77,7 +86,7 @@ def glow_stepper(root: str, batch: int):
     return block
 
 
-def profile(overrides: list[str], root: str, batch: int, rounds: int, top: int) -> None:
+def profile(overrides: list[str], root: str, batch: int, rounds: int, top: int, shapes: bool = False) -> None:
     steppers = {"gflows": bench_step_ab.stepper(overrides, False), "Glow": glow_stepper(root, batch)}
     times: dict[str, list[float]] = {k: [] for k in steppers}
     for f in steppers.values():
@@ -89,7 +98,7 @@ def profile(overrides: list[str], root: str, batch: int, rounds: int, top: int) 
     print(f"s/step (medians of {rounds} interleaved blocks of 8): gflows {med['gflows']:.3f}, Glow "
           f"{med['Glow']:.3f}: {med['gflows'] / med['Glow']:.2f}x Glow's")
     for name, f in steppers.items():
-        ops = _OpTimes()
+        ops = _OpTimes(shapes)
         with ops:
             f(3)
         total, calls = sum(ops.seconds.values()) / 3, sum(ops.calls.values()) // 3
@@ -193,6 +202,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--top", type=int, default=14)
+    p.add_argument("--shapes", action="store_true",
+                   help="tell convolutions and matrix products apart by their operands' shapes")
     p.add_argument("overrides", nargs="*", help="train.py overrides of the gflows model")
     a = p.parse_args()
     if a.gathers:
@@ -208,7 +219,7 @@ def main() -> None:
     if a.flops:
         flops(a.overrides, root, batch)
         return
-    profile(a.overrides, root, batch, a.rounds, a.top)
+    profile(a.overrides, root, batch, a.rounds, a.top, a.shapes)
 
 
 if __name__ == "__main__":
