@@ -15,8 +15,13 @@ the first time. Gradients flow through :math:`\sigma = v^\top W u` as in Miyato 
 
 With ``train_iters = n``, refreshes in training mode run only ``n`` warm-started iterations (as
 Miyato et al. and Residual Flows do while training), which may underestimate :math:`\sigma` a
-little between steps; the first forward pass in evaluation mode refreshes to the tolerance again,
-so evaluated likelihoods and samples always use the certified bound.
+little between steps. The first of them starts from the stored :math:`v = W' u' / \|W' u'\|` of
+the previous filter :math:`W'`: :math:`u \leftarrow W^\top v` applies :math:`W^\top W'` to
+:math:`u'` (the alternating updates of ``torch.nn.utils.spectral_norm``), one application of the
+map fewer than a full iteration of :math:`W^\top W`, and the differentiable
+:math:`\sigma = v^\top W u` then gives the next :math:`v`. The first forward pass in evaluation
+mode refreshes to the tolerance again, so evaluated likelihoods and samples always use the
+certified bound.
 """
 
 from __future__ import annotations
@@ -47,10 +52,9 @@ def _power_iteration(
     With ``final=False`` the last application of ``op`` is left to the caller (who needs it with
     gradients anyway) and ``sigma`` and ``v`` come back as ``None``.
     """
-    if adjoint is None:
-        _, vjp = torch.func.vjp(op, torch.zeros_like(u))
-        adjoint = lambda v: vjp(v)[0]  # noqa: E731
+    adjoint = _adjoint_or_vjp(op, u, adjoint)
     u = u / u.norm().clamp_min(1e-12)
+    it = 0
     for it in range(1, max_iters + 1):
         v = op(u)
         sigma = v.norm().clamp_min(1e-12)
@@ -64,6 +68,14 @@ def _power_iteration(
     v = op(u)
     sigma = v.norm()
     return sigma, u, v / sigma.clamp_min(1e-12), it
+
+
+def _adjoint_or_vjp(op, u: Tensor, adjoint=None):
+    """``adjoint``, or the exact vector-Jacobian product of the linear map ``op`` at inputs like ``u``."""
+    if adjoint is not None:
+        return adjoint
+    _, vjp = torch.func.vjp(op, torch.zeros_like(u))
+    return lambda v: vjp(v)[0]
 
 
 def operator_norm(op, shape: Sequence[int], tol: float = 1e-5, max_iters: int = 100_000,
@@ -136,22 +148,31 @@ class SpectralNormalised:
             certify, iters = True, self.init_iters
         else:
             iters = self.max_iters if certify else self.train_iters
+        def op(x: Tensor) -> Tensor:
+            return self._linear_map(x, weight)
+
+        u = self.u.to(weight.dtype)
+        adjoint = _adjoint_or_vjp(op, u, self._adjoint(weight))
+        if not certify:
+            # half an iteration from the stored v = W' u' / |W' u'| (W' the filter it was taken
+            # with): u <- W^T v applies W^T W' to u', as a full iteration's W^T W does, with one
+            # application of the map fewer
+            u = adjoint(self.v.to(weight.dtype))
+            iters -= 1
         # W^T W of an equivariant filter preserves each isotypic component, so a warm start that has
         # lost a component can never find a top singular vector that moved there: keep every
         # component alive with fresh noise, large enough (when certifying) that the residual test
         # cannot pass while a near-top singular value still hides in it. Quick refreshes add only a
         # little, which their few iterations cannot remove but which costs sigma only O(noise^2).
-        u = self.u.to(weight.dtype)
         noise = 0.3 if certify else 0.01
         u = u / u.norm().clamp_min(1e-12) + noise * torch.randn_like(u) / u.numel() ** 0.5
-        sigma, u, v, n = _power_iteration(lambda x: self._linear_map(x, weight), u,
-                                          self.tol if certify else 0.0, iters, self._adjoint(weight), final)
+        sigma, u, v, n = _power_iteration(op, u, self.tol if certify else 0.0, iters, adjoint, final)
         self.u.copy_(u)
         if final:
             self.v.copy_(v)
             self.sigma.copy_(sigma)
         self.initialised.fill_(True)
-        self.last_iterations = n
+        self.last_iterations = n if certify else n + 1  # the half iteration counts as one
         self._seen, self._certified = self._state(), certify
 
     def mark_stale(self) -> None:
