@@ -68,11 +68,16 @@ def assert_gives_its_jacobian(net, x):
 
 
 def assert_restricts_to_rows(net, x):
-    """``jac.rows(index)`` applies the Jacobian's blocks of the entries ``index`` alone: its products
-    are the full products' rows (to round-off), and its differentiable ``jvp`` has the gradients of
-    the full one with the other entries' vectors zero (the sparse probes of a residual block)."""
+    """``jac.rows(index)`` applies the Jacobian's blocks of the entries ``index`` alone (a tensor of
+    entries, or a slice of consecutive ones): its products are the full products' rows (to
+    round-off), and its differentiable ``jvp`` has the gradients of the full one with the other
+    entries' vectors zero (the sparse probes of a residual block)."""
+    for index in (torch.tensor([2, 0]), slice(1, 3)):
+        _assert_restricts_to(net, x, index)
+
+
+def _assert_restricts_to(net, x, index):
     y, jac = linearise(net, x)
-    index = torch.tensor([2, 0])
     sub = jac.rows(index)
     w, t = torch.randn_like(y), torch.randn_like(x)
     assert rel(sub.vjp(w[index]), jac.vjp(w)[index]) <= TOL[x.dtype]

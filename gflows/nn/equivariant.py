@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from gflows.groups import Group, escnn_float32, get_group
 from gflows.nn.gather import gather
 from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linear, linearise, linearise_layers
+from gflows.nn.tanh import tanh
 from gflows.representations import field_type, orbit_labels, permutation
 
 __all__ = ["GConv2d", "GConvNet", "GroupAveraged", "LipSwish", "Tanh", "circular_conv2d", "circular_pad",
@@ -649,8 +650,8 @@ def _swish_jacobian(bx: Tensor, s: Tensor, scale: float | None) -> Linearised:
             d = d * scale
         return (t.reshape(d.shape) * d).reshape(t.shape)
 
-    def rows(index: Tensor) -> Linearised:
-        return _swish_jacobian(bx.index_select(0, index), s.index_select(0, index), scale)
+    def rows(index: Tensor | slice) -> Linearised:
+        return _swish_jacobian(bx[index], s[index], scale)
 
     return Linearised(vjp, jvp, rows)
 
@@ -660,15 +661,20 @@ def _tanh_jacobian(y: Tensor) -> Linearised:
     y_const = y.detach()
     return Linearised(lambda v: torch.ops.aten.tanh_backward(v, y_const),
                       lambda t: torch.ops.aten.tanh_backward(t, y),
-                      lambda index: _tanh_jacobian(y.index_select(0, index)))
+                      lambda index: _tanh_jacobian(y[index]))
 
 
 class Tanh(nn.Tanh):
     r""":math:`\tanh`, odd and 1-Lipschitz, that gives its Jacobian (:mod:`gflows.nn.linearised`).
 
     Pointwise, so it commutes with every permutation of channels and pixels; the odd residual
-    branches of the lattice samplers use it between convolutions without biases.
+    branches of the lattice samplers use it between convolutions without biases. float32 on the
+    CPU goes through :func:`gflows.nn.tanh.tanh` (the logistic form, about 2.4x faster there,
+    exactly odd, absolute error below ``2e-7``).
     """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return tanh(x)
 
     #: gives its Jacobian (:mod:`gflows.nn.linearised`)
     linearisable = True
@@ -678,7 +684,7 @@ class Tanh(nn.Tanh):
         backend's fused ``tanh_backward`` both ways; with a graph (``jvp``) from the output that carries
         one, whose derivative autograd knows (one recorded operator where ``t * (1 - y * y)`` takes
         three, and fewer products in the backward pass)."""
-        y = torch.tanh(x)
+        y = tanh(x)
         return y, _tanh_jacobian(y)
 
 
@@ -831,7 +837,9 @@ class GroupAveraged(nn.Module):
             raise TypeError(f"{type(self.net).__name__} cannot give its Jacobian")
         b, copies = x.shape[0], len(self.group.grid_elements)
 
-        def rows_of(index: Tensor) -> Tensor:  # entry i's copies sit at i, i + b, i + 2b, ...
+        def rows_of(index: Tensor | slice) -> Tensor:  # entry i's copies sit at i, i + b, i + 2b, ...
+            if isinstance(index, slice):
+                index = torch.arange(b, device=x.device)[index]
             return torch.cat([index + k * b for k in range(copies)])
 
         return self._averaged(y), conjugated(jac, self._stacked, self._averaged, rows_of)

@@ -44,9 +44,10 @@ class Linearised(NamedTuple):
     vjp: Callable[[Tensor], Tensor]
     #: ``t -> J t``, differentiable in the input and the parameters of the map
     jvp: Callable[[Tensor], Tensor]
-    #: ``index -> `` the Jacobian at the batch entries ``index`` only (a 1-D integer tensor), applied to
-    #: vectors of ``len(index)`` entries; ``None`` where the map cannot restrict itself
-    rows: Callable[[Tensor], Linearised] | None = None
+    #: ``index -> `` the Jacobian at the batch entries ``index`` only (a 1-D integer tensor, or a
+    #: slice of consecutive entries), applied to vectors of that many entries; ``None`` where the
+    #: map cannot restrict itself
+    rows: Callable[[Tensor | slice], Linearised] | None = None
 
 
 def linear(vjp: Callable[[Tensor], Tensor], jvp: Callable[[Tensor], Tensor]) -> Linearised:
@@ -76,7 +77,7 @@ def chain(parts: Sequence[Linearised]) -> Linearised:
 
 
 def conjugated(jac: Linearised, into: Callable[[Tensor], Tensor], out: Callable[[Tensor], Tensor],
-               rows_of: Callable[[Tensor], Tensor] | None = None) -> Linearised:
+               rows_of: Callable[[Tensor | slice], Tensor | slice] | None = None) -> Linearised:
     """The Jacobian ``out J into`` of a map run between two linear maps, where ``out`` is a multiple of
     ``into``'s transpose (a permutation and its inverse, or stacking copies and averaging them):
     its transpose ``into^T J^T out^T`` then has the same form, ``out J^T into``. ``rows_of``: the
@@ -85,7 +86,7 @@ def conjugated(jac: Linearised, into: Callable[[Tensor], Tensor], out: Callable[
     restricted product does not restrict itself again)."""
     rows = None
     if rows_of is not None and jac.rows is not None:
-        def rows(index: Tensor) -> Linearised:
+        def rows(index: Tensor | slice) -> Linearised:
             return conjugated(jac.rows(rows_of(index)), into, out)
 
     return Linearised(lambda w: out(jac.vjp(into(w))), lambda t: out(jac.jvp(into(t))), rows)

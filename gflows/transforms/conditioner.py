@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gflows.groups import Group
-from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish
+from gflows.nn.equivariant import GConv2d, GConvNet, LipSwish, Tanh
 
 __all__ = ["ACTIVATIONS", "SIGN_MODES", "Conditioner", "conditioner_net"]
 
@@ -26,7 +26,7 @@ ACTIVATIONS = {
     "leaky_relu": lambda n_fields, field_size: nn.LeakyReLU(),
     # x sigmoid(x): LipSwish with its slope fixed at 1, one fused pass each way
     "silu": lambda n_fields, field_size: nn.SiLU(),
-    "tanh": lambda n_fields, field_size: nn.Tanh(),
+    "tanh": lambda n_fields, field_size: Tanh(),
 }
 
 

@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gflows.flow import Transform
@@ -84,6 +85,21 @@ def solve_tolerances(atol: float | None, rtol: float | None, dtype: torch.dtype)
 def _flat_dot(a: Tensor, b: Tensor) -> Tensor:
     # summed over the event dimensions in place: a reshape would copy channels-last products
     return (a * b).sum(tuple(range(1, a.dim())))
+
+
+#: batch entries: consecutive ones as a slice, or any as a 1-D integer tensor
+Rows = slice | Tensor
+
+
+def _count(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
+def _scattered(values: Tensor, rows: Rows, b: int) -> Tensor:
+    """``values`` of the entries ``rows`` placed in a batch of ``b``, zeros elsewhere (differentiable)."""
+    if isinstance(rows, slice):
+        return F.pad(values, (rows.start, b - rows.stop))
+    return values.new_zeros(b).index_copy(0, rows, values)
 
 
 def _batch_jacobian(gx: Tensor, x: Tensor, create_graph: bool, chunk: int = 256) -> Tensor:
@@ -179,26 +195,33 @@ class ResidualTransform(Transform):
         weights = [(1 - self.geom_p) ** -max(k - n_exact, 0) for k in range(0, n + 1)]
         return n, weights
 
-    def _probe(self, x: Tensor, rows: Tensor | None = None) -> Tensor:
+    def _probe(self, x: Tensor, rows: Rows | None = None) -> Tensor:
         """Hutchinson probe with E[v v^T] = I, of the entries ``rows`` only (the others' are 0): those
         scaled by ``sqrt(B / len(rows))``."""
         # drawn contiguous: randn_like keeps a permuted input's strides (a squeeze's, an invertible
         # 1x1 convolution's), on which CPU sampling runs about 9x slower; then in a channels-last
         # input's layout (the same numbers in either layout), which the Jacobian's products keep
-        shape = x.shape if rows is None else (len(rows), *x.shape[1:])
-        v = torch.randn(shape, dtype=x.dtype, device=x.device)
+        m = x.shape[0] if rows is None else _count(rows)
+        v = torch.randn((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
         if rows is not None:
-            v = v * math.sqrt(x.shape[0] / len(rows))
+            v = v * math.sqrt(x.shape[0] / m)
         return v.contiguous(memory_format=torch.channels_last) if self._runs_channels_last(x) else v
 
-    def _probed_rows(self, x: Tensor, jac: Linearised | None) -> Tensor | None:
-        """The batch entries a training pass probes, ``probe_fraction`` of them at random, or
-        ``None`` for all (evaluation, or a Jacobian that cannot restrict itself to rows)."""
+    def _probed_rows(self, x: Tensor, jac: Linearised | None) -> Rows | None:
+        """The batch entries a training pass probes, ``probe_fraction`` of them, each with that
+        probability, or ``None`` for all (evaluation, or a Jacobian that cannot restrict itself to
+        rows): where ``m`` divides the batch, one of its ``B / m`` blocks of consecutive entries at
+        random (views of the layers' saved tensors, no gathers), else ``m`` entries at random."""
         if self.probe_fraction >= 1 or not self.training or jac is None or jac.rows is None:
             return None
         b = x.shape[0]
         m = max(1, round(self.probe_fraction * b))
-        return None if m >= b else torch.randperm(b, device=x.device)[:m].sort().values
+        if m >= b:
+            return None
+        if b % m == 0:
+            k = int(torch.randint(b // m, ()))
+            return slice(k * m, (k + 1) * m)
+        return torch.randperm(b, device=x.device)[:m].sort().values
 
     def _series(
         self, gx: Tensor, x: Tensor, create_graph: bool, jac: Linearised | None = None
@@ -234,9 +257,8 @@ class ResidualTransform(Transform):
         if rows is None:
             return estimate, surrogate
         # the entries probed with v = 0: their terms are 0
-        zeros = x.new_zeros(x.shape[0])
-        return (zeros.index_copy(0, rows, estimate),
-                None if surrogate is None else zeros.index_copy(0, rows, surrogate))
+        return (_scattered(estimate, rows, x.shape[0]),
+                None if surrogate is None else _scattered(surrogate, rows, x.shape[0]))
 
     def _exact(self, gx: Tensor, x: Tensor, create_graph: bool) -> Tensor:
         jac = _batch_jacobian(gx, x, create_graph)
