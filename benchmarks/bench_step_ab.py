@@ -4,15 +4,18 @@ Builds the run of ``train.py``'s overrides twice (``--a`` and ``--b`` add overri
 with the engine's own step (loss, backward, clipping, fused Adam, Lipschitz refresh, EMA), and
 alternates blocks of steps between the two, so that a change in the machine's speed moves both
 (A first in even rounds, B in odd ones; before 2026-12-07 A always went first).
-``--a-plain-layout`` keeps model A's residual branches in the plain (NCHW) layout where they would
-run channels-last (``GConvNet.prefers_channels_last``). Prints each block's seconds per step and
-the ratio of the medians. Also the residual branch alone (``--layout``): one block's training work
+``--a-before NAMES`` runs model A with the code before the named changes (``legacy_step.py``:
+the residual step's changes of 2026-12-07). ``--a-plain-layout`` keeps model A's residual branches
+in the plain (NCHW) layout where they would run channels-last
+(``GConvNet.prefers_channels_last``). Prints each block's seconds per step and the ratio of the
+medians. Also the residual branch alone (``--layout``): one block's training work
 (g, two vector-Jacobian products of the series, the surrogate's Jacobian-vector product, backward)
 with plain 3x3 / 1x1 / 3x3 convolutions and tanh, NCHW against channels-last, at the flagship's
 three scales.
 
     python benchmarks/bench_step_ab.py --b flow.block.n_exact_terms=1 -- flow=g_residual group=flip ...
     python benchmarks/bench_step_ab.py --a-plain-layout -- flow=g_residual group=flip ...
+    python benchmarks/bench_step_ab.py --a-before power,tanh,rows,adjoint -- flow=g_residual ...
     python benchmarks/bench_step_ab.py --layout
     python benchmarks/bench_step_ab.py --losses 100 --rounds 24 --steps 25 \
         --b flow.dequantization=variational -- flow=g_coupling group=flip ...
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 import bench_checks  # this folder, first on sys.path when run as a script
+import legacy_step
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -109,11 +113,22 @@ def branch_ms(channels_last: bool, c: int, hw: int, hidden: int = 128, batch: in
     return bench_checks.median_us(once, repeats=repeats, warmup=3) / 1e3
 
 
+def _before(block, names: list[str]):
+    """``block`` run with the code before the changes ``names`` (``legacy_step.before``)."""
+    def run(n: int) -> float:
+        with legacy_step.before(names):
+            return block(n)
+
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--a", nargs="*", default=[], help="overrides of model A only")
     p.add_argument("--b", nargs="*", default=[], help="overrides of model B only")
     p.add_argument("--a-plain-layout", action="store_true", help="model A never channels-last")
+    p.add_argument("--a-before", default="", metavar="NAMES",
+                   help="model A with the code before these changes (legacy_step.py), comma-separated")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=15, help="steps per block")
     p.add_argument("--layout", action="store_true", help="the residual branch alone, both layouts")
@@ -131,12 +146,15 @@ def main() -> None:
             print(f"{c} x {hw} x {hw}: NCHW / channels-last ms {shown}; channels-last / NCHW {ratio:.3f}",
                   flush=True)
         return
+    before = f" (before {a.a_before})" if a.a_before else ""
     print(f"# train.py {' '.join(a.overrides)}; A: {' '.join(a.a) or '-'}"
-          f"{' (plain layout)' if a.a_plain_layout else ''}; B: {' '.join(a.b) or '-'}", flush=True)
+          f"{' (plain layout)' if a.a_plain_layout else ''}{before}; B: {' '.join(a.b) or '-'}", flush=True)
     loss_a: list[float] = []
     loss_b: list[float] = []
     model_a = stepper([*a.overrides, *a.a], a.a_plain_layout, loss_a)
     model_b = stepper([*a.overrides, *a.b], False, loss_b)
+    if a.a_before:
+        model_a = _before(model_a, a.a_before.split(","))
     if not a.losses:  # warm-up steps, left out of the timing (with --losses every step counts)
         model_a(5)
         model_b(5)

@@ -148,6 +148,7 @@ class SpectralNormalised:
             certify, iters = True, self.init_iters
         else:
             iters = self.max_iters if certify else self.train_iters
+
         def op(x: Tensor) -> Tensor:
             return self._linear_map(x, weight)
 
