@@ -23,30 +23,20 @@ import gflows.transforms.residual as residual
 __all__ = ["CHANGES", "before"]
 
 
+_library_update = lipschitz.SpectralNormalised.update
+
+
 @torch.no_grad()
 def _update(self, weight=None, certify=None, final=True) -> None:
-    if weight is None:
-        weight, _ = self._raw()
-    weight = weight.detach()
-    if certify is None:
-        certify = not (self.training and self.train_iters)
-    if not bool(self.initialised):
-        certify, iters = True, self.init_iters
-    else:
-        iters = self.max_iters if certify else self.train_iters
-    u = self.u.to(weight.dtype)
-    noise = 0.3 if certify else 0.01
-    u = u / u.norm().clamp_min(1e-12) + noise * torch.randn_like(u) / u.numel() ** 0.5
-    tol = self.tol if certify else 0.0
-    sigma, u, v, n = lipschitz._power_iteration(lambda x: self._linear_map(x, weight), u, tol, iters,
-                                                self._adjoint(weight), final)
-    self.u.copy_(u)
-    if final:
-        self.v.copy_(v)
-        self.sigma.copy_(sigma)
-    self.initialised.fill_(True)
-    self.last_iterations = n
-    self._seen, self._certified = self._state(), certify
+    """The refresh before, in cost: a quick one ran a full iteration of ``W^T W`` from the stored
+    ``u``. Here ``v = W u / |W u|`` first (the application of the map the new refresh saves), after
+    which the library's half iteration ``u <- W^T v`` is that iteration's second half (its noise
+    then comes after the iteration instead of before)."""
+    w = (self._raw()[0] if weight is None else weight).detach()
+    if bool(self.initialised):
+        wu = self._linear_map(self.u.to(w.dtype), w)
+        self.v.copy_(wu / wu.norm().clamp_min(1e-12))
+    _library_update(self, weight, certify, final)
 
 
 def _probed_rows(self, x, jac):

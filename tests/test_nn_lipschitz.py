@@ -19,6 +19,14 @@ def dense_norm(conv, weight, shape):
     return float(torch.linalg.matrix_norm(mat, ord=2))
 
 
+def quick_layer(layer: str, dtype: torch.dtype):
+    """A D4 convolution or a dense layer bounded by 0.5, refreshed by one iteration in training."""
+    if layer == "conv":
+        return LipschitzGConv2d("d4", (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5,
+                                train_iters=1).to(dtype)
+    return LipschitzLinear(6, 5, coeff=0.5, train_iters=1).to(dtype)
+
+
 def sgd_steps(conv, n: int):
     """``n`` SGD steps that push the filter's norm up, each followed by ``update_lipschitz``."""
     opt = torch.optim.SGD(conv.parameters(), lr=0.5)
@@ -140,11 +148,7 @@ def test_quick_refreshes_converge_to_the_true_norm(layer, dtype):
     ``v`` from ``W u``) are a power iteration spread over steps: on a filter that no longer moves,
     sigma climbs to the true operator norm (from below, up to the refresh noise's O(noise^2))."""
     torch.manual_seed(1)
-    if layer == "conv":
-        m = LipschitzGConv2d("d4", (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5,
-                             train_iters=1).to(dtype)
-    else:
-        m = LipschitzLinear(6, 5, coeff=0.5, train_iters=1).to(dtype)
+    m = quick_layer(layer, dtype)
     m.normalised()  # a certified start for the filter as initialised
     with torch.no_grad():
         p = next(m.parameters())
@@ -207,11 +211,7 @@ def test_tracked_refresh_applies_the_map_once_and_matches_the_plain_refresh(laye
     import copy
 
     torch.manual_seed(0)
-    if layer == "conv":
-        m = LipschitzGConv2d("d4", (1, "scalar"), (2, "regular"), 3, input_hw=(4, 4), coeff=0.5,
-                             train_iters=1).to(dtype)
-    else:
-        m = LipschitzLinear(6, 5, coeff=0.5, train_iters=1).to(dtype)
+    m = quick_layer(layer, dtype)
     m.normalised()  # initialise
     with torch.no_grad():
         next(m.parameters()).mul_(3.0)  # stale: the next call refreshes
