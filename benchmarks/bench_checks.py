@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
@@ -39,6 +39,23 @@ def in_turn(items: Iterable[T], round_: int) -> list[T]:
     first-timed of two copies of the same butterfly layer by up to 1.34x (RESULTS.md, 2026-12-07)."""
     items = list(items)
     return items if round_ % 2 == 0 else items[::-1]
+
+
+def alternated(ways: dict[str, Callable[[], object]], repeats: int, warmup: int = 3,
+               reset: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median milliseconds of each way, called in turn (this machine's speed moves within seconds,
+    so the ways alternate call by call, in the order of :func:`in_turn`), after ``warmup`` rounds;
+    ``reset()`` runs untimed before every call."""
+    ts: dict[str, list[float]] = {k: [] for k in ways}
+    for i in range(repeats + warmup):
+        for name, f in in_turn(ways.items(), i):
+            if reset is not None:
+                reset()
+            t0 = time.perf_counter()
+            f()
+            if i >= warmup:
+                ts[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
 
 
 def main() -> None:

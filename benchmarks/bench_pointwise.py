@@ -14,27 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from bench_checks import alternated  # this folder, first on sys.path when run as a script
 
 from gflows.nn.equivariant import _pointwise
 from gflows.nn.tanh import tanh
-
-
-def _interleaved(fns: dict, repeats: int, reset=lambda: None) -> dict[str, float]:
-    """Median milliseconds of each function, called in turn (order reversed every other repeat)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for i in range(repeats + 5):
-        for k, f in (fns.items() if i % 2 else reversed(fns.items())):
-            reset()
-            t0 = time.perf_counter()
-            f()
-            if i >= 5:
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def tanh_table(repeats: int) -> None:
@@ -46,7 +32,7 @@ def tanh_table(repeats: int) -> None:
                   ("with bwd", {"torch": lambda xg=xg, g=g: torch.tanh(xg).backward(g),
                                 "gflows": lambda xg=xg, g=g: tanh(xg).backward(g)}))
         for label, fns in passes:
-            med = _interleaved(fns, repeats, lambda xg=xg: setattr(xg, "grad", None))
+            med = alternated(fns, repeats, 5, lambda xg=xg: setattr(xg, "grad", None))
             print(f"{str(shape):>18} {label:>9} {med['torch']:14.3f} {med['gflows']:15.3f} "
                   f"{med['torch'] / med['gflows']:6.2f}")
     x = torch.linspace(-30, 30, 2_000_001)
@@ -79,7 +65,7 @@ def main() -> None:
         g = torch.randn(a.batch, c, hw, hw)
         fns = {"conv2d": lambda x=x, w=w, b=b, g=g: F.conv2d(x, w, b).backward(g),
                "bmm": lambda x=x, w=w, b=b, g=g: _pointwise(x, w, b).backward(g)}
-        med = _interleaved(fns, a.repeats, lambda ts=(x, w, b): [setattr(t, "grad", None) for t in ts])
+        med = alternated(fns, a.repeats, 5, lambda ts=(x, w, b): [setattr(t, "grad", None) for t in ts])
         print(f"{hw:>3} x {hw:<3} {med['conv2d']:10.3f} {med['bmm']:8.3f} {med['conv2d'] / med['bmm']:13.2f}")
 
 

@@ -29,9 +29,9 @@ import argparse
 import collections
 import statistics
 import time
-from collections.abc import Callable
 
-import bench_cifar  # this folder, first on sys.path when run as a script
+import bench_checks  # this folder, first on sys.path when run as a script
+import bench_cifar
 import bench_step_ab
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -124,19 +124,6 @@ def flops(overrides: list[str], root: str, batch: int) -> None:
     print(f"gflows / Glow: {totals['gflows'] / totals['Glow']:.2f}")
 
 
-def _alternated(ways: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds of each way, called in turn (this machine's speed moves within seconds,
-    so the ways alternate call by call), after ``warmup`` rounds."""
-    ts: dict[str, list[float]] = {k: [] for k in ways}
-    for i in range(repeats + warmup):
-        for name, f in ways.items():
-            t0 = time.perf_counter()
-            f()
-            if i >= warmup:
-                ts[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
-
-
 def _indexed(ctx, weights, index):  # the gather before 2026-12-06
     ctx.save_for_backward(index)
     ctx.n = weights.shape[0]
@@ -162,8 +149,8 @@ def gathers(overrides: list[str], repeats: int) -> None:
         return run
 
     try:
-        ms = _alternated({"index_select (the layer)": using(layer), "advanced indexing": using(_indexed)},
-                         repeats)
+        ways = {"index_select (the layer)": using(layer), "advanced indexing": using(_indexed)}
+        ms = bench_checks.alternated(ways, repeats)
     finally:
         gather_module._Gather.forward = layer
     print(f"{len(convs)} orbit-basis convolutions; ms per step's gathers with their backward (medians "
@@ -184,7 +171,7 @@ def ema(overrides: list[str], repeats: int, decay: float = 0.99) -> None:
             for e, p in zip(avg, params, strict=True):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
-    ms = _alternated({"foreach lerp (the trainer)": lambda: ema_update(avg, params, decay),
+    ms = bench_checks.alternated({"foreach lerp (the trainer)": lambda: ema_update(avg, params, decay),
                       "mul_ + add_ per tensor": per_tensor}, repeats)
     print(f"{len(params)} parameter tensors, {sum(p.numel() for p in params):,} numbers; ms per update "
           f"(medians of {repeats}, alternated):")
