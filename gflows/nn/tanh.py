@@ -1,14 +1,16 @@
 r""":math:`\tanh` through the logistic function where that is the faster kernel.
 
 :math:`\tanh x = \operatorname{sign}(x)\,(2\sigma(2|x|) - 1)`: the same function, exactly odd by
-construction. On this project's 2-core CPU PyTorch's float32 ``tanh`` kernel takes 2.6x the time of
-this form on a 16 x 128 x 16 x 16 tensor (0.89 against 0.34 ms forward, 0.97 against 0.58 with the
-backward; ``python benchmarks/bench_pointwise.py --tanh``, 2026-12-07), so float32 CPU tensors of
-at least :data:`LOGISTIC_FROM` entries go through it. Its absolute error stays below ``2e-7``
-(``torch.tanh``'s: ``3e-8``); the relative error grows where :math:`|x| < 10^{-3}`, like any
-absolute round-off of a hidden activation. float64, other devices, other dtypes, smaller tensors and
-code traced by ``torch.compile`` or ``torch.export`` use ``torch.tanh``. The derivative is
-:math:`1 - y^2` from the output ``y`` (``tanh_backward``), as for ``torch.tanh``.
+construction. On this project's 2-core CPU PyTorch's float32 ``tanh`` kernel with its backward
+takes 1.2-1.7x the time of this form on a 16 x 128 x 16 x 16 tensor (``python
+benchmarks/bench_pointwise.py --tanh``, three runs on 2026-12-07; the forward alone ranged from
+2.6x faster to 0.7x, as the allocator served its temporaries: see benchmarks/RESULTS.md), so
+float32 CPU tensors of at least :data:`LOGISTIC_FROM` entries go through it. Its absolute error
+stays below ``2e-7`` (``torch.tanh``'s: ``3e-8``); the relative error grows where
+:math:`|x| < 10^{-3}`, like any absolute round-off of a hidden activation. float64, other
+devices, other dtypes, smaller tensors and code traced by ``torch.compile`` or ``torch.export``
+use ``torch.tanh``. The derivative is :math:`1 - y^2` from the output ``y``
+(``tanh_backward``), as for ``torch.tanh``.
 """
 
 from __future__ import annotations
