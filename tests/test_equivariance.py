@@ -1,10 +1,13 @@
 """gflows.check_equivariance: small errors for equivariant layers, and it can fail."""
 
+import math
+
 import pytest
 import torch
 from helpers import perturb
 
 from gflows import Flow, GCoupling, GResidualBlock, check_equivariance, density_gaps
+from gflows.groups import get_group
 from gflows.representations import squeezed_action
 from gflows.transforms.reshape import Squeeze
 
@@ -45,7 +48,28 @@ def test_density_gaps_vanish_for_an_invariant_flow_and_not_otherwise():
     x = torch.randn(16, 2, 6, 6, dtype=torch.float64)
     invariant = Flow(perturb(GCoupling("d4", (2, 6, 6), hidden_fields=2, basis="orbit"))).double()
     gaps = density_gaps(invariant, "d4", x, batch_size=5)
-    assert len(gaps) == 9 and gaps["|gap|"][0] < 1e-12
+    assert len(gaps) == 10 and gaps["|gap|"][0] < 1e-12 and abs(gaps["mean"][0]) < 1e-12
     plain = Flow(perturb(GCoupling("trivial", (2, 6, 6), hidden_fields=2))).double()
     gaps = density_gaps(plain, "d4", x)
     assert gaps["|gap|"][0] > 1e-3 and gaps["(rot 0 deg)"] == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("group", ["flip", "c4", "d4"])
+def test_the_mean_gap_bounds_the_cost_of_symmetrising(group):
+    """Jensen: the symmetrised density ``mean_h p(h^-1 x)`` is at most the mean gap below ``p`` on
+    average, and the mean gap is the elements' gaps averaged."""
+    torch.manual_seed(0)
+    h = get_group(group)
+    plain = Flow(perturb(GCoupling("trivial", (2, 6, 6), hidden_fields=2))).double()
+    with torch.no_grad():
+        x = plain.sample(64)
+        log_p = plain.log_prob(x)
+        moved = torch.stack([plain.log_prob(h.act(g, x)) for g in h.grid_elements])
+    # the grid elements form a group, so {h^-1 x} = {g x}
+    log_sym = torch.logsumexp(moved, 0) - math.log(len(h.grid_elements))
+    gaps = density_gaps(plain, h, x)
+    elements = [v for g, (v, _) in gaps.items() if g not in ("|gap|", "mean")]
+    assert gaps["mean"][0] == pytest.approx(sum(elements) / len(elements), rel=1e-12)
+    assert gaps["mean"][0] > 1e-3 and gaps["mean"][1] > 0
+    cost = float((log_p - log_sym).mean())
+    assert 0 < cost <= gaps["mean"][0]
