@@ -107,12 +107,16 @@ def test_an_empty_width_is_named_by_its_key(name):
 
 def test_probe_fraction_from_the_command_line():
     """Every residual block of an image model, convolutional and fully connected, takes the log-det
-    series' probe fraction; an out-of-range one is named before training."""
+    series' probe fraction and probe distribution; out-of-range or unknown ones are named before
+    training."""
     from gflows.transforms.residual import ResidualTransform
 
     small = (*SMALL["image"], "flow.fc_blocks=1")
-    model = build(flow_config("g_residual", *small, "flow.block.probe_fraction=0.5"))
+    model = build(flow_config("g_residual", *small, "flow.block.probe_fraction=0.5",
+                              "flow.block.probe=gaussian"))
     blocks = [m for m in model.modules() if isinstance(m, ResidualTransform)]
-    assert len(blocks) == 2 and all(b.probe_fraction == 0.5 for b in blocks)
+    assert len(blocks) == 2 and all(b.probe_fraction == 0.5 and b.probe == "gaussian" for b in blocks)
     with pytest.raises(ValueError, match=r"probe_fraction must lie in \(0, 1\], got 0"):
         build(flow_config("g_residual", *small, "flow.block.probe_fraction=0"))
+    with pytest.raises(ValueError, match="unknown probe 'normal'"):
+        build(flow_config("g_residual", *small, "flow.block.probe=normal"))

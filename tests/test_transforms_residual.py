@@ -114,13 +114,14 @@ def test_neumann_gradient_with_exact_trace_probes_is_exact(group, branch, monkey
     assert torch.allclose(_flat_grad(ld.mean(), params), exact, atol=1e-5)
 
 
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("probe_fraction", [1.0, 0.25])
 @pytest.mark.parametrize("group", GROUPS)
-def test_neumann_gradient_is_unbiased_with_random_probes(group, probe_fraction):
-    """Gaussian probes and roulette: the mean over 100 draws of the gradient projected on a random
+def test_neumann_gradient_is_unbiased_with_random_probes(group, probe_fraction, probe):
+    """Random probes and roulette: the mean over 100 draws of the gradient projected on a random
     direction lies within 3 standard errors of the exact projection; also with a quarter of the
     entries probed (scaled by 2, the rest with zero probes)."""
-    b = trained(group, probe_fraction=probe_fraction)
+    b = trained(group, probe_fraction=probe_fraction, probe=probe)
     x = torch.randn(1, 2, 4, 4)
     params = [p for p in b.parameters() if p.requires_grad]
     with logdet_mode(b, "exact"):
@@ -188,6 +189,26 @@ def test_evaluation_probes_every_entry(group):
         with torch.no_grad():
             outs.append(b(x)[1])
     assert torch.equal(outs[0], outs[1]) and bool((outs[0] != 0).all())
+
+
+@pytest.mark.parametrize("probe_fraction", [1.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rademacher_probes_are_signs(probe_fraction, dtype):
+    """Rademacher probes: every probed entry +-sqrt(B / m), half of each sign on average (so
+    E[v v^T] = I), in the input's dtype; the other entries 0."""
+    b = block("trivial", probe="rademacher", probe_fraction=probe_fraction).to(dtype)
+    x = torch.randn(8, 2, 4, 4, dtype=dtype)
+    rows = b._probed_rows(x, gflows.nn.linearised.linearise(b.g, x)[1]) if probe_fraction < 1 else None
+    torch.manual_seed(0)
+    v = torch.cat([b._probe(x, rows) for _ in range(100)])
+    scale = math.sqrt(1 / probe_fraction)
+    assert v.dtype == dtype and bool((v.abs() == scale).all())
+    assert abs(float((v > 0).double().mean()) - 0.5) < 0.01  # 256,000 signs or 64,000: SE 0.001-0.002
+
+
+def test_unknown_probe_is_refused():
+    with pytest.raises(ValueError, match="unknown probe 'sobol'"):
+        block("trivial", probe="sobol")
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5])
