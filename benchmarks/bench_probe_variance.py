@@ -62,15 +62,14 @@ def block_variances(model, x: torch.Tensor, draws: int) -> dict[str, list[float]
         model.log_prob(x)
     for h in hooks:
         h.remove()
+    probe, fraction = blocks[0].probe, blocks[0].probe_fraction
     out: dict[str, list[float]] = {}
-    for probe in PROBES:
-        out[probe] = []
-        for b in blocks:
-            b.probe, fraction, b.probe_fraction = probe, b.probe_fraction, 1.0
-            with torch.no_grad():
-                lds = torch.stack([b(inputs[b])[1] for _ in range(draws)])
-            b.probe_fraction = fraction
-            out[probe].append(float(lds.var(0).mean()))
+    for kind in PROBES:
+        _set(model, probe=kind, probe_fraction=1.0)
+        with torch.no_grad():
+            out[kind] = [float(torch.stack([b(inputs[b])[1] for _ in range(draws)]).var(0).mean())
+                         for b in blocks]
+    _set(model, probe=probe, probe_fraction=fraction)
     return out
 
 

@@ -77,6 +77,11 @@ def check_equivariance(module: nn.Module, group: str | Group, x: Tensor, act: Ac
     return errors
 
 
+def _mean_and_error(values: Tensor) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (0 for a single value)."""
+    return float(values.mean()), float(values.std() / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
 @torch.no_grad()
 def density_gaps(flow: nn.Module, group: str | Group, x: Tensor, act: Action | None = None,
                  batch_size: int = 256) -> dict[str, tuple[float, float]]:
@@ -112,10 +117,10 @@ def density_gaps(flow: nn.Module, group: str | Group, x: Tensor, act: Action | N
 
     for g in group.grid_elements:
         gaps = torch.cat([log_p(b, i) - log_p(act(g, b), i) for i, b in enumerate(x.split(batch_size))])
-        out[str(g)] = (float(gaps.mean()), float(gaps.std() / len(gaps) ** 0.5) if len(gaps) > 1 else 0.0)
+        out[str(g)] = _mean_and_error(gaps)
         absolute.append(gaps.abs().mean())
         total = total + gaps
     out["|gap|"] = (float(torch.stack(absolute).mean()), 0.0)
-    mean = total / len(group.grid_elements)  # per entry, so that its error counts the elements' correlation
-    out["mean"] = (float(mean.mean()), float(mean.std() / len(mean) ** 0.5) if len(mean) > 1 else 0.0)
+    # averaged per entry first, so that its error counts the elements' correlation
+    out["mean"] = _mean_and_error(total / len(group.grid_elements))
     return out

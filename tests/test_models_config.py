@@ -113,9 +113,9 @@ def test_probe_fraction_from_the_command_line():
 
     small = (*SMALL["image"], "flow.fc_blocks=1")
     model = build(flow_config("g_residual", *small, "flow.block.probe_fraction=0.5",
-                              "flow.block.probe=gaussian"))
+                              "flow.block.probe=rademacher"))
     blocks = [m for m in model.modules() if isinstance(m, ResidualTransform)]
-    assert len(blocks) == 2 and all(b.probe_fraction == 0.5 and b.probe == "gaussian" for b in blocks)
+    assert len(blocks) == 2 and all(b.probe_fraction == 0.5 and b.probe == "rademacher" for b in blocks)
     with pytest.raises(ValueError, match=r"probe_fraction must lie in \(0, 1\], got 0"):
         build(flow_config("g_residual", *small, "flow.block.probe_fraction=0"))
     with pytest.raises(ValueError, match="unknown probe 'normal'"):
