@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 
 from gflows.models.lattice import lattice_flow
 from gflows.physics import Phi4, ess, independence_mh
@@ -79,9 +78,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16384)
     p.add_argument("--minutes", type=float, default=None, help="train each variant this long instead")
     a = p.parse_args()
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}; batch {a.batch}, lr {a.lr} cosine over "
-          + (f"{a.minutes} minutes" if a.minutes else f"{a.steps} steps"))
+    print(header(f"batch {a.batch}, lr {a.lr} cosine over "
+                     + (f"{a.minutes} minutes" if a.minutes else f"{a.steps} steps")))
     for v in a.variants:
         print(run(json.loads(v), a.steps, a.batch, a.lr, a.samples, a.minutes), flush=True)
 

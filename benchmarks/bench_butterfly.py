@@ -24,12 +24,12 @@ import argparse
 import importlib.util
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
 from bench_checks import in_turn  # this folder, first on sys.path when run as a script
+from bench_machine import header
 from nflows.transforms.lu import LULinear
 
 from gflows.flow import Compiled
@@ -107,8 +107,7 @@ def main() -> None:
     a = p.parse_args()
     ref_class = reference_class(a.ref) if a.ref else None
     torch.manual_seed(0)
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, GPU: no; rows {a.rows}, median of {a.repeats}")
+    print(header(f"rows {a.rows}, median of {a.repeats}"))
     names = ["butterfly", "lu", "dense"] + (["butterfly_c", "lu_c"] if a.compiled else []) + (
         ["by_factor", "by_blocks"] if a.paths else []) + (["ref"] if a.ref else [])
     ratios = f" {'LU/bfly':>9} {'dense/bfly':>11}" + (f" {'ref/bfly':>9}" if a.ref else "")

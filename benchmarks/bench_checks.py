@@ -7,14 +7,13 @@ each kind, median of 50.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 
 from gflows._checks import check_finite
 
@@ -59,8 +58,7 @@ def alternated(ways: dict[str, Callable[[], object]], repeats: int, warmup: int 
 
 
 def main() -> None:
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, GPU: no")
+    print(header())
     print(f"{'input':>18} {'isfinite.all us':>16} {'aminmax us':>11} {'check_finite us':>16} {'ratio':>7}")
     for shape in [(64, 1, 8, 8), (64, 512), (16, 3, 32, 32), (16, 12, 16, 16), (4096, 512)]:
         x = torch.randn(*shape)

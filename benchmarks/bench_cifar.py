@@ -39,13 +39,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 
 from gflows.data.cifar10 import load_cifar10
@@ -596,8 +596,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-subset"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"GPU: {'yes' if torch.cuda.is_available() else 'no'}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(header())
     PARTS[a.part](a)
 
 

@@ -19,12 +19,11 @@ compiled graph consumes differently, so there it measures the estimators' spread
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 
 from gflows.flow import Compiled, Compose, Flow
@@ -41,8 +40,7 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=10, help="compiled steps after the first, before timing")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, GPU: no; overrides {a.overrides}")
+    print(header(f"overrides {a.overrides}"))
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("config", overrides=["data=cifar10", *a.overrides])
     torch.manual_seed(0)

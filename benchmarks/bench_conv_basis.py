@@ -13,13 +13,12 @@ the ratio, per group.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 
 from gflows.models.config import image_model_from_config
@@ -56,11 +55,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     a = p.parse_args()
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {a.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if a.device == 'cuda' else ''}; {a.flow}, "
-          f"hidden {a.hidden}, batch {a.batch}, "
-          f"median of {a.steps} steps")
+    print(header(f"device {a.device}; {a.flow}, hidden {a.hidden}, batch {a.batch}, "
+                     f"median of {a.steps} steps"))
     print(f"{'group':>6} {'params':>9} {'escnn s/step':>13} {'orbit s/step':>13} {'escnn/orbit':>12}")
     x = torch.randint(0, 256, (a.batch, 3, 32, 32)).float().to(a.device)
     for group in a.groups:

@@ -30,15 +30,13 @@ the lattice (``L20`` for 20 x 20).
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 
 import gflows.nn.equivariant as equivariant
@@ -104,9 +102,8 @@ def main() -> None:
     if a.compiled:
         variants["compiled"] = (NOW, compiled_loss, True, ["flow.basis=escnn"])
     theory = Phi4.preset(a.preset)
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}; {a.preset} (L={theory.L}), batch "
-          f"{a.batch}, median of {a.steps} interleaved steps after 3 warm-up steps")
+    print(header(f"{a.preset} (L={theory.L}), batch {a.batch}, median of {a.steps} interleaved "
+                     "steps after 3 warm-up steps"))
     for flow in a.flows:
         runs = {}
         for name, (conv, loss_fn, fused, overrides) in variants.items():

@@ -23,13 +23,11 @@ Densities of residual flows are evaluated with the exact log-det for the report.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 
 from gflows.models.config import lattice_model_from_config
@@ -106,9 +104,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     minutes = a.minutes * len(a.presets) if len(a.minutes) == 1 else a.minutes
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, GPU: {gpu}")
+    print(header())
     for preset, mins in zip(a.presets, minutes, strict=True):
         theory = Phi4.preset(preset)
         runs = [gflows_trainer(a.flow, a.set, preset, theory, mins, a.seed, a.flow)]

@@ -12,12 +12,11 @@ of each against float64 ``tanh``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 
 import torch
 import torch.nn.functional as F
 from bench_checks import alternated  # this folder, first on sys.path when run as a script
+from bench_machine import header
 
 from gflows.nn.equivariant import _pointwise
 from gflows.nn.tanh import tanh
@@ -50,9 +49,7 @@ def main() -> None:
     p.add_argument("--tanh", action="store_true", help="time tanh's two forms instead")
     a = p.parse_args()
     torch.manual_seed(0)
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, GPU: no; batch {a.batch}, {a.channels} -> {a.channels} "
-          "channels")
+    print(header(f"batch {a.batch}, {a.channels} -> {a.channels} channels"))
     if a.tanh:
         tanh_table(a.repeats)
         return

@@ -24,13 +24,11 @@ Every figure comes from this one process; no timing.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 
 from gflows.data.cifar10 import load_cifar10
@@ -98,8 +96,7 @@ def main() -> None:
                    help="also vary n_exact_terms and geom_p (Gaussian probes)")
     p.add_argument("overrides", nargs="*", help="train.py overrides of the run")
     a = p.parse_args()
-    print(f"# machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(header())
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", a.overrides)
     model = image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha)

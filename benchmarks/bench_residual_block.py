@@ -16,13 +16,12 @@ seconds per step and the ratios.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
 from bench_checks import in_turn  # this folder, first on sys.path when run as a script
+from bench_machine import header
 
 from gflows.nn.lipschitz import LipschitzGConv2d, operator_norm
 from gflows.transforms.residual import GResidualBlock
@@ -117,8 +116,7 @@ def main() -> None:
             s(x)
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, GPU: no")
+    print(header())
     print(f"# batch {a.batch}, image {shape}, hidden channels {a.hidden}, rounds {a.rounds}, basis {a.basis}")
     for k, v in med.items():
         model = models[k][0]

@@ -27,9 +27,6 @@ hence the same batches): a comparison at equal steps.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,6 +36,7 @@ import bench_checks  # this folder, first on sys.path when run as a script
 import legacy_step
 import torch
 import torch.nn.functional as F
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 
 from gflows.nn.equivariant import GConvNet
@@ -136,8 +134,7 @@ def main() -> None:
                    help="also print both models' mean training loss over every N steps (equal steps)")
     p.add_argument("overrides", nargs="*", help="train.py overrides of both")
     a = p.parse_args()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(header(), flush=True)
     if a.layout:
         for c, hw in ((12, 16), (48, 8), (192, 4)):
             pairs = [(branch_ms(False, c, hw), branch_ms(True, c, hw)) for _ in range(3)]

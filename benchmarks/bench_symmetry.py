@@ -49,7 +49,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import signal
 import statistics
 import time
@@ -57,6 +56,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 
 from gflows.data.cifar10 import load_cifar10
 from gflows.data.digits import LEVELS, load_digits
@@ -313,11 +313,9 @@ def main() -> None:
         a.data, f"{a.flow} flow ({a.activation})")  # only the digits' flow is chosen by --flow
     counts = ", ".join(f"{g} {n_params(build(a.data, g, w, **model))} ({w} "
                        f"{'channels' if g == 'trivial' else 'fields'})" for g, w in widths.items())
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, no GPU; {title}: {len(val)} validation, {len(test)} test; "
-          f"at most {a.steps} steps of batch {a.batch} (patience {a.patience} x {a.eval_every}), Adam "
-          f"{a.lr}, cosine, {flow}; parameters: {counts}; {a.workers} workers of "
-          "one thread", flush=True)
+    print(header(f"{title}: {len(val)} validation, {len(test)} test; at most {a.steps} steps of batch "
+                     f"{a.batch} (patience {a.patience} x {a.eval_every}), Adam {a.lr}, cosine, {flow}; "
+                     f"parameters: {counts}; {a.workers} workers of one thread"), flush=True)
     variants = {n: (g, widths[g], aug, a.relax if relaxed else [0.0])
                 for n, (g, aug, relaxed) in chosen.items()}
     common = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every,

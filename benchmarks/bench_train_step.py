@@ -17,18 +17,16 @@ rounds and the other in odd ones.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from bench_checks import in_turn  # this folder, first on sys.path when run as a script
+from bench_machine import header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +64,8 @@ def main() -> None:
         raise SystemExit(f"--ref {a.ref}: no train.py there")
     if not 0 < a.skip < a.steps:
         raise SystemExit(f"--skip {a.skip} must lie between 0 and --steps {a.steps}")
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}; train.py {' '.join(a.overrides)}; steps {a.skip}..{a.steps}, {a.rounds} "
-          f"alternated rounds", flush=True)
+    print(header(f"train.py {' '.join(a.overrides)}; steps {a.skip}..{a.steps}, {a.rounds} "
+                     "alternated rounds"), flush=True)
     times: dict[str, list[float]] = {"this checkout": [], f"ref {a.ref}": []}
     curves = []
     for i in range(a.rounds):

@@ -21,14 +21,12 @@ For a finished ``python train.py data=phi4 ...`` run directory (its checkpoint a
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from omegaconf import OmegaConf
 
 from gflows.models.config import lattice_model_from_config
@@ -53,8 +51,7 @@ def main() -> None:
     model = lattice_model_from_config(cfg.flow, theory.L)
     model.load_state_dict(load_checkpoint(a.run_dir / "checkpoint.pt")["model"])
     model.eval()
-    print(f"# {datetime.date.today()}  {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}; {a.run_dir}: L={theory.L} m2={theory.m2} lam={theory.lam}")
+    print(header(f"{a.run_dir}: L={theory.L} m2={theory.m2} lam={theory.lam}"))
     rows: dict[str, dict] = {}
     t0 = time.time()
     batches = []

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import os
-import platform
 import statistics
 import time
 import traceback
@@ -28,6 +25,7 @@ from pathlib import Path
 import bench_checks  # this folder, first on sys.path when run as a script
 import torch
 import torch.nn.functional as F
+from bench_machine import header  # this folder, first on sys.path when run as a script
 from hydra import compose, initialize_config_dir
 from torch.profiler import profile
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -232,8 +230,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--compile", action="store_true", help="also time compiled conditioners (cold compile)")
     a = p.parse_args()
-    print(f"# {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, GPU: no")
+    print(header())
     profile_step()
     alternatives()
     if a.compile:
