@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=None, help="train each variant this long instead")
     a = p.parse_args()
     print(header(f"batch {a.batch}, lr {a.lr} cosine over "
-                     + (f"{a.minutes} minutes" if a.minutes else f"{a.steps} steps")))
+                 + (f"{a.minutes} minutes" if a.minutes else f"{a.steps} steps")))
     for v in a.variants:
         print(run(json.loads(v), a.steps, a.batch, a.lr, a.samples, a.minutes), flush=True)
 

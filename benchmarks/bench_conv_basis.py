@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     a = p.parse_args()
     print(header(f"device {a.device}; {a.flow}, hidden {a.hidden}, batch {a.batch}, "
-                     f"median of {a.steps} steps"))
+                 f"median of {a.steps} steps"))
     print(f"{'group':>6} {'params':>9} {'escnn s/step':>13} {'orbit s/step':>13} {'escnn/orbit':>12}")
     x = torch.randint(0, 256, (a.batch, 3, 32, 32)).float().to(a.device)
     for group in a.groups:

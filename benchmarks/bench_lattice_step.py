@@ -103,7 +103,7 @@ def main() -> None:
         variants["compiled"] = (NOW, compiled_loss, True, ["flow.basis=escnn"])
     theory = Phi4.preset(a.preset)
     print(header(f"{a.preset} (L={theory.L}), batch {a.batch}, median of {a.steps} interleaved "
-                     "steps after 3 warm-up steps"))
+                 "steps after 3 warm-up steps"))
     for flow in a.flows:
         runs = {}
         for name, (conv, loss_fn, fused, overrides) in variants.items():

@@ -314,8 +314,8 @@ def main() -> None:
     counts = ", ".join(f"{g} {n_params(build(a.data, g, w, **model))} ({w} "
                        f"{'channels' if g == 'trivial' else 'fields'})" for g, w in widths.items())
     print(header(f"{title}: {len(val)} validation, {len(test)} test; at most {a.steps} steps of batch "
-                     f"{a.batch} (patience {a.patience} x {a.eval_every}), Adam {a.lr}, cosine, {flow}; "
-                     f"parameters: {counts}; {a.workers} workers of one thread"), flush=True)
+                 f"{a.batch} (patience {a.patience} x {a.eval_every}), Adam {a.lr}, cosine, {flow}; "
+                 f"parameters: {counts}; {a.workers} workers of one thread"), flush=True)
     variants = {n: (g, widths[g], aug, a.relax if relaxed else [0.0])
                 for n, (g, aug, relaxed) in chosen.items()}
     common = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every,

@@ -65,7 +65,7 @@ def main() -> None:
     if not 0 < a.skip < a.steps:
         raise SystemExit(f"--skip {a.skip} must lie between 0 and --steps {a.steps}")
     print(header(f"train.py {' '.join(a.overrides)}; steps {a.skip}..{a.steps}, {a.rounds} "
-                     "alternated rounds"), flush=True)
+                 "alternated rounds"), flush=True)
     times: dict[str, list[float]] = {"this checkout": [], f"ref {a.ref}": []}
     curves = []
     for i in range(a.rounds):
