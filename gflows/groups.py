@@ -170,10 +170,19 @@ class Group:
                              f"only when it is square; got {height} x {width} (use a group without them, "
                              f"such as 'flip', 'c2' or 'd2', or a square input)")
 
+    def check_exact(self, what: str = "input") -> None:
+        """Refuse a group with elements that move pixels off the grid (turns other than quarter
+        turns), where an exact action by every element is needed, naming its grid-exact subgroup."""
+        if not self.grid_exact:
+            sub = Group(f"{'d' if self.flips else 'c'}{math.gcd(self.n, 4)}").name
+            raise ValueError(f"{what}: {self.name} has turns by other than quarter turns, which move "
+                             f"pixels off the grid; only its subgroup {sub!r} acts on images exactly")
+
     def random_act(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Each sample ``x[i]`` (``[B, ..., H, W]``) moved by its own uniformly random grid-exact
-        element (data augmentation, or making data exactly invariant); exact permutations only, so
-        integer images stay integer."""
+        """Each sample ``x[i]`` (``[B, ..., H, W]``) moved by its own uniformly random element
+        (data augmentation, or making data exactly invariant); exact permutations only, so integer
+        images stay integer, and groups with elements off the grid are refused."""
+        self.check_exact(f"a random element of {self.name}")
         self.check_grid(x.shape[-2], x.shape[-1], f"a random element of {self.name}")
         elements = self.grid_elements
         which = torch.randint(len(elements), (len(x),), generator=generator)

@@ -105,6 +105,14 @@ def test_random_act_moves_each_sample_by_a_grid_element():
         G.random_act(torch.zeros(2, 1, 4, 6))
 
 
+@pytest.mark.parametrize(("name", "subgroup"), [("c8", "c4"), ("d8", "d4"), ("c3", "trivial"), ("d6", "d2")])
+def test_random_act_refuses_turns_off_the_grid_naming_the_exact_subgroup(name, subgroup):
+    # augmenting by C8 must not silently mean C4
+    with pytest.raises(ValueError, match=f"{name} has turns by other than quarter.*subgroup '{subgroup}'"):
+        Group(name).random_act(torch.zeros(2, 1, 4, 4))
+    Group(subgroup).check_exact()  # the subgroup named is exact
+
+
 @pytest.mark.parametrize("name", ["trivial", "flip", "c4", "d4", "c8"])
 @pytest.mark.parametrize("channels", [1, 7, 8, 128])
 def test_regular_fields_fill_the_width_and_never_vanish(name, channels):

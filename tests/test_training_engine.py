@@ -185,6 +185,20 @@ def test_ema_decay_outside_the_unit_interval_is_named(tmp_path, decay):
         Engine(Toy(), config(tmp_path, ema_decay=decay))
 
 
+@pytest.mark.parametrize(("key", "value"), [
+    ("steps", 0), ("batch_size", 0), ("log_every", 0), ("ckpt_every", -1), ("max_bad_steps", 0),
+    ("warmup_steps", -1), ("steps", 2.5), ("batch_size", True), ("max_restores", -1)])
+def test_counts_that_are_not_whole_numbers_in_range_are_named(tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"trainer.{key} must be a whole number >= ., got {value!r}"):
+        Engine(Toy(), config(tmp_path, **{key: value}))
+
+
+@pytest.mark.parametrize("budget", [-1.5, "soon"])
+def test_a_negative_budget_is_named(tmp_path, budget):
+    with pytest.raises(ValueError, match=f"trainer.max_minutes must be a number >= 0.*got {budget!r}"):
+        Engine(Toy(), config(tmp_path, max_minutes=budget))
+
+
 class ResidualToy(Toy):
     """A G-residual block fitted to Gaussian data: Lipschitz layers under the engine."""
 

@@ -260,6 +260,10 @@ def test_digits_train_evaluate_and_measure_symmetry(tmp_path, capsys):
         assert all(abs(v) < 4 * e for g, (v, e) in gaps.items() if g not in ("(rot 0 deg)", "|gap|"))
         with pytest.raises(ValueError, match="data.augment=c4: c4 contains quarter turns"):
             run(compose("config", [*common, "data.augment=c4", "data.shape=[1,8,6]"]))
+        with pytest.raises(ValueError, match="data.augment=c8: c8 has turns .* only its subgroup 'c4'"):
+            run(compose("config", [*common, "data.augment=c8"]))
+        with pytest.raises(ValueError, match="trainer.batch_size must be a whole number >= 1, got 0"):
+            run(compose("config", [*common, "trainer.batch_size=0"]))
     assert "log-density gaps" in capsys.readouterr().out
 
 

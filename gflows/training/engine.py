@@ -42,7 +42,7 @@ from gflows.training.optim import param_groups
 from gflows.training.records import log_metrics, open_wandb, truncate_metrics
 from gflows.training.schedule import check_schedule, learning_rate
 
-__all__ = ["Engine", "Objective", "StepLoss", "load_trained", "out_of_time"]
+__all__ = ["COUNTS", "Engine", "Objective", "StepLoss", "check_counts", "load_trained", "out_of_time"]
 
 
 @dataclass
@@ -120,6 +120,23 @@ def load_trained(objective: Objective, run_dir: str | Path) -> nn.Module:
     return _with_ema(objective.model, state.get("ema"))
 
 
+#: the trainer's whole-number settings and their least values (where a config has them)
+COUNTS = {"steps": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "ckpt_every": 1,
+          "max_bad_steps": 1, "warmup_steps": 0, "max_restores": 0}
+
+
+def check_counts(trainer) -> None:
+    """Raise ``ValueError`` naming a setting of :data:`COUNTS` that is not a whole number at least its
+    least value, or a negative ``max_minutes`` budget (0 stops at once, with a checkpoint)."""
+    for key, least in COUNTS.items():
+        value = getattr(trainer, key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"trainer.{key} must be a whole number >= {least}, got {value!r}")
+    budget = getattr(trainer, "max_minutes", None)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0):
+        raise ValueError(f"trainer.max_minutes must be a number >= 0 (or null: no budget), got {budget!r}")
+
+
 class Engine:
     """Trains ``objective.model`` with the settings of ``cfg.trainer`` into ``cfg.run_dir``.
 
@@ -153,6 +170,7 @@ class Engine:
         self.refresh_eagerly = bool(getattr(self.t, "compile", False))
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
         check_schedule(self.t)
+        check_counts(self.t)
         self.time_clock = getattr(self.t, "schedule_clock", "steps") == "time"
         self.seconds_before, self._t0 = 0.0, time.time()  # training seconds of earlier invocations
         self.ema: dict[str, Tensor] | None = None

@@ -92,6 +92,7 @@ class ImageTask:
         self.group = get_group(cfg.flow.group)
         self.augment = get_group(cfg.data.augment) if cfg.data.augment else None
         if self.augment is not None:
+            self.augment.check_exact(f"data.augment={cfg.data.augment}")
             self.augment.check_grid(*cfg.data.shape[1:], f"data.augment={cfg.data.augment}")
         if cfg.data.name not in LOADERS:
             raise ValueError(f"unknown image data set {cfg.data.name!r}: expected one of {sorted(LOADERS)}")
