@@ -42,7 +42,8 @@ from gflows.training.optim import param_groups
 from gflows.training.records import log_metrics, open_wandb, truncate_metrics
 from gflows.training.schedule import check_schedule, learning_rate
 
-__all__ = ["COUNTS", "Engine", "Objective", "StepLoss", "check_counts", "load_trained", "out_of_time"]
+__all__ = ["COUNTS", "DTYPES", "Engine", "Objective", "StepLoss", "check_counts", "data_dtype", "is_count",
+           "load_trained", "out_of_time"]
 
 
 @dataclass
@@ -120,9 +121,26 @@ def load_trained(objective: Objective, run_dir: str | Path) -> nn.Module:
     return _with_ema(objective.model, state.get("ema"))
 
 
+#: the dtypes of a run's model and data (``data.dtype``): float16 breaks the exact log-dets and the
+#: residual blocks' fixed-point inverse
+DTYPES = ("float32", "float64")
+
+
+def data_dtype(name: str) -> torch.dtype:
+    """The ``torch.dtype`` of ``data.dtype``; raise ``ValueError`` naming one not in :data:`DTYPES`."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown data.dtype {name!r}: expected one of {list(DTYPES)}")
+    return getattr(torch, name)
+
+
 #: the trainer's whole-number settings and their least values (where a config has them)
 COUNTS = {"steps": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "ckpt_every": 1,
           "max_bad_steps": 1, "warmup_steps": 0, "max_restores": 0}
+
+
+def is_count(value: object, least: int) -> bool:
+    """Whether ``value`` is a whole number (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def check_counts(trainer) -> None:
@@ -130,7 +148,7 @@ def check_counts(trainer) -> None:
     least value, or a negative ``max_minutes`` budget (0 stops at once, with a checkpoint)."""
     for key, least in COUNTS.items():
         value = getattr(trainer, key, least)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_count(value, least):
             raise ValueError(f"trainer.{key} must be a whole number >= {least}, got {value!r}")
     budget = getattr(trainer, "max_minutes", None)
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0):

@@ -24,7 +24,7 @@ from gflows.flow import Flow
 from gflows.groups import Group, get_group
 from gflows.models.config import image_model_from_config
 from gflows.training.distributed import Dist, device_of, reseed_for_step
-from gflows.training.engine import StepLoss
+from gflows.training.engine import StepLoss, data_dtype, is_count
 from gflows.transforms.residual import logdet_mode
 
 __all__ = ["ImageTask", "batch_at", "bits_per_dim", "evaluate"]
@@ -77,6 +77,20 @@ def evaluate(model: Flow, x: Tensor, batch_size: int, group: Group | None = None
     return {"test_bpd": total / len(x)} | ({"test_bpd_orbit": orbit_total / len(x)} if orbit else {})
 
 
+def _check_sizes(cfg) -> None:
+    """Name a training or test limit, or a sample count or temperature, out of range."""
+    for split in ("train", "test"):
+        limit = cfg.data.get(f"limit_{split}")
+        if limit is not None and not is_count(limit, 1):
+            raise ValueError(f"data.limit_{split} must be a whole number >= 1 (or null: every image), "
+                             f"got {limit!r}")
+    n, temperature = cfg.sample.n, cfg.sample.temperature
+    if not is_count(n, 1) or isinstance(temperature, bool) or not isinstance(temperature, int | float) or (
+            temperature <= 0):
+        raise ValueError(f"sample.n must be a whole number >= 1 and sample.temperature a number > 0, "
+                         f"got {n!r} and {temperature!r}")
+
+
 class ImageTask:
     """The image objective, evaluation and sampling for a run's ``cfg`` (see ``configs/``)."""
 
@@ -96,8 +110,10 @@ class ImageTask:
             self.augment.check_grid(*cfg.data.shape[1:], f"data.augment={cfg.data.augment}")
         if cfg.data.name not in LOADERS:
             raise ValueError(f"unknown image data set {cfg.data.name!r}: expected one of {sorted(LOADERS)}")
+        dtype = data_dtype(cfg.data.dtype)
+        _check_sizes(cfg)
         self.model = image_model_from_config(cfg.flow, cfg.data.shape, cfg.data.alpha, cfg.data.levels)
-        self.model.to(device=device_of(cfg.device), dtype=getattr(torch, cfg.data.dtype))
+        self.model.to(device=device_of(cfg.device), dtype=dtype)
         self.dims = math.prod(cfg.data.shape)
         self.label = f"{cfg.flow.name}/{self.group.name}"
         self._train: Tensor | None = None
@@ -105,8 +121,10 @@ class ImageTask:
     def data(self, split: str) -> Tensor:
         d = self.cfg.data
         x, _ = LOADERS[d.name](d, split)
-        limit = d[f"limit_{split}"]
-        x = x[: int(limit)] if limit else x
+        limit = d.get(f"limit_{split}")
+        if limit is not None and limit > len(x):
+            raise ValueError(f"data.limit_{split}={limit}: {d.name} has only {len(x)} {split} images")
+        x = x[:limit] if limit is not None else x
         print(f"data: read {len(x)} {split} images of {d.name}")
         return x
 

@@ -28,14 +28,13 @@ from gflows.physics.plots import save_plots
 from gflows.physics.report import format_report, hmc_dataset, sampler_report
 from gflows.training.checkpoint import exists, load_latest
 from gflows.training.distributed import Dist, device_of, step_seed
-from gflows.training.engine import StepLoss
+from gflows.training.engine import StepLoss, data_dtype
 from gflows.training.records import read_metrics
 from gflows.transforms.residual import logdet_mode
 
 __all__ = ["ESTIMATORS", "LatticeTask", "compiled_sampler", "reverse_kl_loss", "train_reverse_kl"]
 
 ESTIMATORS = ("reparam", "path")
-DTYPES = ("float32", "float64")
 OBJECTIVES = ("reverse_kl", "samples")
 
 
@@ -116,8 +115,7 @@ class LatticeTask:
 
     def __init__(self, cfg):
         self.cfg, t = cfg, cfg.trainer
-        if cfg.data.dtype not in DTYPES:
-            raise ValueError(f"unknown data.dtype {cfg.data.dtype!r}: expected one of {list(DTYPES)}")
+        data_dtype(cfg.data.dtype)
         if t.gradient not in ESTIMATORS:
             raise ValueError(f"unknown trainer.gradient {t.gradient!r}: expected one of {list(ESTIMATORS)}")
         if t.objective not in OBJECTIVES:
@@ -179,7 +177,7 @@ class LatticeTask:
             raise ValueError(f"init_from={source}: {used} is not a lattice sampler's checkpoint")
         L0, m2, lam = state["theory"]
         notes = transfer_lattice_state(self.model, state["model"], int(L0), self.theory.L)
-        self.model.to(device=device_of(self.cfg.device), dtype=getattr(torch, self.cfg.data.dtype))
+        self.model.to(device=device_of(self.cfg.device), dtype=data_dtype(self.cfg.data.dtype))
         print(f"init_from: the weights of {used} (L={L0}, m2={m2}, lam={lam}, step {state['step']})"
               + "".join(f"\n  {n}" for n in notes))
 
