@@ -75,3 +75,9 @@ def test_theory_from_preset_overrides_and_hopping_form():
         Phi4.from_settings("E9")
     with pytest.raises(ValueError, match="unbounded below"):
         Phi4.from_settings("E2", lam=-1.0)
+    with pytest.raises(ValueError, match="m2='abc': expected a number"):
+        Phi4.from_settings("E2", m2="abc")
+    with pytest.raises(ValueError, match="L=6.5: expected a whole number"):
+        Phi4.from_settings("E2", L=6.5)
+    with pytest.raises(ValueError, match="lambda_h=nan: expected a number"):
+        Phi4.from_settings("E2", kappa=0.2, lambda_h=float("nan"))

@@ -49,6 +49,19 @@ def test_cli_refuses_flows_and_values_it_cannot_run(tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.ess_samples=0", "data.ess_samples must be a whole number >= 2, got 0"),
+    ("data.samples.train=-5", "data.samples.train must be a whole number >= 1, got -5"),
+    ("data.hmc.chains=0", "data.hmc.chains must be a whole number >= 1"),
+    ("data.hmc.step_size=0", "data.hmc.step_size must be a number > 0"),
+    ("trainer.batch_size=0", "trainer.batch_size must be a whole number >= 1")])
+def test_counts_out_of_range_are_named_before_training(tmp_path, override, message):
+    # data.ess_samples=0 had failed in the report, after training, with torch.cat's own message
+    with pytest.raises(ValueError, match=message):
+        run(config(tmp_path, override))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_default_flow_follows_the_data():
     with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
         assert compose("config", ["data=phi4"]).flow.name == "lattice_coupling"  # the recommended sampler

@@ -40,6 +40,17 @@ def from_hopping(kappa: float, lam_h: float) -> tuple[float, float]:
     return (1 - 2 * lam_h) / kappa - 4, lam_h / kappa**2
 
 
+def _setting(name: str, value: object, kind: type = float) -> int | float:
+    """``value`` as a number of ``kind`` (``int``: a whole one), or a ``ValueError`` naming the setting."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (kind is int and number != int(number)):
+        raise ValueError(f"{name}={value!r}: expected a {'whole ' if kind is int else ''}number")
+    return kind(number)
+
+
 @dataclass(frozen=True)
 class Phi4:
     """The lattice theory: size ``L`` (``L x L`` sites), ``m2`` and ``lam``."""
@@ -84,12 +95,13 @@ class Phi4:
                 raise ValueError("give either m2/lam or kappa/lambda_h, not both")
             if kappa is None or lambda_h is None or L is None:
                 raise ValueError("the hopping form needs kappa, lambda_h and L (or a preset)")
-            return cls.hopping(int(L), float(kappa), float(lambda_h))
+            return cls.hopping(_setting("L", L, int), _setting("kappa", kappa),
+                               _setting("lambda_h", lambda_h))
         m2 = m2 if m2 is not None else base[1]
         lam = lam if lam is not None else base[2]
         if L is None or m2 is None or lam is None:
             raise ValueError("no preset: give L with m2 and lam (or kappa and lambda_h)")
-        return cls(int(L), float(m2), float(lam))
+        return cls(_setting("L", L, int), _setting("m2", m2), _setting("lam", lam))
 
     @property
     def hopping_parameters(self) -> tuple[float, float]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from gflows.flow import Compiled, Flow
@@ -28,14 +29,30 @@ from gflows.physics.plots import save_plots
 from gflows.physics.report import format_report, hmc_dataset, sampler_report
 from gflows.training.checkpoint import exists, load_latest
 from gflows.training.distributed import Dist, device_of, step_seed
-from gflows.training.engine import StepLoss, data_dtype
+from gflows.training.engine import StepLoss, data_dtype, is_count
 from gflows.training.records import read_metrics
 from gflows.transforms.residual import logdet_mode
 
-__all__ = ["ESTIMATORS", "LatticeTask", "compiled_sampler", "reverse_kl_loss", "train_reverse_kl"]
+__all__ = ["DATA_COUNTS", "ESTIMATORS", "LatticeTask", "check_data", "compiled_sampler", "reverse_kl_loss",
+           "train_reverse_kl"]
 
 ESTIMATORS = ("reparam", "path")
 OBJECTIVES = ("reverse_kl", "samples")
+#: the report's sample counts and the HMC settings (``data.*``), and their least values
+DATA_COUNTS = {"ess_samples": 2, "samples.train": 1, "samples.test": 1, "hmc.chains": 1,
+               "hmc.trajectories": 1, "hmc.therm": 0, "hmc.n_steps": 1}
+
+
+def check_data(d) -> None:
+    """Name a count of :data:`DATA_COUNTS` or an HMC step size out of range (before training, so that a
+    report cannot fail at its end)."""
+    for key, least in DATA_COUNTS.items():
+        value = OmegaConf.select(d, key)
+        if value is not None and not is_count(value, least):
+            raise ValueError(f"data.{key} must be a whole number >= {least}, got {value!r}")
+    step = OmegaConf.select(d, "hmc.step_size")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int | float) or step <= 0):
+        raise ValueError(f"data.hmc.step_size must be a number > 0, got {step!r}")
 
 
 def reverse_kl_loss(flow: Flow, action, batch_size: int, estimator: str = "reparam",
@@ -122,9 +139,10 @@ class LatticeTask:
             raise ValueError(f"unknown trainer.objective {t.objective!r}: expected one of {list(OBJECTIVES)}")
         self.configs: tuple[Tensor, Tensor] | None = None  # (train, test) HMC configurations
         d = cfg.data
+        check_data(d)
         self.theory = Phi4.from_settings(d.preset, d.L, d.m2, d.lam, d.kappa, d.lambda_h)
         self.model = lattice_model_from_config(cfg.flow, self.theory.L)
-        self.model.to(device=device_of(cfg.device), dtype=getattr(torch, d.dtype))
+        self.model.to(device=device_of(cfg.device), dtype=data_dtype(d.dtype))
         self.label = f"{cfg.flow.name}/phi4 L={self.theory.L}"
         self.sampler, self.action = self.model, self.theory.action
         if t.compile:
