@@ -224,6 +224,19 @@ class StandardNormal(nn.Module):
         )
 
 
+def _check_count(n: object) -> None:
+    if isinstance(n, bool) or not hasattr(n, "__index__") or n < 1:
+        raise ValueError(f"the number of samples must be a whole number >= 1, got {n!r}")
+
+
+def _check_dtype(flow: nn.Module, x: Tensor) -> None:
+    # torch would name only the first layer's mismatch ("Input type (double) and bias type (float)")
+    p = next(flow.parameters(), None)
+    if p is not None and p.is_floating_point() and x.is_floating_point() and x.dtype != p.dtype:
+        raise TypeError(f"the input is {x.dtype} but the flow's parameters are {p.dtype}: convert one "
+                        f"(x.to({p.dtype}) or flow.to({x.dtype}))")
+
+
 class Flow(nn.Module):
     r"""A normalizing flow :math:`x = f^{-1}(z)`, :math:`z \sim` base.
 
@@ -240,6 +253,7 @@ class Flow(nn.Module):
 
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Log-density of ``x``, shape ``[batch]``."""
+        _check_dtype(self, x)
         z, ladj = self.transform(x, context)
         return self.base.log_prob(z) + ladj
 
@@ -276,9 +290,11 @@ class Flow(nn.Module):
     def sample(self, n: int, context: Tensor | None = None, temperature: float = 1.0) -> Tensor:
         """Draw ``n`` samples; ``temperature`` scales the base noise (below 1: typical samples, as
         Glow shows them)."""
+        _check_count(n)
         x, _ = self.transform.inverse(self.base.sample(n, temperature), context)
         return x
 
     def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw ``n`` samples and their log-densities in one pass through the inverse."""
+        _check_count(n)
         return self.push(self.base.sample(n), context)

@@ -95,6 +95,9 @@ def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
     ``4^squeeze_levels`` channels each, which carry
     :func:`squeezed_representation`.
     """
+    if isinstance(n_fields, bool) or not hasattr(n_fields, "__index__") or n_fields < 1:
+        raise ValueError(f"a field type needs a whole number >= 1 of fields, got {n_fields!r} (a width such "
+                         f"as hidden_fields or hidden_channels of 0?)")
     gs = group.gspace
     if squeeze_levels and kind != "scalar":
         raise ValueError(f"only scalar fields can be squeezed, not {kind!r} ones")

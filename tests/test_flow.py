@@ -44,6 +44,19 @@ def test_flow_log_prob_sample_and_consistency():
     assert flow.sample(3).shape == (3, 2, 4, 4)
 
 
+def test_flow_names_a_sample_count_and_an_input_dtype_it_cannot_use():
+    flow = Flow(gflows.ActNorm((2, 4, 4)))
+    for n in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"number of samples must be a whole number >= 1, got {n!r}"):
+            flow.sample(n)
+        with pytest.raises(ValueError, match="number of samples"):
+            flow.sample_and_log_prob(n)
+    with pytest.raises(TypeError, match="input is torch.float64 but the flow's parameters are torch.float32"):
+        flow.log_prob(torch.randn(3, 2, 4, 4, dtype=torch.float64))
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    assert flow.to(torch.float64).log_prob(x).dtype == torch.float64
+
+
 def test_flow_log_prob_against_change_of_variables():
     flow = small_flow()
     x = torch.randn(2, 2, 4, 4)

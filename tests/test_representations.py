@@ -76,3 +76,10 @@ def test_permutations_and_orbits_of_field_types():
         field_type(G, 1, "vector")
     with pytest.raises(ValueError, match="only scalar fields can be squeezed"):
         field_type(G, 1, "regular", squeeze_levels=1)
+
+
+@pytest.mark.parametrize("n", [0, -2, 1.5])
+def test_field_type_names_an_empty_or_fractional_width(n):
+    # escnn itself stops at a bare assert
+    with pytest.raises(ValueError, match=f"whole number >= 1 of fields, got {n!r}"):
+        field_type(Group("d4"), n, "regular")
