@@ -167,3 +167,10 @@ def test_residual_sampler_density_has_every_symmetry_of_the_action(group):
             assert torch.allclose(flow.log_prob(y), lq, atol=1e-10)
         if group == "trivial":  # not vacuous: the trivial-group flow sees a quarter turn
             assert not torch.allclose(flow.log_prob(d4.act(d4.elements[1], x)), lq, atol=1e-6)
+
+
+@pytest.mark.parametrize("L", [0, 1, 6.0, "8"])
+def test_lattice_flow_names_a_size_it_cannot_take(L):
+    # L = 0 had built a flow on an empty lattice
+    with pytest.raises(ValueError, match=f"whole lattice size L >= 2, got {L!r}"):
+        lattice_flow(L, n_layers=2)

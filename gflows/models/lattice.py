@@ -82,6 +82,8 @@ def lattice_flow(
             basis trained better at equal steps than the orbit basis (``'auto'``, exactly equivariant
             in float64; escnn's to about 1e-7); ``relax``: relaxed equivariance.
     """
+    if isinstance(L, bool) or not hasattr(L, "__index__") or L < 2:
+        raise ValueError(f"a lattice flow needs a whole lattice size L >= 2, got {L!r}")
     coupling = dict(sign_symmetric=sign_symmetric, hidden_fields=hidden_fields, kernel_sizes=kernel_sizes,
                     scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
                     zero_init=zero_init, spline_bound=spline_bound, basis=basis, relax=relax)
