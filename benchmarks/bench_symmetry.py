@@ -37,6 +37,9 @@ model's free filters come on top, as in every ``relax`` layer). The question is 
 relaxation that matches the data's partial symmetry beat strict D4, strict flip and no symmetry.
 
     python benchmarks/bench_symmetry.py --data cifar --seeds 0 1 2 --steps 800 --batch 32 --relax 0.05 0.2
+
+``--merge A.jsonl B.jsonl ...`` trains nothing: it prints the table and draws one plot from the runs
+of several ``--out`` files (sizes run with their own step budgets or evaluation intervals).
 """
 
 from __future__ import annotations
@@ -280,6 +283,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="one line per finished run; runs already there are not repeated (resume)")
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="no training: the table and one plot from the runs of these --out files (for "
+                        "example sizes run with different settings)")
     a = p.parse_args()
     sizes, hidden, lr, unit, title = DEFAULTS[a.data]
     title += f" ({a.flow} flows{', tanh' if a.activation == 'tanh' else ''})" if a.data == "digits" else ""
@@ -288,6 +294,14 @@ def main() -> None:
     stem += "_coupling" if a.flow == "coupling" else "_tanh" if a.activation == "tanh" else ""
     a.out = a.out or Path(f"benchmarks/{stem}.jsonl")
     a.plot = a.plot or Path(f"benchmarks/{stem}.png")
+    if a.merge:
+        runs = [json.loads(line) for f in a.merge for line in f.read_text().splitlines() if line.strip()]
+        runs = [r for r in runs if r.get("data", "digits") == a.data]
+        if not runs:
+            raise SystemExit(f"--merge: no --data {a.data} runs in {', '.join(map(str, a.merge))}")
+        print(header(f"{title}: the runs of {', '.join(map(str, a.merge))}"))
+        summarise(a.data, runs, unit, title, a.plot)
+        return
     if (a.activation != "lipswish" or a.flow != "residual") and a.data != "digits":
         raise SystemExit(f"--activation and --flow choose the digits' flow, not --data {a.data}'s")
     if a.activation != "lipswish" and a.flow != "residual":
@@ -344,31 +358,43 @@ def main() -> None:
             print(f"size {r['size']:5d} {r['variant']:12s} seed {r['seed']} relax {r['relax']:g}: test "
                   f"{r['test']:.4f} (val {r['val']:.4f} at step {r['best_step']} of {r['steps_run']}, "
                   f"{r['seconds']:.0f} s)", flush=True)
+    summarise(a.data, [done[key(j)] for j in jobs], unit, title, a.plot)
+
+
+def summarise(data: str, runs: list[dict], unit: str, title: str, plot: Path) -> None:
+    """Print the table of test losses (mean +- SD over seeds; for relaxed variants the ``relax`` with
+    the best validation loss at each seed) per training-set size and variant, and plot the curves."""
+    sizes = sorted({r["size"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    variants = [n for n in VARIANTS[data] if any(r["variant"] == n for r in runs)]
     rows = {}
-    for size in a.sizes:
+    for size in sizes:
         for name in variants:
             tests = []
-            for seed in a.seeds:
-                runs = [done[key(j)] for j in jobs
-                        if (j["size"], j["variant"], j["seed"]) == (size, name, seed)]
-                tests.append(min(runs, key=lambda r: r["val"])["test"])  # relaxation chosen on validation
-            spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
-            rows[size, name] = (statistics.mean(tests), spread)
-    print(f"{unit}, mean +- standard deviation over seeds {a.seeds}")
+            for seed in seeds:
+                chosen = [r for r in runs if (r["size"], r["variant"], r["seed"]) == (size, name, seed)]
+                if chosen:  # relaxation chosen on validation
+                    tests.append(min(chosen, key=lambda r: r["val"])["test"])
+            if tests:
+                spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
+                rows[size, name] = (statistics.mean(tests), spread)
+    print(f"{unit}, mean +- standard deviation over seeds {seeds}")
     # the issue's question: augmentation against the strict group (invariant data), or the relaxed
     # model against the best of the others (CIFAR)
-    versus = ("trivial+aug", "d4") if "trivial+aug" in VARIANTS[a.data] else (None, "d4-relaxed")
+    versus = ("trivial+aug", "d4") if "trivial+aug" in VARIANTS[data] else (None, "d4-relaxed")
     label = "aug - d4" if versus[0] else "others - relaxed"
     compared = versus[1] in variants and (versus[0] in variants if versus[0] else len(variants) > 1)
     print(f"{'size':>6} " + " ".join(f"{n:>20s}" for n in variants) + (f" {label:>16s}" if compared else ""))
-    for size in a.sizes:
-        cells = [f"{rows[size, n][0]:11.4f} +- {rows[size, n][1]:.4f}" for n in variants]
-        if compared:
+    for size in sizes:
+        cells = [f"{rows[size, n][0]:11.4f} +- {rows[size, n][1]:.4f}" if (size, n) in rows else f"{'-':>20s}"
+                 for n in variants]
+        here = [n for n in variants if (size, n) in rows]
+        if compared and versus[1] in here and (versus[0] in here if versus[0] else len(here) > 1):
             other = rows[size, versus[0]][0] if versus[0] else min(
-                rows[size, n][0] for n in variants if n != versus[1])
+                rows[size, n][0] for n in here if n != versus[1])
             cells.append(f"{other - rows[size, versus[1]][0]:16.4f}")
         print(f"{size:6d} " + " ".join(cells))
-    _plot(a.plot, a.sizes, variants, rows, unit, title)
+    _plot(plot, sizes, variants, rows, unit, title)
 
 
 def _plot(path: Path, sizes, variants, rows, unit: str, title: str) -> None:
@@ -379,9 +405,9 @@ def _plot(path: Path, sizes, variants, rows, unit: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for n in variants:
-        m = [rows[s, n][0] for s in sizes]
-        e = [rows[s, n][1] for s in sizes]
-        ax.errorbar(sizes, m, yerr=e, marker="o", capsize=3, label=n)
+        at = [s for s in sizes if (s, n) in rows]
+        ax.errorbar(at, [rows[s, n][0] for s in at], yerr=[rows[s, n][1] for s in at], marker="o", capsize=3,
+                    label=n)
     ax.set(xscale="log", xlabel="training samples", ylabel=unit, title=title)
     ax.legend()
     fig.tight_layout()
