@@ -8,7 +8,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_event", "check_finite"]
+__all__ = ["check_event", "check_finite", "is_count", "is_number"]
+
+
+def is_count(value: object, least: int) -> bool:
+    """Whether ``value`` is a whole number (a Python, NumPy or torch integer, not a bool) of at least
+    ``least``."""
+    return not isinstance(value, bool) and hasattr(value, "__index__") and value >= least
+
+
+def is_number(value: object, above: float) -> bool:
+    """Whether ``value`` is a real number (not a bool) greater than ``above``."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > above
 
 
 def check_finite(x: Tensor, what: str = "input") -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from gflows._checks import check_event
+from gflows._checks import check_event, is_count
 
 __all__ = ["Compiled", "Compose", "Flow", "Inverse", "StandardNormal", "Transform"]
 
@@ -225,7 +225,7 @@ class StandardNormal(nn.Module):
 
 
 def _check_count(n: object) -> None:
-    if isinstance(n, bool) or not hasattr(n, "__index__") or n < 1:
+    if not is_count(n, 1):
         raise ValueError(f"the number of samples must be a whole number >= 1, got {n!r}")
 
 

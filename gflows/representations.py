@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gflows._checks import is_count
 from gflows.groups import Group, get_group
 
 __all__ = ["field_type", "orbit_labels", "permutation", "squeeze", "squeezed_action",
@@ -95,7 +96,7 @@ def field_type(group: Group, n_fields: int, kind: str, squeeze_levels: int = 0):
     ``4^squeeze_levels`` channels each, which carry
     :func:`squeezed_representation`.
     """
-    if isinstance(n_fields, bool) or not hasattr(n_fields, "__index__") or n_fields < 1:
+    if not is_count(n_fields, 1):
         raise ValueError(f"a field type needs a whole number >= 1 of fields, got {n_fields!r} (a width such "
                          f"as hidden_fields or hidden_channels of 0?)")
     gs = group.gspace

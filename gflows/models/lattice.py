@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from gflows._checks import is_count
 from gflows.flow import Compose, Flow
 from gflows.groups import Group, GroupElement
 from gflows.transforms.coupling import GCoupling
@@ -82,7 +83,7 @@ def lattice_flow(
             basis trained better at equal steps than the orbit basis (``'auto'``, exactly equivariant
             in float64; escnn's to about 1e-7); ``relax``: relaxed equivariance.
     """
-    if isinstance(L, bool) or not hasattr(L, "__index__") or L < 2:
+    if not is_count(L, 2):
         raise ValueError(f"a lattice flow needs a whole lattice size L >= 2, got {L!r}")
     coupling = dict(sign_symmetric=sign_symmetric, hidden_fields=hidden_fields, kernel_sizes=kernel_sizes,
                     scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,

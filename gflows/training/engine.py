@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from gflows._checks import is_count, is_number
 from gflows.nn.equivariant import symmetry_breaking_sq_norm
 from gflows.nn.lipschitz import lipschitz_layers
 from gflows.training.checkpoint import (
@@ -42,7 +43,7 @@ from gflows.training.optim import param_groups
 from gflows.training.records import log_metrics, open_wandb, truncate_metrics
 from gflows.training.schedule import check_schedule, learning_rate
 
-__all__ = ["COUNTS", "DTYPES", "Engine", "Objective", "StepLoss", "check_counts", "data_dtype", "is_count",
+__all__ = ["COUNTS", "DTYPES", "Engine", "Objective", "StepLoss", "check_counts", "data_dtype",
            "load_trained", "out_of_time"]
 
 
@@ -138,11 +139,6 @@ COUNTS = {"steps": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "ck
           "max_bad_steps": 1, "warmup_steps": 0, "max_restores": 0}
 
 
-def is_count(value: object, least: int) -> bool:
-    """Whether ``value`` is a whole number (not a bool) of at least ``least``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 def check_counts(trainer) -> None:
     """Raise ``ValueError`` naming a setting of :data:`COUNTS` that is not a whole number at least its
     least value, or a negative ``max_minutes`` budget (0 stops at once, with a checkpoint)."""
@@ -151,7 +147,7 @@ def check_counts(trainer) -> None:
         if not is_count(value, least):
             raise ValueError(f"trainer.{key} must be a whole number >= {least}, got {value!r}")
     budget = getattr(trainer, "max_minutes", None)
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0):
+    if budget is not None and not (is_number(budget, 0) or budget == 0):
         raise ValueError(f"trainer.max_minutes must be a number >= 0 (or null: no budget), got {budget!r}")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gflows._checks import is_count, is_number
 from gflows.data.cifar10 import load_cifar10
 from gflows.data.digits import load_digits
 from gflows.equivariance import density_gaps
@@ -24,7 +25,7 @@ from gflows.flow import Flow
 from gflows.groups import Group, get_group
 from gflows.models.config import image_model_from_config
 from gflows.training.distributed import Dist, device_of, reseed_for_step
-from gflows.training.engine import StepLoss, data_dtype, is_count
+from gflows.training.engine import StepLoss, data_dtype
 from gflows.transforms.residual import logdet_mode
 
 __all__ = ["ImageTask", "batch_at", "bits_per_dim", "evaluate"]
@@ -85,8 +86,7 @@ def _check_sizes(cfg) -> None:
             raise ValueError(f"data.limit_{split} must be a whole number >= 1 (or null: every image), "
                              f"got {limit!r}")
     n, temperature = cfg.sample.n, cfg.sample.temperature
-    if not is_count(n, 1) or isinstance(temperature, bool) or not isinstance(temperature, int | float) or (
-            temperature <= 0):
+    if not (is_count(n, 1) and is_number(temperature, 0)):
         raise ValueError(f"sample.n must be a whole number >= 1 and sample.temperature a number > 0, "
                          f"got {n!r} and {temperature!r}")
 

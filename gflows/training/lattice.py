@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from gflows._checks import is_count, is_number
 from gflows.flow import Compiled, Flow
 from gflows.models.config import lattice_model_from_config
 from gflows.models.lattice import LatticeSymmetrised
@@ -29,7 +30,7 @@ from gflows.physics.plots import save_plots
 from gflows.physics.report import format_report, hmc_dataset, sampler_report
 from gflows.training.checkpoint import exists, load_latest
 from gflows.training.distributed import Dist, device_of, step_seed
-from gflows.training.engine import StepLoss, data_dtype, is_count
+from gflows.training.engine import StepLoss, data_dtype
 from gflows.training.records import read_metrics
 from gflows.transforms.residual import logdet_mode
 
@@ -51,7 +52,7 @@ def check_data(d) -> None:
         if value is not None and not is_count(value, least):
             raise ValueError(f"data.{key} must be a whole number >= {least}, got {value!r}")
     step = OmegaConf.select(d, "hmc.step_size")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int | float) or step <= 0):
+    if step is not None and not is_number(step, 0):
         raise ValueError(f"data.hmc.step_size must be a number > 0, got {step!r}")
 
 
