@@ -38,6 +38,9 @@ relaxation that matches the data's partial symmetry beat strict D4, strict flip 
 
     python benchmarks/bench_symmetry.py --data cifar --seeds 0 1 2 --steps 800 --batch 32 --relax 0.05 0.2
 
+``--penalty q ...`` trains the relaxed variants also under Finzi et al.'s prior (``q * sum |relax V|^2``
+added to the loss, as ``trainer.relax_penalty``), ``relax`` and ``q`` chosen together on validation.
+
 ``--merge A.jsonl B.jsonl ...`` trains nothing: it prints the table and draws one plot from the runs
 of several ``--out`` files (sizes run with their own step budgets or evaluation intervals).
 """
@@ -66,6 +69,7 @@ from gflows.data.digits import LEVELS, load_digits
 from gflows.groups import Group
 from gflows.models.image import image_model
 from gflows.models.lattice import lattice_flow
+from gflows.nn.equivariant import symmetry_breaking_sq_norm
 from gflows.nn.lipschitz import lipschitz_layers
 from gflows.physics.phi4 import Phi4
 from gflows.physics.report import hmc_dataset
@@ -159,10 +163,11 @@ def batch(data: str, x: torch.Tensor, step: int, size: int, seed: int, augment: 
 
 def train(data: str, model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, steps: int,
           size: int, lr: float, seed: int, augment: bool, eval_every: int,
-          patience: int) -> tuple[float, float, int, int]:
+          patience: int, penalty: float = 0.0) -> tuple[float, float, int, int]:
     """Adam with warm-up and cosine decay, stopped once the validation loss has not improved for
     ``patience`` evaluations; returns (the test loss at the best validation step, that validation
-    loss, the best step, the steps run)."""
+    loss, the best step, the steps run). ``penalty`` adds ``penalty * sum |relax V|^2`` over the
+    relaxed filters to the training loss, as ``trainer.relax_penalty`` does."""
     torch.manual_seed(seed)
     model.train()
     with torch.no_grad():
@@ -175,6 +180,8 @@ def train(data: str, model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: 
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = nll(data, model, batch(data, x_train, step, size, seed, augment)).mean()
+        if penalty:
+            loss = loss + penalty * symmetry_breaking_sq_norm(model)
         opt.zero_grad()
         loss.backward()
         if data == "phi4":  # as the lattice trainer (trainer.grad_clip); the digits runs never clipped
@@ -239,7 +246,8 @@ def run_job(job: dict) -> dict:
     model = build(data, job["group"], job["width"], job["relax"], **settings)
     t0 = time.perf_counter()
     t, v, best, ran = train(data, model, x, val, test, job["steps"], min(job["batch"], job["size"]),
-                            job["lr"], job["seed"], job["augment"], job["eval_every"], job["patience"])
+                            job["lr"], job["seed"], job["augment"], job["eval_every"], job["patience"],
+                            job.get("penalty", 0.0))
     return {**job, "test": t, "val": v, "best_step": best, "steps_run": ran,
             "seconds": time.perf_counter() - t0}
 
@@ -271,6 +279,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--hidden", type=int, default=None, help="hidden channels of the trivial model")
     p.add_argument("--relax", type=float, nargs="+", default=[0.01, 0.1])
+    p.add_argument("--penalty", type=float, nargs="+", default=[0.0],
+                   help="relaxed variants: Finzi et al.'s prior, penalty x sum |relax V|^2 added to the loss "
+                        "(trainer.relax_penalty), chosen on validation with relax")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--d4-fields", type=int, default=None,
                    help="the D4 width in regular fields (default: matched to the trivial parameter count)")
@@ -312,6 +323,8 @@ def main() -> None:
                          f"known: {', '.join(VARIANTS[a.data])}")
     if min(a.relax) <= 0:
         raise SystemExit(f"--relax: values > 0 (the strict model is its own variant), got {a.relax}")
+    if min(a.penalty) < 0:
+        raise SystemExit(f"--penalty: values >= 0, got {a.penalty}")
     pool, val, test = splits(a.data)
     if max(a.sizes) > len(pool):
         raise SystemExit(f"--sizes: at most {len(pool)} training samples (the rest is the validation split)")
@@ -330,17 +343,19 @@ def main() -> None:
     print(header(f"{title}: {len(val)} validation, {len(test)} test; at most {a.steps} steps of batch "
                  f"{a.batch} (patience {a.patience} x {a.eval_every}), Adam {a.lr}, cosine, {flow}; "
                  f"parameters: {counts}; {a.workers} workers of one thread"), flush=True)
-    variants = {n: (g, widths[g], aug, a.relax if relaxed else [0.0])
+    relaxations = [(r, q) for r in a.relax for q in a.penalty]  # chosen on validation
+    variants = {n: (g, widths[g], aug, relaxations if relaxed else [(0.0, 0.0)])
                 for n, (g, aug, relaxed) in chosen.items()}
     common = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "eval_every": a.eval_every,
               "patience": a.patience, **model}
     jobs = [{"data": a.data, "size": s, "variant": n, "seed": seed, "group": g, "width": w, "augment": aug,
-             "relax": r, **common}
-            for s in a.sizes for n, (g, w, aug, rs) in variants.items() for seed in a.seeds for r in rs]
+             "relax": r, **({"penalty": q} if q else {}), **common}
+            for s in a.sizes for n, (g, w, aug, rs) in variants.items() for seed in a.seeds for r, q in rs]
 
     def key(j: dict) -> tuple:
-        return (j.get("data", "digits"),) + tuple(j[k] if k in j else LEGACY[k] for k in (
-            "size", "variant", "seed", "group", "width", "augment", "relax", *common))
+        fields = ("size", "variant", "seed", "group", "width", "augment", "relax", *common)
+        return (j.get("data", "digits"), j.get("penalty", 0.0)) + tuple(
+            j[k] if k in j else LEGACY[k] for k in fields)
 
     done = {}
     if a.out.exists():
@@ -355,7 +370,8 @@ def main() -> None:
             f.write(json.dumps(r) + "\n")
             f.flush()
             done[key(r)] = r
-            print(f"size {r['size']:5d} {r['variant']:12s} seed {r['seed']} relax {r['relax']:g}: test "
+            print(f"size {r['size']:5d} {r['variant']:12s} seed {r['seed']} relax {r['relax']:g}"
+                  f"{' penalty ' + format(r['penalty'], 'g') if r.get('penalty') else ''}: test "
                   f"{r['test']:.4f} (val {r['val']:.4f} at step {r['best_step']} of {r['steps_run']}, "
                   f"{r['seconds']:.0f} s)", flush=True)
     summarise(a.data, [done[key(j)] for j in jobs], unit, title, a.plot)
