@@ -262,6 +262,8 @@ def test_digits_train_evaluate_and_measure_symmetry(tmp_path, capsys):
             run(compose("config", [*common, "data.augment=c4", "data.shape=[1,8,6]"]))
         with pytest.raises(ValueError, match="data.augment=c8: c8 has turns .* only its subgroup 'c4'"):
             run(compose("config", [*common, "data.augment=c8"]))
+        with pytest.raises(ValueError, match="symmetry_group=c8: c8 has turns .* only its subgroup 'c4'"):
+            run(compose("config", [*common, "mode=symmetry", "symmetry_group=c8"]))
         bad = {"trainer.batch_size=0": "trainer.batch_size must be a whole number >= 1, got 0",
                "data.limit_train=0": "data.limit_train must be a whole number >= 1",
                "data.limit_train=5000": "data.limit_train=5000: digits has only 1500 train images",

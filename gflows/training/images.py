@@ -181,8 +181,9 @@ class ImageTask:
         an exactly invariant model must be (:func:`~gflows.equivariance.density_gaps`). Residual
         models use exact log-dets for images of at most 1,024 dimensions, their eval-mode estimate
         otherwise (its noise then adds to the gaps)."""
-        model.eval()
         name = self.cfg.symmetry_group
+        get_group(name).check_exact(f"symmetry_group={name}")  # gaps of off-grid turns are not exact
+        model.eval()
         x = self.data("test").to(device=model.device, dtype=model.dtype)
         # residual log-dets exact (a dense Jacobian) on small images, so that gaps are not estimator noise
         exact = logdet_mode(model, "exact") if self.dims <= 1024 else contextlib.nullcontext()
