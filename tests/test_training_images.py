@@ -268,7 +268,8 @@ def test_digits_train_evaluate_and_measure_symmetry(tmp_path, capsys):
                "data.limit_train=0": "data.limit_train must be a whole number >= 1",
                "data.limit_train=5000": "data.limit_train=5000: digits has only 1500 train images",
                "data.dtype=float16": "unknown data.dtype 'float16'",
-               "sample.n=0": "sample.n must be a whole number >= 1"}
+               "sample.n=0": "sample.n must be a whole number >= 1",
+               "data.levels=3": "data.levels=3, but the digits train images hold values up to 16"}
         for override, message in bad.items():
             with pytest.raises(ValueError, match=message):
                 run(compose("config", [*common, override, f"run_dir={tmp_path / 'bad'}"]))

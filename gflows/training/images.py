@@ -125,6 +125,10 @@ class ImageTask:
         if limit is not None and limit > len(x):
             raise ValueError(f"data.limit_{split}={limit}: {d.name} has only {len(x)} {split} images")
         x = x[:limit] if limit is not None else x
+        top = int(x.max()) if len(x) else 0
+        if top >= d.levels:
+            raise ValueError(f"data.levels={d.levels}, but the {d.name} {split} images hold values up to "
+                             f"{top}: set data.levels to at least {top + 1}")
         print(f"data: read {len(x)} {split} images of {d.name}")
         return x
 
