@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from gflows._checks import is_count, is_number
@@ -139,13 +140,22 @@ COUNTS = {"steps": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "ck
           "max_bad_steps": 1, "warmup_steps": 0, "max_restores": 0}
 
 
-def check_counts(trainer) -> None:
-    """Raise ``ValueError`` naming a setting of :data:`COUNTS` that is not a whole number at least its
-    least value, or a negative ``max_minutes`` budget (0 stops at once, with a checkpoint)."""
-    for key, least in COUNTS.items():
-        value = getattr(trainer, key, least)
-        if not is_count(value, least):
-            raise ValueError(f"trainer.{key} must be a whole number >= {least}, got {value!r}")
+_ABSENT = object()
+
+
+def check_counts(section, counts: dict[str, int], prefix: str) -> None:
+    """Raise ``ValueError`` naming a setting of ``counts`` (dotted keys of the config ``section``, named
+    ``prefix.key``) that is not a whole number at least its least value; keys it lacks are skipped."""
+    for key, least in counts.items():
+        value = OmegaConf.select(section, key, default=_ABSENT)
+        if value is not _ABSENT and not is_count(value, least):
+            raise ValueError(f"{prefix}.{key} must be a whole number >= {least}, got {value!r}")
+
+
+def _check_trainer(trainer) -> None:
+    """The trainer's :data:`COUNTS`, and its ``max_minutes`` budget: not negative (0 stops at once,
+    with a checkpoint)."""
+    check_counts(trainer, COUNTS, "trainer")
     budget = getattr(trainer, "max_minutes", None)
     if budget is not None and not (is_number(budget, 0) or budget == 0):
         raise ValueError(f"trainer.max_minutes must be a number >= 0 (or null: no budget), got {budget!r}")
@@ -184,7 +194,7 @@ class Engine:
         self.refresh_eagerly = bool(getattr(self.t, "compile", False))
         self.step, self.restores, self.lr_scale = 0, 0, 1.0
         check_schedule(self.t)
-        check_counts(self.t)
+        _check_trainer(self.t)
         self.time_clock = getattr(self.t, "schedule_clock", "steps") == "time"
         self.seconds_before, self._t0 = 0.0, time.time()  # training seconds of earlier invocations
         self.ema: dict[str, Tensor] | None = None

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from gflows._checks import is_count, is_number
+from gflows._checks import is_number
 from gflows.flow import Compiled, Flow
 from gflows.models.config import lattice_model_from_config
 from gflows.models.lattice import LatticeSymmetrised
@@ -30,7 +30,7 @@ from gflows.physics.plots import save_plots
 from gflows.physics.report import format_report, hmc_dataset, sampler_report
 from gflows.training.checkpoint import exists, load_latest
 from gflows.training.distributed import Dist, device_of, step_seed
-from gflows.training.engine import StepLoss, data_dtype
+from gflows.training.engine import StepLoss, check_counts, data_dtype
 from gflows.training.records import read_metrics
 from gflows.transforms.residual import logdet_mode
 
@@ -47,10 +47,7 @@ DATA_COUNTS = {"ess_samples": 2, "samples.train": 1, "samples.test": 1, "hmc.cha
 def check_data(d) -> None:
     """Name a count of :data:`DATA_COUNTS` or an HMC step size out of range (before training, so that a
     report cannot fail at its end)."""
-    for key, least in DATA_COUNTS.items():
-        value = OmegaConf.select(d, key)
-        if value is not None and not is_count(value, least):
-            raise ValueError(f"data.{key} must be a whole number >= {least}, got {value!r}")
+    check_counts(d, DATA_COUNTS, "data")
     step = OmegaConf.select(d, "hmc.step_size")
     if step is not None and not is_number(step, 0):
         raise ValueError(f"data.hmc.step_size must be a number > 0, got {step!r}")
@@ -133,7 +130,7 @@ class LatticeTask:
 
     def __init__(self, cfg):
         self.cfg, t = cfg, cfg.trainer
-        data_dtype(cfg.data.dtype)
+        dtype = data_dtype(cfg.data.dtype)
         if t.gradient not in ESTIMATORS:
             raise ValueError(f"unknown trainer.gradient {t.gradient!r}: expected one of {list(ESTIMATORS)}")
         if t.objective not in OBJECTIVES:
@@ -143,7 +140,7 @@ class LatticeTask:
         check_data(d)
         self.theory = Phi4.from_settings(d.preset, d.L, d.m2, d.lam, d.kappa, d.lambda_h)
         self.model = lattice_model_from_config(cfg.flow, self.theory.L)
-        self.model.to(device=device_of(cfg.device), dtype=data_dtype(d.dtype))
+        self.model.to(device=device_of(cfg.device), dtype=dtype)
         self.label = f"{cfg.flow.name}/phi4 L={self.theory.L}"
         self.sampler, self.action = self.model, self.theory.action
         if t.compile:
