@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from gflows.flow import Flow
 from gflows.nn.equivariant import GConv2d, symmetry_breaking_sq_norm
-from gflows.training.checkpoint import load_checkpoint
+from gflows.training.checkpoint import load_checkpoint, save_checkpoint
 from gflows.training.engine import Engine, StepLoss, load_trained
 from gflows.training.records import read_metrics
 from gflows.transforms.coupling import GCoupling
@@ -41,6 +41,8 @@ class Toy:
         if self.poison(self.calls):
             loss = loss * float("nan")
         return StepLoss(loss, loss.detach(), {"calls": float(self.calls)})
+
+    resume_keys = ("seed",)
 
     def checkpoint_info(self):
         return {"what": "toy"}
@@ -86,6 +88,19 @@ def test_resume_is_exact(tmp_path):
         other.checkpoint_info = lambda: {"what": "other"}
         Engine(other, config(tmp_path / "c", steps=1)).fit()
         Engine(Toy(), config(tmp_path / "c", steps=2)).fit()
+
+
+def test_resume_with_other_data_settings_is_refused_by_name(tmp_path):
+    Engine(Toy(), config(tmp_path, steps=2)).fit()
+    other = config(tmp_path, steps=4)
+    other.seed = 1
+    with pytest.raises(ValueError, match=r"trained with seed=0 \(now 1\).*another run_dir"):
+        Engine(Toy(), other).fit()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["settings"] == {"seed": 0} and state["step"] == 2
+    del state["settings"]  # a checkpoint from before settings were kept resumes as it did
+    save_checkpoint(state, tmp_path / "run" / "checkpoint.pt")
+    assert Engine(Toy(), other).fit()["step"] == 4
 
 
 def test_non_finite_steps_are_skipped_restored_then_fatal(tmp_path):

@@ -117,6 +117,18 @@ def test_train_checkpoint_resume_evaluate_sample(tmp_path):
 
 
 @needs_data
+def test_resume_with_other_training_data_is_refused_by_name(tmp_path):
+    from gflows.training.run import run
+
+    run(config(tmp_path, "trainer.steps=1", "trainer.eval_at_end=false"))
+    with pytest.raises(ValueError, match=r"data.augment=null \(now d4\), data.limit_train=null \(now 64\)"):
+        run(config(tmp_path, "trainer.steps=2", "data.augment=d4", "data.limit_train=64"))
+    # settings that do not change the training data may differ
+    resumed = run(config(tmp_path, "trainer.steps=2", "data.limit_test=16", "trainer.eval_at_end=false"))
+    assert resumed["step"] == 2
+
+
+@needs_data
 def test_sigkill_then_resume_loses_at_most_one_interval(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "CI": "true"}
     args = [sys.executable, str(ROOT / "train.py"), *TINY, f"run_dir={tmp_path / 'run'}",

@@ -102,6 +102,9 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
         assert torch.equal(a["model"][k], v), k
     with pytest.raises(ValueError, match="trained for"):  # another theory in the same run_dir
         run(config(tmp_path / "a", *common, "trainer.steps=50", "data.lam=5.0"))
+    # another objective in the same run_dir: named before any HMC configuration is made
+    with pytest.raises(ValueError, match=r"trainer.objective=reverse_kl \(now samples\)"):
+        run(config(tmp_path / "a", *common, "trainer.steps=50", "trainer.objective=samples"))
 
 
 def gaussian_case(bias: float, log_scale: float, mu: float = 1.0, sigma: float = 2.0):

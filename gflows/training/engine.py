@@ -44,8 +44,8 @@ from gflows.training.optim import param_groups
 from gflows.training.records import log_metrics, open_wandb, truncate_metrics
 from gflows.training.schedule import check_schedule, learning_rate
 
-__all__ = ["COUNTS", "DTYPES", "Engine", "Objective", "StepLoss", "check_counts", "data_dtype",
-           "load_trained", "out_of_time"]
+__all__ = ["COUNTS", "DTYPES", "Engine", "Objective", "StepLoss", "check_counts",
+           "check_resume_settings", "data_dtype", "load_trained", "out_of_time", "settings_of"]
 
 
 @dataclass
@@ -72,6 +72,10 @@ class Objective(Protocol):
     loss_name: str
     #: the progress bar's label
     label: str
+    #: the dotted config keys that define the training data (``data.augment``, ``seed``, ...): a
+    #: resumed run must share their values with its checkpoint's run, else it would continue that
+    #: run on other data without a word
+    resume_keys: tuple[str, ...]
 
     def prepare(self, dd: Dist) -> None:
         """Once before the first step of a fresh run (for example ActNorm's data initialisation)."""
@@ -95,6 +99,31 @@ def out_of_time(minutes: float | None, seconds: float) -> bool:
     so a resumed run gets a new budget; under ``time`` they count the whole run's training, resumes
     included, as the schedule anneals over the budget."""
     return minutes is not None and seconds >= 60 * float(minutes)
+
+
+def settings_of(cfg, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of the dotted ``keys`` of ``cfg`` as plain data (absent keys: ``None``)."""
+    values = {k: OmegaConf.select(cfg, k, default=None) for k in keys}
+    return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+
+
+def check_resume_settings(saved: dict[str, Any] | None, now: dict[str, Any], path: Path) -> None:
+    """Refuse to resume the run of the checkpoint at ``path`` with other training data settings.
+
+    Raises:
+        ValueError: naming each setting whose value differs from the checkpoint's run.
+    """
+    if saved is None:  # checkpoints written before 2026-12-07 kept no settings
+        return
+    differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        pairs = ", ".join(f"{k}={_show(saved[k])} (now {_show(now[k])})" for k in differ)
+        raise ValueError(f"{path} belongs to a run trained with {pairs}: resume with its settings, or set "
+                         "another run_dir (or resume=false to start over there)")
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 def _with_ema(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
@@ -217,6 +246,7 @@ class Engine:
                  "seconds": self.seconds_before + time.time() - self._t0,
                  # refreshed right after each step: the estimates saved belong to the weights saved
                  "lipschitz_fresh": self.refresh_eagerly,
+                 "settings": settings_of(self.cfg, self.obj.resume_keys),
                  **self.obj.checkpoint_info()}
         if self.ema is not None:
             state["ema"] = self.ema
@@ -295,6 +325,9 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.steps`` (or the time budget), checkpointing, then report."""
         self.model.train()
+        if self.cfg.resume and exists(self.ckpt):  # before prepare(), which may make data for minutes
+            saved = load_latest(self.ckpt)[0].get("settings")
+            check_resume_settings(saved, settings_of(self.cfg, self.obj.resume_keys), self.ckpt)
         self.obj.prepare(self.dd)
         self.dd.broadcast(self.model)
         if self.t.ema_decay is not None:

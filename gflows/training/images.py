@@ -95,6 +95,8 @@ class ImageTask:
     """The image objective, evaluation and sampling for a run's ``cfg`` (see ``configs/``)."""
 
     loss_name = "loss_bpd"
+    resume_keys = ("seed", "data.name", "data.symmetry", "data.split_seed", "data.test_size", "data.levels",
+                   "data.alpha", "data.hflip", "data.augment", "data.limit_train")
 
     def __init__(self, cfg):
         if cfg.init_from:

@@ -136,6 +136,9 @@ class LatticeTask:
         if t.objective not in OBJECTIVES:
             raise ValueError(f"unknown trainer.objective {t.objective!r}: expected one of {list(OBJECTIVES)}")
         self.configs: tuple[Tensor, Tensor] | None = None  # (train, test) HMC configurations
+        self.resume_keys = ("seed", "trainer.objective") + (
+            ("data.augment", "data.samples.train", "data.samples.test", "data.hmc.chains", "data.hmc.therm",
+             "data.hmc.n_steps", "data.hmc.step_size") if t.objective == "samples" else ())
         d = cfg.data
         check_data(d)
         self.theory = Phi4.from_settings(d.preset, d.L, d.m2, d.lam, d.kappa, d.lambda_h)
