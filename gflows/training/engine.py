@@ -134,9 +134,11 @@ def _with_ema(model: nn.Module, ema: dict[str, Tensor] | None) -> nn.Module:
     return m
 
 
-def _restore(objective: Objective, path: Path) -> dict[str, Any]:
-    """The newest readable checkpoint of ``path``, checked by the objective and loaded into its model."""
-    state, used = load_latest(path)
+def _restore(objective: Objective, path: Path,
+             found: tuple[dict[str, Any], Path] | None = None) -> dict[str, Any]:
+    """The newest readable checkpoint of ``path`` (``found``: as :func:`load_latest` already read it),
+    checked by the objective and loaded into its model."""
+    state, used = found if found is not None else load_latest(path)
     objective.check_checkpoint(state, used)
     load_model_state(objective.model, state["model"], used)
     return state
@@ -252,10 +254,10 @@ class Engine:
             state["ema"] = self.ema
         save_checkpoint(state, self.ckpt)
 
-    def load(self) -> dict[str, Any]:
-        """Weights, optimiser and EMA from the newest readable checkpoint; the logged curve is cut
-        back to its step."""
-        state = _restore(self.obj, self.ckpt)
+    def load(self, found: tuple[dict[str, Any], Path] | None = None) -> dict[str, Any]:
+        """Weights, optimiser and EMA from the newest readable checkpoint (``found``: as already read);
+        the logged curve is cut back to its step."""
+        state = _restore(self.obj, self.ckpt, found)
         saved, now = len(state["optimizer"]["param_groups"]), len(self.opt.param_groups)
         if saved != now:
             raise ValueError(f"{self.ckpt}: its optimiser has {saved} parameter groups, this run's {now}: "
@@ -272,10 +274,21 @@ class Engine:
         self.step = state["step"]
         return state
 
-    def _resume(self) -> None:
+    def _to_resume(self) -> tuple[dict[str, Any], Path] | None:
+        """The checkpoint this run resumes from (None: a fresh run), refused by name when it was
+        trained for something else or on other data; read once, before ``prepare()``, which may make
+        data for minutes."""
         if not (self.cfg.resume and exists(self.ckpt)):
+            return None
+        state, used = found = load_latest(self.ckpt)
+        self.obj.check_checkpoint(state, used)
+        check_resume_settings(state.get("settings"), settings_of(self.cfg, self.obj.resume_keys), used)
+        return found
+
+    def _resume(self, found: tuple[dict[str, Any], Path] | None) -> None:
+        if found is None:
             return
-        state = self.load()
+        state = self.load(found)
         self.restores, self.lr_scale = state["restores"], state["lr_scale"]
         self.seconds_before = float(state.get("seconds", 0.0))  # absent from older checkpoints
         set_rng_state(state["rng"])
@@ -325,14 +338,12 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.steps`` (or the time budget), checkpointing, then report."""
         self.model.train()
-        if self.cfg.resume and exists(self.ckpt):  # before prepare(), which may make data for minutes
-            saved = load_latest(self.ckpt)[0].get("settings")
-            check_resume_settings(saved, settings_of(self.cfg, self.obj.resume_keys), self.ckpt)
+        found = self._to_resume()
         self.obj.prepare(self.dd)
         self.dd.broadcast(self.model)
         if self.t.ema_decay is not None:
             self.ema = {k: p.detach().clone() for k, p in self.model.named_parameters()}
-        self._resume()
+        self._resume(found)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wb = open_wandb(self.cfg, self.run_dir, enabled=self.dd.main)
         from tqdm import tqdm
