@@ -163,6 +163,19 @@ class Group:
         """The elements that map the pixel grid onto itself (exact action)."""
         return [g for g in self.elements if g.grid_exact]
 
+    def subgroup_elements(self, sub: str | Group) -> list[GroupElement]:
+        """The elements of this group that make up its subgroup ``sub`` (each acting as ``sub``'s
+        element does), for example D4's identity and mirror for ``'flip'``.
+
+        >>> [str(g) for g in Group("d4").subgroup_elements("c2")]
+        ['(rot 0 deg)', '(rot 180 deg)']
+        """
+        sub = get_group(sub)
+        if self.n % sub.n or (sub.flips and not self.flips):
+            raise ValueError(f"{sub.name} is not a subgroup of {self.name} (C_n and D_n contain C_m and "
+                             f"D_m for m dividing n; C_n no reflections)")
+        return [GroupElement(h.flip, h.k * (self.n // sub.n), self.n) for h in sub.elements]
+
     def check_grid(self, height: int, width: int, what: str = "input") -> None:
         """Refuse a grid the group cannot act on: quarter turns need a square one."""
         if height != width and any(g.quarter_turns % 2 for g in self.grid_elements):

@@ -307,6 +307,51 @@ def test_relax_zero_is_the_strict_layer_and_the_error_grows_with_relax(group):
         GConv2d(group, (1, "scalar"), (1, "scalar"), 3, relax=-0.1)
 
 
+@pytest.mark.parametrize("group, sub", [("d4", "flip"), ("d4", "c4"), ("d4", "c2"), ("c4", "c2"), ("d4", "d2")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relax_to_a_subgroup_keeps_it_exactly(group, sub, dtype):
+    """With ``relax_to=H`` the free part is H-equivariant: the relaxed layer (through a regular
+    hidden layer) commutes with H's elements to round-off, and with no other element of G."""
+    from gflows.equivariance import check_equivariance
+
+    torch.manual_seed(3)
+    net = GConvNet(group, 2, 3, 1, (3, 3), conv_kwargs={"basis": "orbit", "relax": 1.0, "relax_to": sub})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    net = net.to(dtype)
+    x = torch.randn(2, 2, 7, 7, dtype=dtype)
+    keeps = {str(g) for g in Group(group).subgroup_elements(sub)}
+    scale = float(net(x).abs().max())
+    tol = (1e-5 if dtype == torch.float32 else 1e-13) * scale
+    for g, error in check_equivariance(net, group, x):
+        assert (error <= tol) == (str(g) in keeps), (str(g), error, scale)
+    convs = [m for m in net.modules() if isinstance(m, GConv2d)]
+    # a free orbit per H-orbit of entries: each entry's orbit has |H| of them (H acts freely on the
+    # regular side of every layer)
+    assert [m.free_weight.numel() for m in convs] == [m.out_channels * m.in_channels * 9 // Group(sub).order
+                                                       for m in convs]
+
+
+def test_relax_to_trivial_is_the_free_filter_and_bad_subgroups_are_named():
+    torch.manual_seed(0)
+    plain = GConv2d("d4", (1, "scalar"), (1, "regular"), 3, basis="orbit", relax=0.1)
+    torch.manual_seed(0)
+    trivial = GConv2d("d4", (1, "scalar"), (1, "regular"), 3, basis="orbit", relax=0.1, relax_to="trivial")
+    assert trivial.relax_to is None and trivial.free_weight.shape == plain.free_weight.shape == (8, 1, 3, 3)
+    for kw, match in [({"relax": 0.0, "relax_to": "flip"}, "set relax > 0"),
+                      ({"relax": 0.1, "relax_to": "d4"}, "own group"),
+                      ({"relax": 0.1, "relax_to": "c8"}, "not a subgroup of d4"),
+                      ({"relax": 0.1, "relax_to": "c3"}, "not a subgroup of d4"),
+                      ({"relax": 0.1, "relax_to": "pentagon"}, "unknown group")]:
+        with pytest.raises(ValueError, match=match):
+            GConv2d("d4", (1, "scalar"), (1, "regular"), 3, basis="orbit", **kw)
+    with pytest.raises(ValueError, match="not a subgroup of c4"):
+        GConv2d("c4", (1, "scalar"), (1, "regular"), 3, basis="orbit", relax=0.1, relax_to="flip")
+    with pytest.raises(ValueError, match="map the grid onto itself"):
+        GConv2d("c8", (1, "scalar"), (1, "regular"), 3, relax=0.1, relax_to="c2")
+
+
 def test_symmetry_breaking_norm_is_that_of_the_non_equivariant_part():
     torch.manual_seed(0)
     net = torch.nn.Sequential(GConv2d("d4", (2, "scalar"), (1, "regular"), 3, basis="orbit", relax=0.3),
@@ -318,6 +363,14 @@ def test_symmetry_breaking_norm_is_that_of_the_non_equivariant_part():
     (w, b), (w_g, b_g) = net[0].expanded(), net[0]._equivariant_filter()
     expected = (w - w_g).square().sum() + (b - b_g).square().sum()
     assert torch.allclose(symmetry_breaking_sq_norm(net), expected)
+    # relaxed to a subgroup: still the norm of the whole filter's non-equivariant part
+    layer = GConv2d("d4", (2, "scalar"), (1, "regular"), 3, basis="orbit", relax=0.3, relax_to="flip")
+    with torch.no_grad():
+        layer.free_weight.normal_()
+        layer.free_bias.normal_()
+    (w, b), (w_g, b_g) = layer.expanded(), layer._equivariant_filter()
+    expected = (w - w_g).square().sum() + (b - b_g).square().sum()
+    assert torch.allclose(symmetry_breaking_sq_norm(layer), expected)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])

@@ -110,7 +110,7 @@ def image_flow(
     blocks, scale_kernel_sizes = _checked(kind, n_scales, blocks_per_scale, fc_blocks, factor_out,
                                           split_prior, scale_kernel_sizes)
     shape, first = tuple(int(s) for s in event_shape), int(bool(squeeze_first))
-    conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "activation")  # not for the fc blocks
+    conv_only = ("kernel_sizes", "padding_mode", "basis", "relax", "relax_to", "activation")  # not fc blocks
     fc_kwargs = {k: v for k, v in block_kwargs.items() if k not in conv_only}
     widths = _per_scale(hidden_fields, n_scales, "hidden_fields", 1)
     plan = _Plan(kind, group, first + n_scales - 1, blocks, widths, actnorm, fc_blocks,
@@ -220,7 +220,8 @@ def _scales(p: _Plan, scale: int, level: int, shape: tuple[int, ...]) -> list[Tr
     # their FactorOuts already are)
     undo = [Inverse(t) for t in reversed(inner) if isinstance(t, Squeeze)]  # HalvingSqueeze too
     if p.split_prior:
-        kw = {k: p.block_kwargs[k] for k in ("basis", "relax", "scale_bound") if k in p.block_kwargs}
+        kw = {k: p.block_kwargs[k] for k in ("basis", "relax", "relax_to", "scale_bound")
+              if k in p.block_kwargs}
         if isinstance(sq, HalvingSqueeze):  # the leaving pixels given the kept ones, before the squeeze
             layers.insert(-1, GCoupling(p.group, shape, mask="halving", squeeze_levels=level,
                                         kernel_sizes=(3,), **kw))

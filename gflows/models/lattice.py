@@ -58,6 +58,7 @@ def lattice_flow(
     momentum_scale: bool = False,
     basis: str = "escnn",
     relax: float = 0.0,
+    relax_to: str | None = None,
 ) -> Flow:
     """``n_layers`` checkerboard couplings on ``[1, L, L]`` with ``group``-equivariant conditioners.
 
@@ -81,13 +82,15 @@ def lattice_flow(
             noise side: the base becomes a learned translation-invariant Gaussian.
         basis, relax: the conditioners' filters (:class:`~gflows.nn.equivariant.GConv2d`): escnn's
             basis trained better at equal steps than the orbit basis (``'auto'``, exactly equivariant
-            in float64; escnn's to about 1e-7); ``relax``: relaxed equivariance.
+            in float64; escnn's to about 1e-7); ``relax``: relaxed equivariance; ``relax_to``: the
+            subgroup its free part keeps.
     """
     if not is_count(L, 2):
         raise ValueError(f"a lattice flow needs a whole lattice size L >= 2, got {L!r}")
     coupling = dict(sign_symmetric=sign_symmetric, hidden_fields=hidden_fields, kernel_sizes=kernel_sizes,
                     scale_bound=scale_bound, activation=activation, final_tanh=final_tanh,
-                    zero_init=zero_init, spline_bound=spline_bound, basis=basis, relax=relax)
+                    zero_init=zero_init, spline_bound=spline_bound, basis=basis, relax=relax,
+                    relax_to=relax_to)
     layers = _couplings(L, n_layers, group, spline_layers, spline_bins, coupling)
     if site_spline_bins:
         layers = _with_site_splines(layers, L, site_spline_bins, site_spline_bound, site_spline_every)
@@ -134,6 +137,7 @@ def residual_lattice_flow(
     momentum_scale: bool = True,
     basis: str = "escnn",
     relax: float = 0.0,
+    relax_to: str | None = None,
     **block_kwargs,
 ) -> Flow:
     r"""A G-residual sampler on ``[1, L, L]``: ``n_blocks``
@@ -159,12 +163,14 @@ def residual_lattice_flow(
         site_spline_bins: odd site splines of that many bins per side at both ends (0: none).
         site_spline_bound: their range.
         momentum_scale: a learned Gaussian with one scale per D4 orbit of momenta on the noise side.
-        basis, relax: parametrisation and relaxed equivariance of the filters, as for :func:`lattice_flow`.
+        basis, relax, relax_to: parametrisation and relaxed equivariance of the filters, as for
+            :func:`lattice_flow`.
         **block_kwargs: log-det, inverse and power-iteration options of the blocks.
     """
     layers: list[nn.Module] = [
         GResidualBlock(group, (1, L, L), hidden_fields, kernel_sizes, coeff, padding_mode="circular",
-                       sign_symmetric=sign_symmetric, basis=basis, relax=relax, **block_kwargs)
+                       sign_symmetric=sign_symmetric, basis=basis, relax=relax, relax_to=relax_to,
+                       **block_kwargs)
         for _ in range(n_blocks)
     ]
     if site_spline_bins:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gflows.groups import Group, escnn_float32, get_group
+from gflows.groups import Group, GroupElement, escnn_float32, get_group
 from gflows.nn.gather import gather
 from gflows.nn.linearised import Linearised, conjugated, is_linearisable, linear, linearise, linearise_layers
 from gflows.nn.tanh import tanh
@@ -52,8 +52,10 @@ def _full_band(r: float) -> float:
     return 4.0 * max(r, 1.0)
 
 
-def kernel_orbits(group: Group, in_type, out_type, kernel_size: int) -> tuple[Tensor, Tensor]:
-    """Orbits of ``group`` on filter entries and on output channels (for the bias).
+def kernel_orbits(group: Group, in_type, out_type, kernel_size: int,
+                  elements: Sequence[GroupElement] | None = None) -> tuple[Tensor, Tensor]:
+    """Orbits of ``group`` (or of its subgroup made of ``elements``) on filter entries and on output
+    channels (for the bias).
 
     Returns ``(index [out, in, k, k], bias_index [out])``: the orbit of each entry of a filter from
     ``in_type`` to ``out_type`` (escnn field types of permutation representations) under
@@ -66,7 +68,7 @@ def kernel_orbits(group: Group, in_type, out_type, kernel_size: int) -> tuple[Te
     o, i, k = out_type.size, in_type.size, kernel_size
     ids = torch.arange(o * i * k * k).view(o, i, k, k)
     maps, bias_maps = [], []
-    for g in group.elements:
+    for g in group.elements if elements is None else elements:
         e = group.escnn_element(g)
         so, si = permutation(out_type.representation, e), permutation(in_type.representation, e)
         inv_o, inv_i = torch.argsort(so), torch.argsort(si)
@@ -270,6 +272,12 @@ class GConv2d(nn.Module):
             symmetry (with Adam, ``V`` moves by about the learning rate per step, ``W`` by ``relax``
             times that). ``relax=0`` (the default) is the strict layer itself: no ``V``, the same
             parameters and outputs. Every consumer of the filter (spectral norms, export) sees the sum.
+        relax_to: a subgroup ``H`` of ``group`` that the free part keeps: ``V`` is then
+            ``H``-equivariant (one weight per ``H``-orbit of filter entries), so the layer is exactly
+            ``H``-equivariant and only approximately ``G``-equivariant, for data with a partial
+            symmetry (photographs: the mirror exact, quarter turns broken: ``group='d4',
+            relax_to='flip'``). ``None`` or ``'trivial'``: ``V`` unconstrained. Needs ``relax > 0``
+            and a group that maps the grid onto itself.
     """
 
     def __init__(
@@ -282,6 +290,7 @@ class GConv2d(nn.Module):
         bias: bool = True,
         basis: str = "escnn",
         relax: float = 0.0,
+        relax_to: str | Group | None = None,
     ):
         super().__init__()
         if not relax >= 0:
@@ -302,11 +311,50 @@ class GConv2d(nn.Module):
         with escnn_float32() as dtype:
             self._build(bias, basis)
         self.relax = float(relax)
+        self.relax_to = self._checked_relax_to(relax_to)
         if self.relax:
-            shape = (self.out_channels, self.in_channels, kernel_size, kernel_size)
+            self._build_free(bias)
+        self.to(dtype)
+
+    def _checked_relax_to(self, relax_to: str | Group | None) -> Group | None:
+        """The subgroup the free part keeps (``None``: none, ``V`` unconstrained)."""
+        if relax_to is None:
+            return None
+        sub = get_group(relax_to)
+        if not self.relax:
+            raise ValueError(f"relax_to={sub.name!r} names the subgroup a relaxed layer's free part keeps: "
+                             f"set relax > 0 too")
+        if sub == self.group:
+            raise ValueError(f"relax_to={sub.name!r} is the layer's own group, which is the strict layer: "
+                             f"set relax=0, or relax_to a proper subgroup")
+        self.group.subgroup_elements(sub)  # refuses a group that is not a subgroup
+        if not self.group.grid_exact:
+            raise ValueError(f"relax_to needs a group whose elements map the grid onto itself "
+                             f"(subgroups of D4), not {self.group.name}")
+        return None if sub.name == "trivial" else sub
+
+    def _build_free(self, bias: bool) -> None:
+        """The free part ``V`` of a relaxed layer: a whole filter, or one weight per orbit of
+        ``relax_to`` on its entries."""
+        shape = (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
+        if self.relax_to is None:
             self.free_weight = nn.Parameter(torch.zeros(shape))
             self.free_bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
-        self.to(dtype)
+            return
+        index, bias_index = kernel_orbits(self.group, self.in_type, self.out_type, self.kernel_size,
+                                          self.group.subgroup_elements(self.relax_to))
+        self.register_buffer("free_index", index, persistent=False)
+        self.register_buffer("free_bias_index", bias_index, persistent=False)
+        self.free_weight = nn.Parameter(torch.zeros(int(index.max()) + 1))
+        self.free_bias = nn.Parameter(torch.zeros(int(bias_index.max()) + 1)) if bias else None
+
+    def free_part(self) -> tuple[Tensor, Tensor | None]:
+        """A relaxed layer's free filter ``V`` ``[out, in, k, k]`` and its bias (gathered from the
+        orbit weights with ``relax_to``), before the factor ``relax``."""
+        if self.relax_to is None:
+            return self.free_weight, self.free_bias
+        bias = None if self.free_bias is None else gather(self.free_bias, self.free_bias_index)
+        return gather(self.free_weight, self.free_index), bias
 
     def _build(self, bias: bool, basis: str) -> None:
         self.r2conv = self._build_escnn(bias)
@@ -499,8 +547,8 @@ class GConv2d(nn.Module):
         w, b = self._equivariant_filter()
         if not self.relax:
             return w, b
-        w = w + self.relax * self.free_weight
-        return w, (None if b is None else b + self.relax * self.free_bias)
+        v, vb = self.free_part()
+        return w + self.relax * v, (None if b is None else b + self.relax * vb)
 
     def _equivariant_filter(self) -> tuple[Tensor, Tensor | None]:
         if self.basis == "orbit":
@@ -860,5 +908,5 @@ def symmetry_breaking_sq_norm(module: nn.Module) -> Tensor | None:
     Gaussian prior, or L2 penalty, on the free pathway of Finzi et al. (2021); ``None`` without
     relaxed layers."""
     terms = [(m.relax * p).square().sum() for m in module.modules() if isinstance(m, GConv2d) and m.relax
-             for p in (m.free_weight, m.free_bias) if p is not None]
+             for p in m.free_part() if p is not None]
     return torch.stack(terms).sum() if terms else None

@@ -242,7 +242,8 @@ class LipschitzGConv2d(SpectralNormalised, GConv2d):
     """A :class:`~gflows.nn.equivariant.GConv2d` whose operator norm is at most ``coeff``.
 
     Args:
-        group, in_fields, out_fields, kernel_size, padding_mode, bias, basis, relax: as for ``GConv2d``
+        group, in_fields, out_fields, kernel_size, padding_mode, bias, basis, relax, relax_to: as for
+            ``GConv2d``
             (a relaxed layer's bound holds for the whole filter, equivariant part and free part)
             (``basis='auto'``: one weight per orbit of filter entries where the group maps the grid
             onto itself, escnn's basis otherwise).
@@ -271,8 +272,10 @@ class LipschitzGConv2d(SpectralNormalised, GConv2d):
         train_iters: int | None = None,
         basis: str = "auto",
         relax: float = 0.0,
+        relax_to: str | Group | None = None,
     ):
-        GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias, basis, relax)
+        GConv2d.__init__(self, group, in_fields, out_fields, kernel_size, padding_mode, bias, basis, relax,
+                         relax_to)
         h, w = (int(s) for s in input_hw)
         self._init_norm(coeff, tol, max_iters, init_iters, (self.in_channels, h, w),
                         (self.out_channels, h, w), train_iters)

@@ -39,7 +39,7 @@ class GIAF(Transform):
         group: symmetry group.
         event_shape: ``(C, H, W)``, ``C >= n_blocks``.
         n_blocks: number of channel blocks ``K``.
-        sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, basis, relax: see
+        sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, basis, relax, relax_to: see
             :class:`~gflows.transforms.conditioner.Conditioner` (``'odd'`` conditioners use ``tanh``,
             the others LipSwish).
     """
@@ -56,6 +56,7 @@ class GIAF(Transform):
         padding_mode: str = "zeros",
         basis: str = "auto",
         relax: float = 0.0,
+        relax_to: str | Group | None = None,
     ):
         super().__init__()
         self.group = get_group(group)
@@ -76,7 +77,8 @@ class GIAF(Transform):
         self.conditioners = nn.ModuleList(
             Conditioner(self.group, bounds[i], bounds[i + 1] - bounds[i], hidden_fields,
                         kernel_sizes, padding_mode, True, sign_symmetric, scale_bound, basis=basis,
-                        relax=relax, activation="tanh" if sign_symmetric == "odd" else "lipswish")
+                        relax=relax, relax_to=relax_to,
+                        activation="tanh" if sign_symmetric == "odd" else "lipswish")
             for i in range(1, n_blocks)
         )
 

@@ -34,16 +34,16 @@ def conditioner_net(group: str | Group, n_in: int, n_out: int, hidden_fields: in
                     kernel_sizes: Sequence[int] = (3, 3, 3), padding_mode: str = "zeros",
                     activation: str = "lipswish", zero_init: bool = True,
                     squeeze_levels: int = 0, basis: str = "auto", relax: float = 0.0,
-                    bias: bool = True) -> GConvNet:
+                    bias: bool = True, relax_to: str | Group | None = None) -> GConvNet:
     """The conditioners' network: ``n_in -> n_out`` channels of scalar fields (squeezed
     ``squeeze_levels`` times) through regular hidden fields, with ``activation`` between layers and,
-    with ``zero_init``, a last convolution starting at zero; ``basis``, ``relax`` (relaxed
-    equivariance) and ``bias`` of the :class:`~gflows.nn.equivariant.GConv2d` convolutions."""
+    with ``zero_init``, a last convolution starting at zero; ``basis``, ``relax`` and ``relax_to``
+    (relaxed equivariance) and ``bias`` of the :class:`~gflows.nn.equivariant.GConv2d` convolutions."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
     net = GConvNet(group, n_in, n_out, hidden_fields, kernel_sizes, padding_mode,
                    activation=ACTIVATIONS[activation], squeeze_levels=squeeze_levels, bias=bias,
-                   conv_kwargs={"basis": basis, "relax": relax})
+                   conv_kwargs={"basis": basis, "relax": relax, "relax_to": relax_to})
     if zero_init:
         net.layers[-1].zero_()
     return net
@@ -77,6 +77,7 @@ class Conditioner(nn.Module):
         basis: ``'escnn'`` or ``'orbit'`` parametrisation of the filters (see
             :class:`~gflows.nn.equivariant.GConv2d`; ``'orbit'`` for subgroups of D4 only).
         relax: relaxed equivariance of the filters (:class:`~gflows.nn.equivariant.GConv2d`; 0: exact).
+        relax_to: the subgroup the relaxed filters' free part keeps (``None``: none).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class Conditioner(nn.Module):
         basis: str = "auto",
         shift_bound: float = 100.0,
         relax: float = 0.0,
+        relax_to: str | Group | None = None,
     ):
         super().__init__()
         if sign_symmetric not in SIGN_MODES:
@@ -113,12 +115,13 @@ class Conditioner(nn.Module):
         self._register_bounds()
         n_net = n_out if self.odd or not affine else 2 * n_out
         self.net = conditioner_net(group, n_in, n_net, hidden_fields, kernel_sizes, padding_mode, activation,
-                                   zero_init, squeeze_levels, basis, relax, bias=not self.odd)
+                                   zero_init, squeeze_levels, basis, relax, bias=not self.odd,
+                                   relax_to=relax_to)
         self.scale_head = None
         if self.odd and affine:
             last = self.net.layers[-1]
             self.scale_head = GConv2d(self.net.group, *last._fields, last.kernel_size, padding_mode, True,
-                                      basis=last.basis, relax=relax)
+                                      basis=last.basis, relax=relax, relax_to=relax_to)
             if zero_init:
                 self.scale_head.zero_()
 

@@ -200,8 +200,9 @@ class GCoupling(Transform):
         parity: with a spatial mask, which sublattice conditions the other.
         squeeze_levels: how many times the input has been squeezed (not with ``mask='checkerboard'``).
         affine, sign_symmetric, scale_bound, hidden_fields, kernel_sizes, padding_mode, activation,
-            final_tanh, zero_init, basis, relax: see :class:`Conditioner` (``relax > 0``: relaxed
-            equivariance; the map stays invertible with the same log-det whatever the conditioner).
+            final_tanh, zero_init, basis, relax, relax_to: see :class:`Conditioner` (``relax > 0``:
+            relaxed equivariance; the map stays invertible with the same log-det whatever the
+            conditioner).
         spline_bins: with ``K > 0``, a rational-quadratic spline coupling of ``K`` bins on
             ``[-spline_bound, spline_bound]`` instead of the affine one (see the module docstring).
         context_channels: channels of ``context`` the conditioner sees beside ``a``: scalar fields
@@ -232,6 +233,7 @@ class GCoupling(Transform):
         basis: str = "auto",
         relax: float = 0.0,
         context_channels: int = 0,
+        relax_to: str | Group | None = None,
     ):
         super().__init__()
         self.group = get_group(group)
@@ -257,7 +259,7 @@ class GCoupling(Transform):
         self.elementwise = (SplineMap(self.spline_bins, self.spline_bound, n_out, field_size)
                             if self.spline_bins else AffineMap())
 
-        self.relax = float(relax)
+        self.relax, self.relax_to = float(relax), relax_to
         settings = (hidden_fields, kernel_sizes, padding_mode, affine, sign_symmetric, scale_bound,
                     activation, final_tanh, zero_init, basis)
         self.conditioner = squeezed_net(self.group, self.levels,
@@ -322,10 +324,10 @@ class GCoupling(Transform):
         if self.spline_bins:
             return conditioner_net(self.group, n_in * f, self.n_out * (3 * self.spline_bins - 1) * f,
                                    hidden_fields, kernel_sizes, padding_mode, activation, zero_init, levels,
-                                   basis, self.relax)
+                                   basis, self.relax, relax_to=self.relax_to)
         return Conditioner(self.group, n_in * f, self.n_out * f, hidden_fields, kernel_sizes, padding_mode,
                            affine, sign_symmetric, scale_bound, activation, final_tanh, zero_init, levels,
-                           basis, relax=self.relax)
+                           basis, relax=self.relax, relax_to=self.relax_to)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(a, b)``: the conditioning part (checkerboard: the whole field with the ``b`` sites

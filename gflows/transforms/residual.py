@@ -490,6 +490,7 @@ class GResidualBlock(ResidualTransform):
             :class:`~gflows.nn.lipschitz.LipschitzGConv2d`.
         relax: relaxed equivariance of every convolution (see :class:`~gflows.nn.equivariant.GConv2d`;
             the Lipschitz bound holds for the relaxed filters); 0: exactly equivariant.
+        relax_to: the subgroup the relaxed filters' free part keeps (``None``: none).
         basis: parametrisation of the filters, ``'auto'`` (one weight per orbit of filter entries for
             subgroups of D4, escnn's basis otherwise), ``'orbit'`` or ``'escnn'`` (checkpoints written
             before ``'auto'`` became the default; see :class:`~gflows.nn.equivariant.GConv2d`).
@@ -521,6 +522,7 @@ class GResidualBlock(ResidualTransform):
         basis: str = "auto",
         relax: float = 0.0,
         activation: str = "lipswish",
+        relax_to: str | Group | None = None,
         **kwargs,
     ):
         if len(event_shape) != 3:
@@ -538,7 +540,7 @@ class GResidualBlock(ResidualTransform):
         def make(levels: int) -> GConvNet:
             k = 2 ** (squeeze_levels - levels)  # 1 on the coarse grid, 2^L on the un-squeezed one
             conv_kwargs = {"input_hw": (h * k, w * k), "coeff": coeff, "basis": basis, "relax": relax,
-                           **(lipschitz_kwargs or {})}
+                           "relax_to": relax_to, **(lipschitz_kwargs or {})}
             return GConvNet(group, c // (k * k), c // (k * k), hidden_fields, kernel_sizes, padding_mode,
                             conv=LipschitzGConv2d, conv_kwargs=conv_kwargs, squeeze_levels=levels,
                             bias=not sign_symmetric,
