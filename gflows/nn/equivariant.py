@@ -321,11 +321,12 @@ class GConv2d(nn.Module):
         if relax_to is None:
             return None
         sub = get_group(relax_to)
+        name = relax_to if isinstance(relax_to, str) else sub.name  # as spelled ('flip', not 'd1')
         if not self.relax:
-            raise ValueError(f"relax_to={sub.name!r} names the subgroup a relaxed layer's free part keeps: "
+            raise ValueError(f"relax_to={name!r} names the subgroup a relaxed layer's free part keeps: "
                              f"set relax > 0 too")
         if sub == self.group:
-            raise ValueError(f"relax_to={sub.name!r} is the layer's own group, which is the strict layer: "
+            raise ValueError(f"relax_to={name!r} is the layer's own group, which is the strict layer: "
                              f"set relax=0, or relax_to a proper subgroup")
         self.group.subgroup_elements(sub)  # refuses a group that is not a subgroup
         if not self.group.grid_exact:
