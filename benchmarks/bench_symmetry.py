@@ -320,8 +320,8 @@ def main() -> None:
                         "(trainer.relax_penalty), chosen on validation with relax")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--clip", type=float, default=None,
-                   help="bound on the gradient's norm, 0 for none (default: the library's trainer.grad_clip "
-                        "for the data: cifar 1, phi4 100; digits none)")
+                   help="bound on the gradient's norm, 0 for none (default per data, CLIP: cifar 50, a guard "
+                        "that only spikes reach; phi4 100, as trainer.grad_clip; digits none)")
     p.add_argument("--d4-fields", type=int, default=None,
                    help="the D4 width in regular fields (default: matched to the trivial parameter count)")
     p.add_argument("--activation", choices=["lipswish", "tanh"], default="lipswish",

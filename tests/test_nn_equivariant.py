@@ -307,7 +307,8 @@ def test_relax_zero_is_the_strict_layer_and_the_error_grows_with_relax(group):
         GConv2d(group, (1, "scalar"), (1, "scalar"), 3, relax=-0.1)
 
 
-@pytest.mark.parametrize("group, sub", [("d4", "flip"), ("d4", "c4"), ("d4", "c2"), ("c4", "c2"), ("d4", "d2")])
+@pytest.mark.parametrize("group, sub",
+                         [("d4", "flip"), ("d4", "c4"), ("d4", "c2"), ("c4", "c2"), ("d4", "d2")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_relax_to_a_subgroup_keeps_it_exactly(group, sub, dtype):
     """With ``relax_to=H`` the free part is H-equivariant: the relaxed layer (through a regular
