@@ -456,7 +456,25 @@ def summarise(data: str, runs: list[dict], unit: str, title: str, plot: Path) ->
             else:
                 cells.append(f"{'-':>16s}")
         print(f"{size:6d} " + " ".join(cells))
+    _relaxations_chosen(runs, sizes, seeds, [n for n in variants if VARIANTS[data][n][2]])
     _plot(plot, sizes, variants, rows, unit, title)
+
+
+def _relaxations_chosen(runs: list[dict], sizes, seeds, relaxed: list[str]) -> None:
+    """Where several relaxed variants ran (for example free and towards the mirror), the one the
+    validation split chooses at each seed among all their runs, with its test loss."""
+    if len(relaxed) < 2:
+        return
+    print(f"relaxation chosen on validation among {', '.join(relaxed)} (variant: val / test):")
+    for size in sizes:
+        picks = []
+        for seed in seeds:
+            pool = [r for r in runs if (r["size"], r["seed"]) == (size, seed) and r["variant"] in relaxed]
+            if pool:
+                best = min(pool, key=lambda r: r["val"])
+                picks.append(f"seed {seed} {best['variant']} {best['val']:.4f} / {best['test']:.4f}")
+        if picks:
+            print(f"{size:6d} " + "; ".join(picks))
 
 
 def _plot(path: Path, sizes, variants, rows, unit: str, title: str) -> None:
