@@ -37,16 +37,13 @@ def main() -> None:
     x = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(a.seed))[: a.size]]
     torch.manual_seed(a.seed)
     model = bs.build("cifar", group, width)
-    torch.manual_seed(a.seed)  # as bench_symmetry.train from here on
-    model.train()
-    with torch.no_grad():
-        model.log_prob(bs.batch("cifar", x, 0, 32, a.seed, False))
+    bs.start("cifar", model, x, 32, a.seed)  # as bench_symmetry.train from here on
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=3e-3)
     losses, norms = [], []
     for step in range(a.steps):
         for g in opt.param_groups:
-            g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / a.schedule))
+            g["lr"] = bs.learning_rate(3e-3, step, a.schedule)
         loss = bs.nll("cifar", model, bs.batch("cifar", x, step, 32, a.seed, augment)).mean()
         opt.zero_grad()
         loss.backward()

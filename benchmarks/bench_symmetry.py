@@ -169,6 +169,19 @@ def batch(data: str, x: torch.Tensor, step: int, size: int, seed: int, augment: 
     return batch_at(x, step, size, seed, augment == "flip", D4 if augment is True else None).float()
 
 
+def start(data: str, model, x_train: torch.Tensor, size: int, seed: int) -> None:
+    """Seed the run and initialise the data-dependent layers (actnorm) on the first batch."""
+    torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        model.log_prob(batch(data, x_train, 0, size, seed, False))
+
+
+def learning_rate(lr: float, step: int, steps: int) -> float:
+    """``lr`` after a 50-step linear warm-up, under a cosine decay over ``steps``."""
+    return lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def train(data: str, model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: torch.Tensor, steps: int,
           size: int, lr: float, seed: int, augment: bool | str, eval_every: int,
           patience: int, penalty: float = 0.0,
@@ -179,17 +192,14 @@ def train(data: str, model, x_train: torch.Tensor, x_val: torch.Tensor, x_test: 
     ``penalty * sum |relax V|^2`` over the relaxed filters to the training loss, as
     ``trainer.relax_penalty`` does; ``clip`` bounds the gradient's norm, as ``trainer.grad_clip``
     does (None: no clipping)."""
-    torch.manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        model.log_prob(batch(data, x_train, 0, size, seed, False))
+    start(data, model, x_train, size, seed)
     params, lipschitz = list(model.parameters()), lipschitz_layers(model)
     opt = torch.optim.Adam(params, lr=lr)
     best = (math.inf, None, 0)
     step = clipped = 0
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = learning_rate(lr, step, steps)
         loss = nll(data, model, batch(data, x_train, step, size, seed, augment)).mean()
         if penalty:
             loss = loss + penalty * symmetry_breaking_sq_norm(model)
@@ -434,9 +444,9 @@ def summarise(data: str, runs: list[dict], unit: str, title: str, plot: Path) ->
         for name in variants:
             tests = []
             for seed in seeds:
-                chosen = [r for r in runs if (r["size"], r["variant"], r["seed"]) == (size, name, seed)]
-                if chosen:  # relaxation chosen on validation
-                    tests.append(min(chosen, key=lambda r: r["val"])["test"])
+                chosen = _chosen_on_validation(runs, size, seed, [name])  # relax chosen on validation
+                if chosen:
+                    tests.append(chosen["test"])
             if tests:
                 spread = statistics.stdev(tests) if len(tests) > 1 else 0.0
                 rows[size, name] = (statistics.mean(tests), spread)
@@ -460,6 +470,12 @@ def summarise(data: str, runs: list[dict], unit: str, title: str, plot: Path) ->
     _plot(plot, sizes, variants, rows, unit, title)
 
 
+def _chosen_on_validation(runs: list[dict], size: int, seed: int, variants: list[str]) -> dict | None:
+    """Of the runs of these variants at one size and seed, the one with the best validation loss."""
+    pool = [r for r in runs if (r["size"], r["seed"]) == (size, seed) and r["variant"] in variants]
+    return min(pool, key=lambda r: r["val"]) if pool else None
+
+
 def _relaxations_chosen(runs: list[dict], sizes, seeds, relaxed: list[str]) -> None:
     """Where several relaxed variants ran (for example free and towards the mirror), the one the
     validation split chooses at each seed among all their runs, with its test loss."""
@@ -469,9 +485,8 @@ def _relaxations_chosen(runs: list[dict], sizes, seeds, relaxed: list[str]) -> N
     for size in sizes:
         picks = []
         for seed in seeds:
-            pool = [r for r in runs if (r["size"], r["seed"]) == (size, seed) and r["variant"] in relaxed]
-            if pool:
-                best = min(pool, key=lambda r: r["val"])
+            best = _chosen_on_validation(runs, size, seed, relaxed)
+            if best:
                 picks.append(f"seed {seed} {best['variant']} {best['val']:.4f} / {best['test']:.4f}")
         if picks:
             print(f"{size:6d} " + "; ".join(picks))
